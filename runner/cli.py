@@ -1,0 +1,283 @@
+"""The `runner` command: parse arguments, call the library, print results. Nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import RunnerError, UsageError
+from .items import Shard
+
+EXIT_HELP = """exit status: 0 every item ok; 1 some items failed; 2 bad spec or usage;
+3 run aborted (bad key, no balance, budget reached, too many consecutive failures,
+output dir locked or unwritable); 130 interrupted."""
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="runner",
+        formatter_class=_formatter,
+        description="Turn a YAML job spec into an image dataset through the Nano Banana gateway.",
+        epilog="example:\n  runner run jobs/demo.yaml --mock\n  runner estimate jobs/demo.yaml\n\n" + EXIT_HELP,
+    )
+    p.add_argument("--version", action="version", version=f"runner {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="run every item not yet done (a rerun resumes)",
+        formatter_class=_formatter,
+        description="Run every item of JOB that is not yet done in the output dir. Rerunning resumes: done "
+        "items are skipped and never paid for twice. Ctrl+C stops new items and lets those in flight finish.",
+        epilog="examples:\n  runner run jobs/demo.yaml --mock          # try it: built-in gateway, no key\n"
+        "  NANOBANANA_API_KEY=sk-... runner run jobs/demo.yaml --out out/demo\n"
+        "  runner run big.yaml --shard 2/8         # machine 2 of 8 takes its slice\n\n" + EXIT_HELP,
+    )
+    run.add_argument("job", metavar="JOB.yaml")
+    _common(run)
+    run.add_argument("--base-url", help="gateway URL (overrides base_url in the spec)")
+    run.add_argument("--concurrency", type=_positive_int, help="requests in flight at most (overrides the spec)")
+    run.add_argument("--retry-failed", action="store_true", help="also retry items that failed permanently before")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar (for logs and CI)")
+    run.add_argument("--mock", action="store_true", help="run against the built-in mock gateway on loopback; no key")
+    run.add_argument("--max-cost", type=float, metavar="USD", help="budget for the output dir (overrides max_cost_usd)")
+    run.add_argument("--verify", action="store_true", help="hash every done image on resume, not just size+mtime")
+    run.add_argument("--no-fsync", action="store_true", help="skip fsync (faster; a power cut may lose recent items)")
+    run.add_argument("--grace", type=float, default=30.0, metavar="S", help="after Ctrl+C, seconds to let requests finish")
+    run.add_argument("--dry-run", action="store_true", help="estimate only, like `runner estimate`")
+    run.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+
+    est = sub.add_parser(
+        "estimate",
+        help="dry run: count items, cost and time; sends nothing, needs no key",
+        formatter_class=_formatter,
+        description="Count the items of JOB, how many are already done in the output dir, what the rest "
+        "will cost and roughly how long they take. Sends nothing and needs no key.",
+        epilog="examples:\n  runner estimate jobs/demo.yaml\n  runner estimate jobs/demo.yaml --json | jq .estimated_cost_usd",
+    )
+    est.add_argument("job", metavar="JOB.yaml")
+    _common(est)
+    est.add_argument("--concurrency", type=_positive_int, help="concurrency to assume (default: the spec's)")
+    est.add_argument("--json", action="store_true", help="print one JSON object")
+
+    rep = sub.add_parser(
+        "report",
+        help="what a run produced: counts, failures, cost, latency",
+        formatter_class=_formatter,
+        description="Summarise an output dir from its manifest(s).",
+        epilog="examples:\n  runner report out/demo\n  runner report out/demo --html out/demo/gallery.html\n"
+        "  runner report out/demo --json | jq .failures_by_kind",
+    )
+    rep.add_argument("out", metavar="OUT_DIR")
+    rep.add_argument("--json", action="store_true", help="print one JSON object")
+    rep.add_argument("--html", metavar="FILE", help="also write a self-contained HTML gallery to FILE")
+
+    exp = sub.add_parser(
+        "export",
+        help="write metadata.jsonl so the output dir loads as a Hugging Face imagefolder dataset",
+        formatter_class=_formatter,
+        description="Write OUT_DIR/metadata.jsonl (file_name, prompt, model, size and one column per template "
+        'variable) for the ok images. Then: datasets.load_dataset("imagefolder", data_dir=OUT_DIR).',
+        epilog="example:\n  runner export out/demo",
+    )
+    exp.add_argument("out", metavar="OUT_DIR")
+
+    mock = sub.add_parser(
+        "mock-server",
+        help="serve the built-in mock gateway (for trying the tool and for tests)",
+        formatter_class=_formatter,
+        description="A local gateway that speaks the API, with latency and fault injection. Fault markers in a "
+        "prompt force a fault: [fault:429], [fault:503x2] (first 2 tries), [fault:content_filter], ...",
+        epilog="examples:\n  runner mock-server --port 8765\n"
+        "  runner mock-server --latency 0.2 --fault 429=0.1 --fault drop=0.02 --rpm 60\n"
+        "  runner run jobs/demo.yaml --base-url http://127.0.0.1:8765/v1",
+    )
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=8765)
+    mock.add_argument("--api-key", help="accept only this key (default: any non-empty key)")
+    mock.add_argument("--latency", type=float, default=0.0, metavar="S", help="seconds before each answer")
+    mock.add_argument("--jitter", type=float, default=0.0, metavar="S", help="extra random latency, up to S")
+    mock.add_argument("--scale", type=int, default=8, help="images are the real pixel size divided by this")
+    mock.add_argument("--mime", default="png", choices=["png", "jpeg", "webp"])
+    mock.add_argument("--pad-bytes", type=int, default=0, help="make each image this much bigger")
+    mock.add_argument("--rpm", type=int, default=0, help="enforce this many requests per minute (0: none)")
+    mock.add_argument("--rpm-window", type=float, default=10.0, metavar="S", help="window the rpm limit is enforced over")
+    mock.add_argument("--retry-after", default="header", choices=["header", "body", "both", "none"])
+    mock.add_argument("--fault", action="append", default=[], metavar="KIND=P", help="inject KIND with probability P")
+    mock.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, metavar="DIR", help="output dir (overrides output_dir in the spec)")
+    p.add_argument("--shard", type=Shard.parse, metavar="K/N", help="only the K-th of N slices of the items (0-based)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:  # from a type= converter such as --shard
+        print(f"runner: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return int(COMMANDS[args.command](args))
+    except RunnerError as e:
+        print(f"runner: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("runner: interrupted", file=sys.stderr)
+        return 130
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .job import RunOptions, describe, run_job
+    from .spec import load_spec
+
+    if args.dry_run:
+        return cmd_estimate(args)
+    spec = load_spec(args.job)
+    options = RunOptions(
+        out=args.out,
+        base_url=args.base_url.rstrip("/") if args.base_url else None,
+        concurrency=args.concurrency,
+        retry_failed=args.retry_failed,
+        progress=not args.no_progress,
+        mock=args.mock,
+        shard=args.shard,
+        max_cost_usd=args.max_cost,
+        verify=args.verify,
+        durable=not args.no_fsync,
+        grace_s=args.grace,
+        handle_signals=True,
+    )
+    result = run_job(spec, options, log=_say)
+    for line in describe(result):
+        _say(line)
+    return result.exit_code
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from .pricing import estimate
+    from .spec import load_spec
+
+    spec = load_spec(args.job)
+    est = estimate(spec, args.out, args.shard, args.concurrency)
+    if args.json:
+        print(json.dumps(est, indent=2))
+    else:
+        print(_estimate_text(est))
+    return 0
+
+
+def _estimate_text(est: dict[str, Any]) -> str:
+    rows = [f"{'model':<16}{'size':>6}{'items':>10}{'done':>10}{'remaining':>11}{'$/image':>10}{'cost $':>12}"]
+    for r in est["by_model"]:
+        rows.append(
+            f"{r['model']:<16}{r['image_size']:>6}{r['count']:>10}{r['done']:>10}{r['remaining']:>11}"
+            f"{r['price_usd']:>10.3f}{r['cost_usd']:>12.2f}"
+        )
+    rows.append(
+        f"{'total':<22}{est['items']:>10}{est['done']:>10}{est['remaining']:>11}{'':>10}{est['estimated_cost_usd']:>12.2f}"
+    )
+    rows.append(
+        f"time: about {_duration(est['estimated_time_s'])} at concurrency {est['concurrency']}"
+        + (f", {est['requests_per_minute']:g} requests/minute" if est["requests_per_minute"] else "")
+        + f" (bound by {est['time_basis']})"
+    )
+    if est["spent_usd"]:
+        rows.append(f"already spent in {est['output_dir']}: ${est['spent_usd']:.2f}")
+    rows.extend(f"warning: {w}" for w in est["warnings"])
+    return "\n".join(rows)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import format_text, summarize
+
+    out = Path(args.out)
+    summary = summarize(out)
+    if args.html:
+        from .gallery import write_html
+
+        shown = write_html(out, Path(args.html))
+        _say(f"gallery: {args.html} ({shown} images)")
+    print(json.dumps(summary, indent=2) if args.json else format_text(summary))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    path = export(Path(args.out))
+    _say(f'wrote {path}; load it with datasets.load_dataset("imagefolder", data_dir="{args.out}")')
+    return 0
+
+
+def cmd_mock_server(args: argparse.Namespace) -> int:
+    from .mockserver import MockConfig, serve
+
+    rates = []
+    for f in args.fault:
+        kind, _, p = f.partition("=")
+        try:
+            rates.append((kind, float(p)))
+        except ValueError:
+            raise UsageError(f"--fault: expected KIND=PROBABILITY such as 429=0.1, got {f!r}") from None
+    serve(
+        MockConfig(
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            latency_s=args.latency,
+            latency_jitter_s=args.jitter,
+            image_scale=args.scale,
+            mime=args.mime,
+            pad_bytes=args.pad_bytes,
+            rpm_limit=args.rpm,
+            rpm_window_s=args.rpm_window,
+            retry_after=args.retry_after,
+            fault_rates=tuple(rates),
+            seed=args.seed,
+        )
+    )
+    return 0
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "estimate": cmd_estimate,
+    "report": cmd_report,
+    "export": cmd_export,
+    "mock-server": cmd_mock_server,
+}

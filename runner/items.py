@@ -1,0 +1,84 @@
+"""Expand a job spec, lazily, into items: one request each, with a stable id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .errors import UsageError
+from .sources import iter_prompts
+from .spec import ImageConfig, JobSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    item_id: str
+    prompt_id: str
+    prompt: str
+    model: str
+    config: ImageConfig
+    repeat: int
+    vars: dict[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """'K/N' with 0 <= K < N: this machine runs the items whose id falls in slice K."""
+        try:
+            k, n = (int(x) for x in text.split("/"))
+        except ValueError:
+            raise UsageError(f"--shard: expected K/N such as 0/4, got {text!r}") from None
+        if n < 1 or not 0 <= k < n:
+            raise UsageError(f"--shard: need 0 <= K < N, got {text!r}")
+        return cls(k, n)
+
+    def owns(self, item_id: str) -> bool:
+        return int(item_id, 16) % self.count == self.index
+
+    @property
+    def label(self) -> str:
+        return f"{self.index}-of-{self.count}"
+
+
+def item_id(model: str, prompt: str, config: ImageConfig, repeat: int) -> str:
+    """Hash of exactly what is requested: the same request always gets the same id."""
+    key = json.dumps([model, prompt, config.aspect_ratio, config.image_size, repeat], ensure_ascii=False)
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def iter_items(spec: JobSpec, shard: Shard | None = None) -> Iterator[Item]:
+    """Every item of the spec, in spec order, each identical request once."""
+    seen: set[int] = set()  # ints, not strings: a million ids stay in tens of MB
+    for pid, text, model, configs, repeats, vars_ in _iter_prompts(spec):
+        for config in configs:
+            for r in range(repeats):
+                iid = item_id(model, text, config, r)
+                key = int(iid, 16)
+                if key in seen:
+                    continue
+                seen.add(key)
+                if shard is None or key % shard.count == shard.index:
+                    yield Item(iid, pid, text, model, config, r, vars_)
+
+
+def _iter_prompts(
+    spec: JobSpec,
+) -> Iterator[tuple[str, str, str, tuple[ImageConfig, ...], int, dict[str, str] | None]]:
+    for p in spec.prompts:
+        if p.template is not None:
+            for text, vars_ in p.template.expand():
+                yield p.prompt_id, text, p.model, p.image_configs, p.repeats, vars_
+        else:
+            assert p.text is not None
+            yield p.prompt_id, p.text, p.model, p.image_configs, p.repeats, None
+    for f in spec.prompt_files:
+        assert spec.model is not None  # the spec checker requires it with prompt_files
+        for pid, text in iter_prompts(f.path, f.kind):
+            yield pid, text, spec.model, spec.image_configs, spec.repeats, None

@@ -1,0 +1,235 @@
+"""A whole run: lock the output dir, resume from its manifest, run the pool, summarise."""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import httpx
+
+from .client import Client, make_http_client
+from .errors import UsageError
+from .items import Item, Shard, iter_items
+from .limits import Budget
+from .manifest import ResumeState, scan
+from .policy import Backoff
+from .pool import Pool
+from .pricing import PriceTable
+from .progress import Bar
+from .spec import JobSpec, spec_summary
+from .writer import OutputDir
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    out: Path | None = None
+    base_url: str | None = None
+    concurrency: int | None = None
+    retry_failed: bool = False
+    progress: bool = True
+    mock: bool = False
+    shard: Shard | None = None
+    max_cost_usd: float | None = None
+    verify: bool = False  # hash every done image instead of trusting size + mtime
+    durable: bool = True
+    grace_s: float = 30.0  # after Ctrl+C, how long in-flight requests may take before they are cancelled
+    handle_signals: bool = False
+    transport: httpx.AsyncBaseTransport | None = None
+    api_key: str | None = None  # given directly (tests, embedding); otherwise read from spec.api_key_env
+    backoff: Backoff = field(default_factory=Backoff)
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    items: int = 0
+    skipped_done: int = 0
+    skipped_failed: int = 0
+    to_run: int = 0
+    ok: int = 0
+    failed: int = 0
+    retries: int = 0
+    requests: int = 0
+    spent_usd: float = 0.0
+    total_spent_usd: float = 0.0
+    failures_by_kind: dict[str, int] = field(default_factory=dict)
+    stop_reason: str | None = None
+    aborted: bool = False
+    interrupted: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        if self.aborted:
+            return 3
+        return 1 if self.failed else 0
+
+
+def run_job(spec: JobSpec, options: RunOptions = RunOptions(), log: Log = print) -> RunResult:
+    """Run every item not yet done in the output dir (a rerun resumes), blocking until it ends."""
+    return anyio.run(run_job_async, spec, options, log)
+
+
+async def run_job_async(spec: JobSpec, options: RunOptions = RunOptions(), log: Log = print) -> RunResult:
+    if options.mock:
+        from .mockserver import MockConfig, MockGateway
+
+        with MockGateway(MockConfig()) as gateway:
+            return await _run(spec, options, log, gateway.base_url, "mock-key")
+    key = options.api_key or os.environ.get(spec.api_key_env)
+    if not key:
+        raise UsageError(
+            f"no API key: set the environment variable {spec.api_key_env} (named by api_key_env in {spec.spec_path}), "
+            "or try the job on the built-in mock gateway with --mock"
+        )
+    return await _run(spec, options, log, options.base_url or spec.base_url, key)
+
+
+async def _run(spec: JobSpec, options: RunOptions, log: Log, base_url: str, key: str) -> RunResult:
+    out_path = options.out or spec.output_dir
+    shard = options.shard
+    out = OutputDir(out_path, shard.label if shard else None, durable=options.durable)
+    out.open()
+    try:
+        return await _run_locked(spec, options, log, base_url, key, out)
+    finally:
+        out.close()
+
+
+async def _run_locked(
+    spec: JobSpec, options: RunOptions, log: Log, base_url: str, key: str, out: OutputDir
+) -> RunResult:
+    result = RunResult(out.path)
+    if out.repaired_bytes:
+        log(
+            f"repaired {out.manifest_path.name}: set aside a torn last line ({out.repaired_bytes} bytes) in {out.manifest_path.name}.torn"
+        )
+    state = await anyio.to_thread.run_sync(scan, out.path, options.verify)
+    _plan(spec, options, state, result, out, log)
+    if result.to_run == 0:
+        log(
+            f"nothing to do: all {result.items} items are done in {out.path}"
+            if not result.skipped_failed
+            else "nothing to run"
+        )
+        return result
+
+    concurrency = options.concurrency or spec.concurrency
+    rpm = spec.requests_per_minute / (options.shard.count if options.shard else 1)
+    max_cost = options.max_cost_usd if options.max_cost_usd is not None else spec.max_cost_usd
+    http = make_http_client(base_url, key, spec.timeout_s, concurrency, options.transport)
+    bar = Bar(result.to_run, options.progress)
+    pool = Pool(
+        Client(http, key),
+        out,
+        PriceTable(spec.pricing),
+        concurrency=concurrency,
+        requests_per_minute=rpm,
+        max_attempts=spec.max_attempts,
+        budget=Budget(max_cost, state.spent_usd),
+        breaker_limit=spec.max_consecutive_failures,
+        progress=bar,
+        backoff=options.backoff,
+        run_id=uuid.uuid4().hex[:12],
+    )
+    try:
+        async with http, anyio.create_task_group() as tg:
+            if options.handle_signals:
+                tg.start_soon(_watch_signals, pool, options.grace_s, tg.cancel_scope, bar.write)
+            await pool.run(_pending(spec, options, state))
+            tg.cancel_scope.cancel()
+    finally:
+        bar.close()
+    stats = pool.stats
+    result.ok, result.failed, result.retries, result.requests = stats.ok, stats.failed, stats.retries, stats.requests
+    result.spent_usd = stats.spent_usd
+    result.total_spent_usd = state.spent_usd + stats.spent_usd
+    result.failures_by_kind = dict(stats.failures_by_kind)
+    result.stop_reason = stats.stop_reason
+    result.interrupted = stats.interrupted
+    result.aborted = stats.abort and not stats.interrupted
+    return result
+
+
+def _plan(spec: JobSpec, options: RunOptions, state: ResumeState, result: RunResult, out: OutputDir, log: Log) -> None:
+    """Count what is done, what will run, and what changed since the last run (spec drift)."""
+    seen_known = 0
+    for item in iter_items(spec, options.shard):
+        key = int(item.item_id, 16)
+        result.items += 1
+        if state.known(key):
+            seen_known += 1
+        if key in state.done:
+            result.skipped_done += 1
+        elif key in state.permanent and not options.retry_failed:
+            result.skipped_failed += 1
+    result.to_run = result.items - result.skipped_done - result.skipped_failed
+    previous = out.read_snapshot()
+    summary = spec_summary(spec)
+    if previous is not None and previous.get("fingerprint") != summary["fingerprint"]:
+        added = result.items - seen_known
+        gone = state.known_count - seen_known
+        log(
+            f"the spec changed since the last run in {out.path}: {added} new items, "
+            f"{gone} recorded items are no longer in the spec (their records stay); going on with the new spec"
+        )
+    out.write_snapshot(summary)
+    parts = [f"{result.items} items"]
+    if result.skipped_done:
+        parts.append(f"{result.skipped_done} already done (skipped)")
+    if state.bad_images:
+        parts.append(f"{len(state.bad_images)} recorded ok but image missing or corrupt (will redo)")
+    if result.skipped_failed:
+        parts.append(f"{result.skipped_failed} failed permanently before (skipped; --retry-failed retries them)")
+    if state.retryable:
+        parts.append(f"{len(state.retryable)} failed with a retryable error before (will retry)")
+    if state.bad_lines:
+        parts.append(f"{state.bad_lines} unreadable manifest lines ignored")
+    parts.append(f"{result.to_run} to run")
+    log(f"{spec.name}: " + "; ".join(parts))
+
+
+def _pending(spec: JobSpec, options: RunOptions, state: ResumeState) -> Iterator[Item]:
+    for item in iter_items(spec, options.shard):
+        key = int(item.item_id, 16)
+        if key in state.done or (key in state.permanent and not options.retry_failed):
+            continue
+        yield item
+
+
+async def _watch_signals(pool: Pool, grace_s: float, scope: anyio.CancelScope, write: Log) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            break
+        write(
+            f"interrupted: no new items start; waiting up to {grace_s:g}s for requests in flight (Ctrl+C again cancels them)"
+        )
+        pool.interrupt()
+        with anyio.move_on_after(grace_s):
+            async for _ in signals:
+                write("second interrupt: cancelling the requests in flight")
+                break
+        scope.cancel()
+
+
+def describe(result: RunResult) -> list[str]:
+    """The closing summary a person reads."""
+    lines = [
+        f"{result.ok} ok, {result.failed} failed, {result.retries} retries, {result.requests} requests, "
+        f"${result.spent_usd:.2f} spent this run (${result.total_spent_usd:.2f} in all) -> {result.out_dir}"
+    ]
+    if result.failures_by_kind:
+        lines.append("failures: " + ", ".join(f"{k}={v}" for k, v in sorted(result.failures_by_kind.items())))
+    if result.stop_reason:
+        lines.append(f"stopped: {result.stop_reason}")
+    if result.interrupted or result.aborted or result.failed:
+        lines.append("rerun the same command to resume; done items are skipped and never paid for twice")
+    return lines

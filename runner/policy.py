@@ -1,0 +1,183 @@
+"""What to do with every outcome: retry it, fail the item, or abort the run; and how long to wait."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import random
+import re
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+
+class Action(Enum):
+    RETRY = "retry"  # try the item again after a backoff, up to max_attempts
+    FAIL = "fail"  # record the item as failed now; a rerun with --retry-failed tries it again
+    ABORT = "abort"  # stop the whole run: no other request can succeed either
+
+
+@dataclass(frozen=True)
+class Rule:
+    action: Action
+    systemic: bool  # counts towards the circuit breaker (a fault of the service, not of one prompt)
+    what: str
+
+
+# The one table of outcomes; README.md shows it (tests check the two agree).
+POLICY: dict[str, Rule] = {
+    "rate_limited": Rule(
+        Action.RETRY, True, "429: wait Retry-After / retryDelay if given, else backoff; concurrency halves"
+    ),
+    "server_error": Rule(Action.RETRY, True, "500, 502, 503, 504 and other 5xx (overloaded, empty_response)"),
+    "timeout": Rule(Action.RETRY, True, "no complete answer within timeout_s"),
+    "connection": Rule(Action.RETRY, True, "connection refused, dropped or cut off mid-body"),
+    "invalid_response": Rule(Action.RETRY, True, "200 whose body is not the expected JSON, or whose image is corrupt"),
+    "bad_request": Rule(Action.FAIL, True, "400, 413, 422: the request itself is wrong; retrying cannot help"),
+    "prompt_blocked": Rule(Action.FAIL, False, "400 prompt_blocked: the prompt was refused"),
+    "content_filter": Rule(Action.FAIL, False, "200 with finish_reason content_filter: the image was blocked"),
+    "no_image": Rule(Action.FAIL, False, "200 with text but no image"),
+    "auth": Rule(Action.ABORT, True, "401: the key is missing or wrong"),
+    "no_balance": Rule(Action.ABORT, True, "402: no balance left on the key"),
+    "forbidden": Rule(Action.ABORT, True, "403: the key may not use this model"),
+    "not_found": Rule(Action.ABORT, True, "404: wrong base_url"),
+}
+
+# Only these stay failed on a rerun (until --retry-failed); an item cut short by an abort is retried.
+PERMANENT = frozenset(k for k, r in POLICY.items() if r.action is Action.FAIL)
+MAX_MESSAGE = 300
+_SECRETISH = re.compile(r"(sk-[A-Za-z0-9_\-]{4,}|Bearer\s+\S+)")
+
+
+@dataclass(frozen=True)
+class Failure:
+    kind: str
+    status: int | None
+    message: str
+    retry_after: float | None = None  # seconds the server asked us to wait
+    request_id: str | None = None
+
+    @property
+    def action(self) -> Action:
+        return POLICY[self.kind].action
+
+    def as_record(self) -> dict[str, Any]:
+        return {"kind": self.kind, "status": self.status, "message": self.message}
+
+
+def classify_status(status: int, body: bytes, headers: Any, api_key: str | None) -> Failure:
+    """Turn a non-200 answer into a Failure, whatever the body looks like."""
+    message, code, etype, delay = _error_fields(body)
+    if status == 429:
+        kind = "rate_limited"
+    elif status >= 500:
+        kind = "server_error"
+    elif status == 401:
+        kind = "auth"
+    elif status == 402:
+        kind = "no_balance"
+    elif status == 403:
+        kind = "forbidden"
+    elif status == 404:
+        kind = "not_found"
+    elif "prompt_blocked" in (str(code), str(etype)):
+        kind = "prompt_blocked"
+    else:
+        kind = "bad_request"
+    wait = parse_retry_after(headers.get("retry-after")) if headers is not None else None
+    if wait is None:
+        wait = delay
+    return Failure(kind, status, clean_message(message or f"HTTP {status}", api_key), wait)
+
+
+def _error_fields(body: bytes) -> tuple[str, Any, Any, float | None]:
+    """(message, code, type, retryDelay seconds) from an error body; tolerant of anything."""
+    text = body[:20_000].decode("utf-8", "replace")
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        snippet = re.sub(r"<[^>]*>", " ", text)  # an HTML error page: keep its words
+        return " ".join(snippet.split())[:MAX_MESSAGE], None, None, _retry_delay(text)
+    err = obj.get("error") if isinstance(obj, dict) else None
+    if not isinstance(err, dict):
+        return text[:MAX_MESSAGE], None, None, _retry_delay(text)
+    message = err.get("message")
+    return (
+        (str(message) if message is not None else text[:MAX_MESSAGE]),
+        err.get("code"),
+        err.get("type"),
+        _retry_delay(text),
+    )
+
+
+def _retry_delay(text: str) -> float | None:
+    # Google's RetryInfo: "retryDelay": "13s"; its message also says "Please retry in 13.2s".
+    m = re.search(r'"retryDelay"\s*:\s*"(\d+(?:\.\d+)?)s"', text) or re.search(
+        r"retry in (\d+(?:\.\d+)?)\s*s", text, re.IGNORECASE
+    )
+    return float(m.group(1)) if m else None
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def clean_message(message: str, api_key: str | None) -> str:
+    """Trim a server message and take out anything that could be the key."""
+    if api_key:
+        message = message.replace(api_key, "[key]")
+    message = _SECRETISH.sub("[key]", message)
+    message = " ".join(message.split())
+    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 1] + "…"
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter, capped; a server's own wait wins when it gives one."""
+
+    base_s: float = 1.0
+    cap_s: float = 60.0
+    max_hint_s: float = 300.0  # never sleep longer than this on a server's say-so
+
+    def wait(self, attempt: int, failure: Failure | None, rng: random.Random = random._inst) -> float:  # type: ignore[attr-defined]
+        if failure is not None and failure.retry_after is not None:
+            # A little jitter after the hint, so a crowd of workers does not return at one instant.
+            return min(failure.retry_after, self.max_hint_s) + rng.uniform(0, min(1.0, self.base_s))
+        return rng.uniform(0, min(self.cap_s, self.base_s * 2 ** (attempt - 1)))
+
+
+class CircuitBreaker:
+    """Trips after `limit` consecutive systemic item failures of one kind; any success resets it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.kind: str | None = None
+        self.count = 0
+
+    def success(self) -> None:
+        self.kind, self.count = None, 0
+
+    def failure(self, kind: str) -> bool:
+        """Record a failed item; True when the run should stop."""
+        if not POLICY[kind].systemic:
+            return False
+        if kind == self.kind:
+            self.count += 1
+        else:
+            self.kind, self.count = kind, 1
+        return self.count >= self.limit

@@ -1,0 +1,139 @@
+"""Prompt templates: `{placeholders}` filled from variable lists, as a product or zipped."""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+import json
+import math
+import string
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import SpecError
+from .sources import columns, file_kind, read_values
+
+VAR_FILE_KEYS = {"file", "column"}
+
+
+@dataclass(frozen=True)
+class Template:
+    template: str
+    names: tuple[str, ...]
+    values: tuple[tuple[str, ...], ...]  # one tuple of values per name
+    combine: str  # product | zip
+    sample: int | None
+    seed: int
+    digest: str  # hash of all of the above: stable across runs
+
+    @property
+    def full_count(self) -> int:
+        if self.combine == "zip":
+            return len(self.values[0]) if self.values else 1
+        return math.prod(len(v) for v in self.values)
+
+    @property
+    def count(self) -> int:
+        return min(self.full_count, self.sample) if self.sample else self.full_count
+
+    def _combos(self) -> Iterator[tuple[str, ...]]:
+        if self.combine == "zip":
+            return zip(*self.values, strict=True)
+        return itertools.product(*self.values)
+
+    def expand(self) -> Iterator[tuple[str, dict[str, str]]]:
+        """Yield (prompt text, vars) for every combination, or for the seeded sample."""
+        combos: Iterator[tuple[str, ...]] = self._combos()
+        if self.sample and self.sample < self.full_count:
+            # Rank every combination by a seeded hash and keep the N lowest: the same seed
+            # picks the same items, and a larger N keeps all the items a smaller one picked.
+            picked = heapq.nsmallest(self.sample, enumerate(combos), key=lambda ic: self._rank(ic[1]))
+            combos = (combo for _, combo in sorted(picked))
+        for combo in combos:
+            vars_ = dict(zip(self.names, combo, strict=True))
+            yield self.template.format(**vars_), vars_
+
+    def _rank(self, combo: tuple[str, ...]) -> bytes:
+        return hashlib.sha256(json.dumps([self.seed, combo], ensure_ascii=False).encode()).digest()
+
+
+def parse_template(file: str, key: str, m: dict[str, Any], base: Path) -> Template:
+    def fail(k: str, problem: str) -> SpecError:
+        return SpecError(file, f"{key}.{k}", problem)
+
+    text = m.get("template")
+    if not isinstance(text, str) or not text.strip():
+        raise fail("template", "expected a non-empty string")
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+    except ValueError as e:
+        raise fail("template", f"{e} (write a literal brace as {{{{ or }}}})") from None
+    for f in fields:
+        if not f.isidentifier():
+            raise fail("template", f"placeholder {{{f}}} must be a plain name like {{subject}}")
+    raw_vars = m.get("vars")
+    if not isinstance(raw_vars, dict) or not raw_vars:
+        raise fail("vars", "a template needs a mapping of variables to lists of values")
+    for f in fields:
+        if f not in raw_vars:
+            raise fail(
+                "template", f"placeholder {{{f}}} has no variable in vars (vars: {', '.join(map(str, raw_vars))})"
+            )
+    names, values = [], []
+    for name, raw in raw_vars.items():
+        if name not in fields:
+            raise fail(f"vars.{name}", f"variable {name!r} is not used in the template {text!r}")
+        names.append(str(name))
+        values.append(_values(file, f"{key}.vars.{name}", raw, base))
+    combine = m.get("combine", "product")
+    if combine not in ("product", "zip"):
+        raise fail("combine", f"expected product or zip, got {combine!r}")
+    if combine == "zip" and len({len(v) for v in values}) > 1:
+        sizes = ", ".join(f"{n}={len(v)}" for n, v in zip(names, values, strict=True))
+        raise fail("combine", f"zip needs lists of equal length ({sizes})")
+    sample = m.get("sample")
+    if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or sample < 1):
+        raise fail("sample", "expected a whole number of at least 1")
+    seed = m.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise fail("seed", "expected a whole number")
+    digest = hashlib.sha256(json.dumps([text, names, values, combine, sample, seed]).encode()).hexdigest()
+    return Template(text, tuple(names), tuple(tuple(v) for v in values), combine, sample, seed, digest)
+
+
+def _values(file: str, key: str, raw: Any, base: Path) -> list[str]:
+    if isinstance(raw, list):
+        if not raw:
+            raise SpecError(file, key, "the list of values is empty")
+        out = []
+        for i, v in enumerate(raw):
+            if isinstance(v, (dict, list)) or v is None:
+                raise SpecError(file, f"{key}[{i}]", "values must be strings or numbers")
+            out.append(str(v))
+        return out
+    if not isinstance(raw, dict):
+        raise SpecError(file, key, "expected a list of values or {file: PATH, column: NAME}")
+    for k in raw:
+        if k not in VAR_FILE_KEYS:
+            raise SpecError(file, f"{key}.{k}", "unknown key (known: column, file)")
+    if not isinstance(raw.get("file"), str):
+        raise SpecError(file, f"{key}.file", "expected a path relative to the spec file")
+    path = base / raw["file"]
+    kind = file_kind(path, file, f"{key}.file")
+    column = raw.get("column")
+    cols = columns(path, kind)
+    if cols is not None:
+        if column is None and len(cols) == 1:
+            column = next(iter(cols))
+        if column not in cols:
+            raise SpecError(file, f"{key}.column", f"{path}: no column {column!r} (columns: {', '.join(sorted(cols))})")
+    try:
+        values = read_values(path, kind, column)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SpecError(file, f"{key}.file", f"{path}: {e}") from None
+    if not values:
+        raise SpecError(file, f"{key}.file", f"{path}: no values")
+    return values

@@ -43,7 +43,6 @@ class RunOptions:
     handle_signals: bool = False
     transport: httpx.AsyncBaseTransport | None = None
     api_key: str | None = None  # given directly (tests, embedding); otherwise read from spec.api_key_env
-    backoff: Backoff = field(default_factory=Backoff)
 
 
 @dataclass
@@ -114,6 +113,7 @@ async def _run_locked(
         )
     state = await anyio.to_thread.run_sync(scan, out.path, options.verify)
     _plan(spec, options, state, result, out, log)
+    result.total_spent_usd = state.spent_usd
     if result.to_run == 0:
         log(
             f"nothing to do: all {result.items} items are done in {out.path}"
@@ -137,7 +137,7 @@ async def _run_locked(
         budget=Budget(max_cost, state.spent_usd),
         breaker_limit=spec.max_consecutive_failures,
         progress=bar,
-        backoff=options.backoff,
+        backoff=Backoff(spec.backoff_base_s, spec.backoff_max_s),
         run_id=uuid.uuid4().hex[:12],
     )
     try:

@@ -22,7 +22,7 @@ DEFAULT_BASE_URL = "https://api.getinfinityblue.com/v1"
 TOP_KEYS = {
     "name", "model", "image_configs", "repeats", "prompts", "prompt_files", "output_dir",
     "base_url", "api_key_env", "concurrency", "requests_per_minute", "max_attempts",
-    "timeout_s", "max_cost_usd", "pricing", "max_consecutive_failures",
+    "timeout_s", "max_cost_usd", "pricing", "max_consecutive_failures", "backoff_base_s", "backoff_max_s",
 }  # fmt: skip
 PROMPT_KEYS = {"id", "prompt", "model", "image_configs", "repeats"}
 TEMPLATE_KEYS = {"id", "template", "vars", "combine", "sample", "seed", "model", "image_configs", "repeats"}
@@ -79,6 +79,8 @@ class JobSpec:
     timeout_s: float
     max_cost_usd: float | None
     max_consecutive_failures: int
+    backoff_base_s: float
+    backoff_max_s: float
     pricing: tuple[tuple[str, tuple[tuple[str, float], ...]], ...]
     fingerprint: str  # hash of what decides the items: changes mean spec drift
 
@@ -251,6 +253,8 @@ def parse_spec(raw: Any, path: Path) -> JobSpec:
         timeout_s=c.number(top.get("timeout_s", 300), "timeout_s", 0, strict=True),
         max_cost_usd=None if max_cost is None else c.number(max_cost, "max_cost_usd", 0, strict=True),
         max_consecutive_failures=c.integer(top.get("max_consecutive_failures", 10), "max_consecutive_failures", 1),
+        backoff_base_s=c.number(top.get("backoff_base_s", 1.0), "backoff_base_s", 0),
+        backoff_max_s=c.number(top.get("backoff_max_s", 60.0), "backoff_max_s", 0),
         pricing=_pricing(c, top.get("pricing")),
         fingerprint=_fingerprint(prompts, files, model, configs, repeats),
     )

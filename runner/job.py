@@ -13,7 +13,7 @@ import anyio
 import httpx
 
 from .client import Client, make_http_client
-from .errors import UsageError
+from .errors import RunnerError, UsageError
 from .items import Item, Shard, iter_items
 from .limits import Budget
 from .manifest import ResumeState, scan
@@ -146,6 +146,9 @@ async def _run_locked(
                 tg.start_soon(_watch_signals, pool, options.grace_s, tg.cancel_scope, bar.write)
             await pool.run(_pending(spec, options, state))
             tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # A run-wide fault raised inside a task (disk full) ends the run as itself, not as a group.
+        raise _runner_error(group) or group from None
     finally:
         bar.close()
     stats = pool.stats
@@ -195,6 +198,14 @@ def _plan(spec: JobSpec, options: RunOptions, state: ResumeState, result: RunRes
         parts.append(f"{state.bad_lines} unreadable manifest lines ignored")
     parts.append(f"{result.to_run} to run")
     log(f"{spec.name}: " + "; ".join(parts))
+
+
+def _runner_error(group: BaseExceptionGroup) -> RunnerError | None:
+    for e in group.exceptions:
+        found = _runner_error(e) if isinstance(e, BaseExceptionGroup) else e
+        if isinstance(found, RunnerError):
+            return found
+    return None
 
 
 def _pending(spec: JobSpec, options: RunOptions, state: ResumeState) -> Iterator[Item]:

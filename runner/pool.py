@@ -6,7 +6,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import anyio
@@ -210,7 +210,7 @@ class Pool:
             rec["cost_usd"] = round(self.prices.item(item) * len(saved), 6)
         else:
             rec["error"] = outcome.as_record()
-        rec["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        rec["finished_at"] = datetime.now(UTC).isoformat(timespec="milliseconds")
         rec["run_id"] = self.run_id
         return rec
 

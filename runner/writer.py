@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -41,7 +42,7 @@ class OutputDir:
             (self.path / "images").mkdir(parents=True, exist_ok=True)
             self._lock()
             self.repaired_bytes = repair(self.manifest_path)
-            self._manifest = self.manifest_path.open("ab")
+            self._manifest = self.manifest_path.open("ab", buffering=0)  # our writes go straight to the file
         except OSError as e:
             self.close()
             raise _output_error(e, self.path) from None
@@ -63,7 +64,8 @@ class OutputDir:
 
     def close(self) -> None:
         if self._manifest is not None:
-            self._manifest.close()
+            with contextlib.suppress(OSError):
+                self._manifest.close()
             self._manifest = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -94,8 +96,9 @@ class OutputDir:
         """Append manifest lines as one write, then flush (and fsync): a batch commit."""
         payload = b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records)
         try:
-            self._manifest.write(payload)
-            self._manifest.flush()
+            written = self._manifest.write(payload)
+            if written != len(payload):
+                raise OSError(errno.ENOSPC, "short write", str(self.manifest_path))
             if self.durable:
                 os.fsync(self._manifest.fileno())
         except OSError as e:
@@ -132,8 +135,8 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _output_error(e: OSError, out: Path) -> OutputError:
-    if e.errno == errno.ENOSPC:
-        why = "the disk is full"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        why = "the disk is full (or a file-size quota was reached)"
     elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         why = "no permission to write there"
     else:

@@ -1,0 +1,180 @@
+"""Failure policy, rate limits, adaptive concurrency, circuit breaker and budget."""
+
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+from pathlib import Path
+
+import anyio
+import pytest
+
+from runner.limits import AdaptiveConcurrency, RateLimiter
+from runner.policy import POLICY, Action, Backoff, CircuitBreaker, Failure, classify_status, clean_message, parse_retry_after
+
+from .conftest import latest, read_manifest, run_cli, write_spec
+
+
+def test_a_wrong_key_aborts_at_once(tmp_path: Path, gateway) -> None:  # noqa: ANN001
+    gw = gateway(api_key="sk-the-right-one")
+    path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(200)], concurrency=4)
+    t0 = time.monotonic()
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 3, proc.stderr
+    assert time.monotonic() - t0 < 10
+    assert "auth" in proc.stderr and "key" in proc.stderr
+    assert gw.stats()["requests"] <= 4  # the first wave, nothing after it
+    # items cut short by the abort are retried next time, not written off
+    assert run_cli("run", str(path), "--no-progress", "--concurrency", "4").returncode == 3
+
+
+@pytest.mark.parametrize(("fault", "kind"), [("402", "no_balance"), ("403", "forbidden")])
+def test_no_balance_and_forbidden_abort(tmp_path: Path, gateway, fault: str, kind: str) -> None:  # noqa: ANN001
+    gw = gateway(fault_rates=((fault, 1.0),))
+    path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(50)], concurrency=2)
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 3 and kind in proc.stderr
+    assert gw.stats()["requests"] <= 2
+
+
+def test_the_circuit_breaker_stops_a_run_that_cannot_succeed(tmp_path: Path, mock) -> None:  # noqa: ANN001
+    path = write_spec(
+        tmp_path, mock.base_url, prompts=[f"p{i} [fault:500]" for i in range(40)],
+        concurrency=1, max_attempts=2, max_consecutive_failures=3,
+    )  # fmt: skip
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 3
+    assert "circuit breaker: 3 items in a row failed with server_error" in proc.stderr
+    assert mock.stats()["requests"] == 3 * 2
+
+
+def test_per_prompt_failures_do_not_trip_the_breaker(tmp_path: Path, mock) -> None:  # noqa: ANN001
+    path = write_spec(
+        tmp_path, mock.base_url, prompts=[f"p{i} [fault:content_filter]" for i in range(6)] + ["fine"],
+        concurrency=1, max_consecutive_failures=2,
+    )  # fmt: skip
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 1
+    assert len(read_manifest(tmp_path / "out")) == 7
+
+
+def test_the_budget_stops_new_items_and_a_bigger_one_resumes(tmp_path: Path, mock) -> None:  # noqa: ANN001
+    path = write_spec(tmp_path, mock.base_url, prompts=[f"p{i}" for i in range(10)], concurrency=2, max_cost_usd=0.5)
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 3
+    assert "budget reached" in proc.stderr
+    spent = sum(r["cost_usd"] for r in read_manifest(tmp_path / "out"))
+    assert 0 < spent <= 0.5 and len(read_manifest(tmp_path / "out")) == 3
+    est = run_cli("estimate", str(path))
+    assert "warning: max_cost_usd is 0.5" in est.stdout
+    proc = run_cli("run", str(path), "--no-progress", "--max-cost", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert all(r["status"] == "ok" for r in latest(tmp_path / "out").values()) and len(latest(tmp_path / "out")) == 10
+    assert mock.stats()["generations"] == 10
+
+
+def test_requests_per_minute_keeps_under_a_short_window_limit(tmp_path: Path, gateway) -> None:  # noqa: ANN001
+    gw = gateway(rpm_limit=600, rpm_window_s=1.0)  # at most 10 requests in any 1 s
+    path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(25)], concurrency=16, requests_per_minute=540)
+    t0 = time.monotonic()
+    proc = run_cli("run", str(path), "--no-progress")
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr
+    stats = gw.stats()
+    assert stats["by_status"].get("429", 0) == 0
+    assert stats["generations"] == 25
+    assert elapsed >= 24 * 60 / 540  # evenly spaced, no burst
+
+
+def test_rate_limited_requests_are_retried_until_they_succeed(tmp_path: Path, gateway) -> None:  # noqa: ANN001
+    gw = gateway(rpm_limit=600, rpm_window_s=1.0)
+    path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(30)], concurrency=16, max_attempts=10)
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert gw.stats()["by_status"].get("429", 0) > 0
+    assert all(r["status"] == "ok" for r in latest(tmp_path / "out").values())
+
+
+def test_the_policy_table_covers_every_kind() -> None:
+    assert POLICY["rate_limited"].action is Action.RETRY
+    assert POLICY["bad_request"].action is Action.FAIL and POLICY["content_filter"].action is Action.FAIL
+    assert {k for k, r in POLICY.items() if r.action is Action.ABORT} == {"auth", "no_balance", "forbidden", "not_found"}
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for kind, rule in POLICY.items():
+        assert f"| `{kind}` | {rule.action.value} |" in readme, f"README's failure table lacks {kind}"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "kind"),
+    [
+        (429, b'{"error": {"message": "slow down", "type": "rate_limit_error"}}', "rate_limited"),
+        (503, b'{"error": {"message": "The model is overloaded", "type": "", "code": 503}}', "server_error"),
+        (500, b'{"error": {"message": "empty", "code": "empty_response"}}', "server_error"),
+        (502, b"<html><body><h1>502 Bad Gateway</h1></body></html>", "server_error"),
+        (400, b'{"error": {"message": "request blocked by Gemini API", "type": "prompt_blocked", "code": "prompt_blocked"}}', "prompt_blocked"),
+        (400, b'{"error": {"message": "bad ratio (request id: 1)", "type": "", "code": 400}}', "bad_request"),
+        (413, b"", "bad_request"),
+        (401, b"{", "auth"),
+        (402, b"", "no_balance"),
+        (403, b'{"error": {"type": "permission_error"}}', "forbidden"),
+    ],
+)
+def test_classify_status_survives_any_body(status: int, body: bytes, kind: str) -> None:
+    failure = classify_status(status, body, {}, "sk-secret")
+    assert failure.kind == kind and failure.status == status and failure.message
+
+
+def test_retry_hints_from_header_date_and_google_body() -> None:
+    assert parse_retry_after("7") == 7.0
+    assert 28 <= parse_retry_after(formatdate(time.time() + 30, usegmt=True)) <= 30  # type: ignore[operator]
+    assert parse_retry_after("soon") is None
+    body = b'{"error": {"code": 429, "message": "Please retry in 13.2s.", "details": [{"retryDelay": "13s"}]}}'
+    assert classify_status(429, body, {}, None).retry_after == 13.0
+    assert classify_status(429, body, {"retry-after": "2"}, None).retry_after == 2.0
+    hinted = Failure("rate_limited", 429, "x", retry_after=5.0)
+    assert 5.0 <= Backoff(base_s=1, cap_s=60).wait(1, hinted) <= 6.0
+    assert all(0 <= Backoff(base_s=1, cap_s=8).wait(a, None) <= 8 for a in range(1, 30))
+
+
+def test_messages_never_carry_the_key() -> None:
+    text = clean_message("bad key sk-secret-123456 (Bearer sk-secret-123456) " + "x" * 1000, "sk-secret-123456")
+    assert "sk-secret" not in text and len(text) <= 300
+
+
+def test_circuit_breaker_counts_one_kind_in_a_row() -> None:
+    b = CircuitBreaker(3)
+    assert not b.failure("server_error") and not b.failure("timeout") and not b.failure("server_error")
+    assert not b.failure("server_error")
+    assert b.failure("server_error")
+    b.success()
+    assert not b.failure("server_error")
+
+
+def test_rate_limiter_spaces_requests_and_pauses_for_a_server_wait() -> None:
+    async def main() -> tuple[float, float]:
+        rl = RateLimiter(600)  # one every 0.1 s
+        t0 = anyio.current_time()
+        for _ in range(5):
+            await rl.acquire()
+        spaced = anyio.current_time() - t0
+        rl.pause(0.3)
+        t1 = anyio.current_time()
+        await rl.acquire()
+        return spaced, anyio.current_time() - t1
+
+    spaced, paused = anyio.run(main)
+    assert spaced >= 0.39 and paused >= 0.29
+
+
+def test_adaptive_concurrency_halves_once_per_burst_and_recovers() -> None:
+    async def main() -> list[int]:
+        ac = AdaptiveConcurrency(16, cooldown_s=10)
+        for _ in range(20):
+            ac.rate_limited()
+        seen = [ac.limit]
+        for _ in range(8 + 9):
+            ac.succeeded()
+        seen.append(ac.limit)
+        return seen
+
+    assert anyio.run(main) == [8, 10]

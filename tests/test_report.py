@@ -1,0 +1,343 @@
+"""runner report / gallery / export, from output dirs written by hand (and a real headless browser)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import zlib
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from runner.errors import UsageError
+from runner.export import export, var_columns
+from runner.gallery import write_html
+from runner.report import format_text, percentile, summarize
+
+EVIL = "<img src=x onerror=alert(1)><script>alert(2)</script>"
+CHROMIUM = "/usr/bin/chromium"
+
+
+def png(width: int = 4, height: int = 3, rgb: tuple[int, int, int] = (200, 40, 40)) -> bytes:
+    """A tiny valid RGB PNG."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    raw = b"".join(b"\x00" + bytes(rgb) * width for _ in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def item_id(n: int) -> str:
+    return hashlib.sha256(str(n).encode()).hexdigest()[:20]
+
+
+def record(
+    out: Path,
+    n: int,
+    *,
+    status: str = "ok",
+    prompt: str = "A red fox in fresh snow",
+    prompt_id: str = "fox",
+    model: str = "nanobanana_pro",
+    config: dict[str, Any] | None = None,
+    vars_: dict[str, str] | None = None,
+    attempts: int = 1,
+    cost: float = 0.134,
+    latency: float | None = 10.0,
+    at: str = "2026-11-25T08:00:00.000+00:00",
+    run: str = "run1",
+    error: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    iid = item_id(n)
+    rec: dict[str, Any] = {
+        "item_id": iid,
+        "prompt_id": prompt_id,
+        "prompt": prompt,
+        "model": model,
+        "image_config": config if config is not None else {"aspect_ratio": "16:9", "image_size": "2K"},
+        "repeat": 0,
+        "vars": vars_,
+        "status": status,
+        "attempts": attempts,
+        "request_id": f"chatcmpl-{n}",
+        "usage": {"prompt_tokens": 9, "completion_tokens": 1359, "total_tokens": 1368},
+        "cost_usd": cost if status == "ok" else 0,
+        "latency_s": latency,
+        "elapsed_s": (latency or 0) + 1,
+        "finished_at": at,
+        "run_id": run,
+    }
+    if status == "ok":
+        data = png(rgb=(n * 30 % 256, 90, 160))
+        rel = f"images/{iid[:2]}/{iid}.png"
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
+        rec.update(
+            image_path=rel,
+            mime="image/png",
+            bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+            mtime_ns=(out / rel).stat().st_mtime_ns,
+        )
+    else:
+        rec["error"] = error
+    return rec
+
+
+def write_lines(path: Path, records: list[dict[str, Any]], tail: str = "") -> None:
+    with path.open("a", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+        f.write(tail)
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    """Four ok items and two failed ones, over two manifests, with one superseded line and a torn tail."""
+    out = tmp_path / "out dir#1"  # a space and a '#': image URLs must be quoted
+    out.mkdir()
+    t = "2026-11-25T{}+00:00"
+    main = [
+        record(out, 1, prompt="a cat in ink style", prompt_id="animals", vars_={"subject": "cat", "style": "ink"},
+               latency=10.0, at=t.format("08:00:00.000")),
+        record(out, 2, status="failed", attempts=5, latency=None, at=t.format("08:10:00.000"),
+               error={"kind": "rate_limited", "status": 429, "message": "slow down"}),
+        record(out, 3, prompt=EVIL, prompt_id="evil", model="nanobanana", config={"aspect_ratio": "1:1"},
+               vars_={"subject": "<b>dog</b>", "style": "ink"}, cost=0.039, latency=30.0, at=t.format("08:30:00.000")),
+        record(out, 4, status="failed", prompt=EVIL, prompt_id="evil2", latency=None, at=t.format("08:40:00.000"),
+               error={"kind": "content_filter", "status": None, "message": "<b>blocked</b> by filter"}),
+        record(out, 5, status="failed", model="nanobanana_2", config={"aspect_ratio": "1:1", "image_size": "4K"},
+               attempts=5, latency=None, at=t.format("08:50:00.000"),
+               error={"kind": "server_error", "status": 503, "message": "overloaded"}),
+        # item 2 again in a later run: this line supersedes its failure
+        record(out, 2, attempts=2, latency=20.0, at=t.format("09:00:00.000"), run="run2"),
+    ]  # fmt: skip
+    write_lines(out / "manifest.jsonl", main, tail='{"item_id": "' + item_id(6)[:7])  # killed mid-write
+    shard = [
+        record(out, 7, config={"aspect_ratio": "4:3"}, latency=40.0, at=t.format("10:00:00.000"), run="run2"),
+    ]
+    write_lines(out / "manifest.shard-1-of-2.jsonl", shard)
+    return out
+
+
+# --- summarize ---------------------------------------------------------------------------------
+
+
+def test_summarize_exact_numbers(out: Path) -> None:
+    s = summarize(out)
+    assert (s["items"], s["ok"], s["failed"]) == (6, 4, 2)
+    assert s["failures_by_kind"] == {"content_filter": 1, "server_error": 1}  # rate_limited was superseded
+    assert s["failure_examples"] == {"content_filter": ["<b>blocked</b> by filter"], "server_error": ["overloaded"]}
+    assert s["cost_usd"] == pytest.approx(0.134 * 3 + 0.039)
+    # ok latencies 10, 20, 30, 40: nearest rank, p50 is the 2nd value (not an interpolated 25)
+    assert s["latency_s"] == {"p50": 20.0, "p95": 40.0, "max": 40.0}
+    assert s["requests"] == 1 + 5 + 1 + 1 + 5 + 2 + 1
+    assert s["retries"] == 0 + 4 + 0 + 0 + 4 + 1 + 0
+    assert s["throughput_per_hour"] == 2.0  # 4 ok images from 08:00 to 10:00
+    assert s["runs"] == 2
+    assert s["bad_lines"] == 1
+    assert s["vars"] == {"style": {"ink": 2}, "subject": {"cat": 1, "<b>dog</b>": 1}}
+    assert s["by_model"] == [
+        {"model": "nanobanana", "image_size": "1K", "ok": 1, "failed": 0, "cost_usd": 0.039},
+        {"model": "nanobanana_2", "image_size": "4K", "ok": 0, "failed": 1, "cost_usd": 0.0},
+        {"model": "nanobanana_pro", "image_size": "1K", "ok": 1, "failed": 0, "cost_usd": 0.134},
+        {"model": "nanobanana_pro", "image_size": "2K", "ok": 2, "failed": 1, "cost_usd": 0.268},
+    ]
+    json.dumps(s)  # what --json prints
+
+
+def test_summarize_nothing_ok_and_single_stamp(tmp_path: Path) -> None:
+    write_lines(
+        tmp_path / "manifest.jsonl",
+        [record(tmp_path, 1, status="failed", latency=None, error={"kind": "auth", "status": 401, "message": "m"})],
+    )
+    s = summarize(tmp_path)
+    assert s["latency_s"] == {"p50": None, "p95": None, "max": None}
+    assert s["throughput_per_hour"] is None
+    assert s["failures_by_kind"] == {"auth": 1}
+    assert "auth: 1" in format_text(s)
+
+
+def test_failure_examples_are_distinct_and_at_most_three(tmp_path: Path) -> None:
+    recs = [
+        record(tmp_path, n, status="failed", error={"kind": "timeout", "status": None, "message": f"m{n % 4}"})
+        for n in range(10)
+    ]
+    write_lines(tmp_path / "manifest.jsonl", recs)
+    assert summarize(tmp_path)["failure_examples"] == {"timeout": ["m0", "m1", "m2"]}
+
+
+def test_percentile_nearest_rank() -> None:
+    assert percentile([], 50) is None
+    assert percentile([7.0], 95) == 7.0
+    assert percentile([float(v) for v in range(1, 21)], 95) == 19.0  # ceil(0.95 * 20) = 19th
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+
+
+def test_no_manifest_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="no manifest"):
+        summarize(tmp_path)
+    with pytest.raises(UsageError, match="no such directory"):
+        summarize(tmp_path / "missing")
+    with pytest.raises(UsageError):
+        export(tmp_path)
+    with pytest.raises(UsageError):
+        write_html(tmp_path, tmp_path / "g.html")
+
+
+def test_format_text(out: Path) -> None:
+    text = format_text(summarize(out))
+    assert "ok 4, failed 2" in text
+    assert "$0.441" in text
+    assert "p50 20.0s" in text and "p95 40.0s" in text
+    assert "content_filter: 1" in text and "server_error: 1" in text
+    assert "nanobanana_pro  2K" in text
+    assert "1 unreadable manifest line" in text
+
+
+# --- export ------------------------------------------------------------------------------------
+
+
+def test_export_metadata(out: Path) -> None:
+    path = export(out)
+    assert path == out / "metadata.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert [r["item_id"] for r in rows] == [item_id(n) for n in (1, 2, 3, 7)]
+    assert rows[0] == {
+        "file_name": f"images/{item_id(1)[:2]}/{item_id(1)}.png",
+        "item_id": item_id(1),
+        "prompt_id": "animals",
+        "prompt": "a cat in ink style",
+        "model": "nanobanana_pro",
+        "aspect_ratio": "16:9",
+        "image_size": "2K",
+        "repeat": 0,
+        "style": "ink",
+        "subject": "cat",
+    }
+    assert rows[2]["prompt"] == EVIL and rows[2]["image_size"] == "1K" and rows[2]["subject"] == "<b>dog</b>"
+    for r in rows:  # a fixed schema: every column on every line
+        assert list(r) == list(rows[0])
+        assert (out / r["file_name"]).is_file()
+    assert rows[1]["style"] is None and rows[3]["subject"] is None
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    export(out)  # again: replaced, not appended
+    assert len(path.read_text(encoding="utf-8").splitlines()) == 4
+
+
+def test_export_skips_missing_images_and_renames_clashing_vars(tmp_path: Path) -> None:
+    recs = [record(tmp_path, 1, vars_={"prompt": "p", "model": "m"}), record(tmp_path, 2)]
+    write_lines(tmp_path / "manifest.jsonl", recs)
+    (tmp_path / recs[1]["image_path"]).unlink()
+    rows = [json.loads(line) for line in export(tmp_path).read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 1
+    assert rows[0]["prompt"] == "A red fox in fresh snow" and rows[0]["var_prompt"] == "p"
+    assert rows[0]["var_model"] == "m"
+    assert var_columns({"a", "var_a", "file_name"}) == {"a": "a", "file_name": "var_file_name", "var_a": "var_a"}
+
+
+# --- gallery: static checks --------------------------------------------------------------------
+
+
+def gallery_data(page: str) -> dict[str, Any]:
+    m = re.search(r'<script type="application/json" id="gallery-data">(.*?)</script>', page, re.S)
+    assert m, "no embedded data"
+    return json.loads(m.group(1))
+
+
+def test_gallery_static(out: Path, tmp_path: Path) -> None:
+    html_file = tmp_path / "site" / "gallery.html"
+    assert write_html(out, html_file) == 4
+    page = html_file.read_text(encoding="utf-8")
+    assert "<script>alert" not in page and "<img src=x" not in page and "<b>" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;&lt;script&gt;alert(2)&lt;/script&gt;" in page  # failed item
+    assert "&lt;b&gt;blocked&lt;/b&gt; by filter" in page
+    assert "\\u003cscript\\u003ealert(2)\\u003c/script\\u003e" in page  # in the JSON for the cards
+    assert page.count("</script>") == 2  # the data and the code: nothing broke out
+    assert "http://" not in page and "https://" not in page and "//cdn" not in page
+    assert 'loading = "lazy"' in page and "data-loaded" in page
+    assert 'data-var="subject"' in page and "&lt;b&gt;dog&lt;/b&gt; (1)" in page  # the filter options
+    items = gallery_data(page)["items"]
+    assert [it[1] for it in items] == ["a cat in ink style", "A red fox in fresh snow", EVIL, "A red fox in fresh snow"]
+    for it in items:
+        rel = os.path.relpath(out / f"images/{it[8][:2]}/{it[8]}.png", html_file.parent)
+        assert it[0] == quote(rel) and it[0].startswith("../out%20dir%231/images/")
+        assert (html_file.parent / rel).is_file()
+    assert not [p for p in html_file.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+# --- gallery: a real browser -------------------------------------------------------------------
+
+
+class DomScan(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.imgs: list[dict[str, str | None]] = []
+        self.scripts = 0
+        self.bolds = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "img":
+            self.imgs.append(dict(attrs))
+        elif tag == "script":
+            self.scripts += 1
+        elif tag == "b" and not any(k == "class" for k, _ in attrs):
+            self.bolds += 1
+
+
+def dump_dom(url: str, profile: Path) -> str:
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium)")
+    cmd = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", url,
+    ]  # fmt: skip
+    env = {**os.environ, "HOME": str(profile)}
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail("chromium did not finish within 60 s")
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    assert "<html" in done.stdout, f"chromium printed no DOM (exit {done.returncode}): {done.stderr[-2000:]}"
+    return done.stdout
+
+
+def test_gallery_in_headless_chromium(out: Path, tmp_path: Path) -> None:
+    html_file = tmp_path / "site" / "gallery.html"
+    assert write_html(out, html_file) == 4
+    dom = dump_dom(html_file.as_uri(), tmp_path / "profile")
+    scan = DomScan()
+    scan.feed(dom)
+    cards = [img for img in scan.imgs if (img.get("src") or "").endswith(".png")]
+    assert len(cards) == 4 and len(scan.imgs) == 4  # no <img> came out of a prompt
+    assert all(img.get("data-loaded") == "1" for img in cards), cards
+    assert scan.scripts == 2 and scan.bolds == 0  # no <script> or <b> element made from untrusted text
+    # the prompt shows as text: on its card and in the failures table
+    shown = "&lt;img src=x onerror=alert(1)&gt;&lt;script&gt;alert(2)&lt;/script&gt;"
+    assert f'<p class="prompt">{shown}</p>' in dom
+    assert f'<td class="prompt-cell">{shown}</td>' in dom
+    assert "subject: &lt;b&gt;dog&lt;/b&gt;" in dom
+    assert "showing 4 of 4" in dom
+
+
+def test_gallery_filter_in_headless_chromium(out: Path, tmp_path: Path) -> None:
+    html_file = tmp_path / "gallery.html"
+    write_html(out, html_file)
+    dom = dump_dom(html_file.as_uri() + "#style=ink&subject=cat", tmp_path / "profile")
+    scan = DomScan()
+    scan.feed(dom)
+    assert len(scan.imgs) == 1 and scan.imgs[0].get("data-loaded") == "1"
+    assert item_id(1) in (scan.imgs[0].get("src") or "")
+    assert "showing 1 of 1 matching (4 in all)" in dom

@@ -1,0 +1,191 @@
+"""Resume and crash safety: kills, interrupts, torn lines, bad images, locks, drift, full disks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from .conftest import cli_env, latest, read_manifest, run_cli, start_cli, write_spec
+
+
+def wait_for(predicate, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def ok_lines(out: Path) -> int:
+    return sum(1 for r in read_manifest(out) if r["status"] == "ok") if (out / "manifest.jsonl").exists() else 0
+
+
+def assert_all_ok_and_intact(out: Path, n: int) -> None:
+    recs = latest(out)
+    assert len(recs) == n
+    for r in recs.values():
+        assert r["status"] == "ok", r
+        assert hashlib.sha256((out / r["image_path"]).read_bytes()).hexdigest() == r["sha256"]
+    # every item ended ok exactly once: nothing was generated and recorded twice
+    counts = Counter(r["item_id"] for r in read_manifest(out) if r["status"] == "ok")
+    assert set(counts.values()) == {1}
+
+
+def test_sigkill_at_random_moments_loses_nothing_paid_for(tmp_path: Path, gateway) -> None:
+    gw = gateway(latency_s=0.3, latency_jitter_s=0.3)
+    n, concurrency, kills = 80, 4, 4
+    path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(n)], concurrency=concurrency)
+    out = tmp_path / "out"
+    rng = random.Random(5)
+    for _ in range(kills):
+        proc = start_cli("run", str(path), "--no-progress")
+        time.sleep(rng.uniform(0.6, 1.6))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
+    assert 0 < ok_lines(out) < n
+    final = run_cli("run", str(path), "--no-progress")
+    assert final.returncode == 0, final.stderr
+    assert_all_ok_and_intact(out, n)
+    # paid generations: the items, plus at most the requests in flight at each kill
+    assert gw.stats()["generations"] <= n + kills * concurrency
+
+
+def test_sigint_finishes_in_flight_requests_records_them_and_exits_130(tmp_path: Path, gateway) -> None:
+    gw = gateway(latency_s=1.0)
+    path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(12)], concurrency=3)
+    proc = start_cli("run", str(path), "--no-progress")
+    wait_for(lambda: gw.stats()["in_flight"] == 3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "rerun the same command" in err
+    out = tmp_path / "out"
+    # the three requests in flight at the interrupt were let finish and recorded
+    assert ok_lines(out) == gw.stats()["generations"] >= 3
+    assert gw.stats()["requests"] < 12
+    final = run_cli("run", str(path), "--no-progress")
+    assert final.returncode == 0
+    assert_all_ok_and_intact(out, 12)
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path: Path, gateway) -> None:
+    gw = gateway(latency_s=1.0)
+    path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(4)], concurrency=2)
+    first = start_cli("run", str(path), "--no-progress")
+    wait_for(lambda: gw.stats()["in_flight"] >= 1)
+    second = run_cli("run", str(path), "--no-progress")
+    assert second.returncode == 3
+    assert "in use by another runner" in second.stderr and "Traceback" not in second.stderr
+    first.communicate(timeout=30)
+    assert first.returncode == 0
+    # the lock dies with its process: a killed run does not leave it stuck
+    third = start_cli("run", str(path), "--no-progress", "--retry-failed")
+    third.kill()
+    third.communicate(timeout=10)
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+
+
+def test_torn_last_line_is_set_aside_and_repaired(tmp_path: Path, mock) -> None:
+    path = write_spec(tmp_path, mock.base_url, prompts=["a", "b", "c"])
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    manifest = tmp_path / "out" / "manifest.jsonl"
+    lines = manifest.read_bytes().splitlines(keepends=True)
+    torn = lines[-1][:57]
+    manifest.write_bytes(b"".join(lines[:-1]) + torn)  # the last record was cut mid-write
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "torn last line" in proc.stderr
+    assert (tmp_path / "out" / "manifest.jsonl.torn").read_bytes() == torn + b"\n"
+    assert mock.stats()["requests"] == 4  # only the item whose record was torn is redone
+    assert_all_ok_and_intact(tmp_path / "out", 3)
+
+
+def test_missing_corrupt_and_orphan_images(tmp_path: Path, mock) -> None:
+    path = write_spec(tmp_path, mock.base_url, prompts=["a", "b", "c", "d"])
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    out = tmp_path / "out"
+    recs = {r["prompt"]: r for r in read_manifest(out)}
+    (out / recs["a"]["image_path"]).unlink()
+    corrupt = out / recs["b"]["image_path"]
+    data = bytearray(corrupt.read_bytes())
+    data[-20] ^= 0xFF  # same size, one byte flipped
+    corrupt.write_bytes(bytes(data))
+    orphan = out / "images" / "zz" / "stray.png"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"not trusted")
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "2 recorded ok but image missing or corrupt (will redo)" in proc.stderr
+    assert mock.stats()["requests"] == 6
+    assert_all_ok_and_intact_after_redo(out)
+
+
+def assert_all_ok_and_intact_after_redo(out: Path) -> None:
+    for r in latest(out).values():
+        assert r["status"] == "ok"
+        assert hashlib.sha256((out / r["image_path"]).read_bytes()).hexdigest() == r["sha256"]
+
+
+def test_spec_drift_is_reported_and_old_records_stay(tmp_path: Path, mock) -> None:
+    path = write_spec(tmp_path, mock.base_url, prompts=["a", "b"])
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    path = write_spec(tmp_path, mock.base_url, prompts=["b", "c", "d"])
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 0
+    assert "the spec changed since the last run" in proc.stderr
+    assert "2 new items, 1 recorded items are no longer in the spec" in proc.stderr
+    assert sorted(r["prompt"] for r in read_manifest(tmp_path / "out")) == ["a", "b", "c", "d"]
+    est = json.loads(run_cli("estimate", str(path), "--json").stdout)
+    assert (est["items"], est["done"], est["remaining"]) == (3, 3, 0)
+
+
+def test_estimate_on_a_half_finished_output_dir(tmp_path: Path, mock) -> None:
+    path = write_spec(tmp_path, mock.base_url, prompts=["a", "b", "rejected [fault:400]"])
+    run_cli("run", str(path), "--no-progress")
+    path = write_spec(tmp_path, mock.base_url, prompts=["a", "b", "rejected [fault:400]", "c", "d"])
+    est = json.loads(run_cli("estimate", str(path), "--json").stdout)
+    assert (est["items"], est["done"], est["remaining"]) == (5, 2, 3)
+    assert est["estimated_cost_usd"] == round(3 * 0.134, 6)
+    assert est["spent_usd"] == round(2 * 0.134, 6)
+
+
+def test_an_output_dir_that_cannot_be_written_is_a_clear_error(tmp_path: Path, mock) -> None:
+    (tmp_path / "afile").write_text("x")
+    path = write_spec(tmp_path, mock.base_url, output_dir="afile/out")
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 3 and "cannot write to output dir" in proc.stderr and "Traceback" not in proc.stderr
+    assert mock.stats()["requests"] == 0
+
+
+def test_a_full_disk_stops_the_run_and_damages_nothing(tmp_path: Path, gateway) -> None:
+    gw = gateway()
+    path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(30)], concurrency=1)
+
+    def small_disk() -> None:  # files cannot grow past 6 kB: the manifest fills up as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (6_000, 6_000))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner", "run", str(path), "--no-progress"],
+        capture_output=True, text=True, env=cli_env(), timeout=60, preexec_fn=small_disk, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr
+    assert "cannot write to output dir" in proc.stderr and "Traceback" not in proc.stderr
+    out = tmp_path / "out"
+    whole = (out / "manifest.jsonl").read_bytes().split(b"\n")[:-1]  # the last write may be cut off
+    assert len(whole) >= 3, "items written before the disk filled"
+    for line in whole:
+        r = json.loads(line)
+        assert hashlib.sha256((out / r["image_path"]).read_bytes()).hexdigest() == r["sha256"]
+    # with space again, a rerun repairs the manifest and finishes the job
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    assert_all_ok_and_intact(out, 30)

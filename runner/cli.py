@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-cost", type=float, metavar="USD", help="budget for the output dir (overrides max_cost_usd)")
     run.add_argument("--verify", action="store_true", help="hash every done image on resume, not just size+mtime")
     run.add_argument("--no-fsync", action="store_true", help="skip fsync (faster; a power cut may lose recent items)")
-    run.add_argument("--grace", type=float, default=30.0, metavar="S", help="after Ctrl+C, seconds to let requests finish")
+    run.add_argument(
+        "--grace", type=float, default=30.0, metavar="S", help="after Ctrl+C, seconds to let requests finish"
+    )
     run.add_argument("--dry-run", action="store_true", help="estimate only, like `runner estimate`")
     run.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
 
@@ -110,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--mime", default="png", choices=["png", "jpeg", "webp"])
     mock.add_argument("--pad-bytes", type=int, default=0, help="make each image this much bigger")
     mock.add_argument("--rpm", type=int, default=0, help="enforce this many requests per minute (0: none)")
-    mock.add_argument("--rpm-window", type=float, default=10.0, metavar="S", help="window the rpm limit is enforced over")
+    mock.add_argument(
+        "--rpm-window", type=float, default=10.0, metavar="S", help="window the rpm limit is enforced over"
+    )
     mock.add_argument("--retry-after", default="header", choices=["header", "body", "both", "none"])
     mock.add_argument("--fault", action="append", default=[], metavar="KIND=P", help="inject KIND with probability P")
     mock.add_argument("--seed", type=int, default=0)
@@ -118,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, metavar="DIR", help="output dir (overrides output_dir in the spec)")
+    p.add_argument("--out", metavar="DIR", help="output dir or fsspec URL such as s3://bucket/x (overrides output_dir)")
     p.add_argument("--shard", type=Shard.parse, metavar="K/N", help="only the K-th of N slices of the items (0-based)")
 
 
@@ -223,8 +227,17 @@ def _duration(seconds: float) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from .remote import is_remote, local_view
     from .report import format_text, summarize
 
+    if is_remote(args.out):
+        if args.html:
+            raise UsageError("--html needs a local output dir: the gallery links to the image files")
+        with local_view(args.out) as (local, _):
+            summary = summarize(local)
+        summary["output_dir"] = args.out
+        print(json.dumps(summary, indent=2) if args.json else format_text(summary))
+        return 0
     out = Path(args.out)
     summary = summarize(out)
     if args.html:
@@ -238,8 +251,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export
+    from .remote import is_remote, local_view, write_remote
 
-    path = export(Path(args.out))
+    if is_remote(args.out):
+        with local_view(args.out) as (local, sizes):
+            path = write_remote(args.out, "metadata.jsonl", export(local, sizes))
+    else:
+        path = export(Path(args.out))
     _say(f'wrote {path}; load it with datasets.load_dataset("imagefolder", data_dir="{args.out}")')
     return 0
 

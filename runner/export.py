@@ -41,13 +41,19 @@ def var_columns(names: set[str]) -> dict[str, str]:
     return columns
 
 
-def export(out: Path) -> Path:
-    """Write OUT/metadata.jsonl (temp file + os.replace) and return its path."""
+def export(out: Path, image_sizes: dict[str, int] | None = None) -> Path:
+    """Write OUT/metadata.jsonl (temp file + os.replace) and return its path.
+
+    `image_sizes` (a remote dir's listing) says which images exist instead of the local disk."""
     require_manifest(out)
+
+    def present(rel: str) -> bool:
+        return rel in image_sizes if image_sizes is not None else (out / rel).is_file()
+
     records = [
         rec
         for rec in latest(out).values()
-        if rec.get("status") == "ok" and isinstance(rec.get("image_path"), str) and (out / rec["image_path"]).is_file()
+        if rec.get("status") == "ok" and isinstance(rec.get("image_path"), str) and present(rec["image_path"])
     ]
     names = {str(k) for rec in records if isinstance(rec.get("vars"), dict) for k in rec["vars"]}
     columns = var_columns(names)

@@ -21,6 +21,7 @@ from .policy import Backoff
 from .pool import Pool
 from .pricing import PriceTable
 from .progress import Bar
+from .remote import open_output
 from .spec import JobSpec, spec_summary
 from .writer import OutputDir
 
@@ -29,7 +30,7 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class RunOptions:
-    out: Path | None = None
+    out: str | Path | None = None  # a directory, or an fsspec URL such as s3://bucket/prefix
     base_url: str | None = None
     concurrency: int | None = None
     retry_failed: bool = False
@@ -47,7 +48,7 @@ class RunOptions:
 
 @dataclass
 class RunResult:
-    out_dir: Path
+    out_dir: str
     items: int = 0
     skipped_done: int = 0
     skipped_failed: int = 0
@@ -93,9 +94,8 @@ async def run_job_async(spec: JobSpec, options: RunOptions = RunOptions(), log: 
 
 
 async def _run(spec: JobSpec, options: RunOptions, log: Log, base_url: str, key: str) -> RunResult:
-    out_path = options.out or spec.output_dir
     shard = options.shard
-    out = OutputDir(out_path, shard.label if shard else None, durable=options.durable)
+    out = open_output(options.out or spec.output_dir, shard.label if shard else None, options.durable)
     out.open()
     try:
         return await _run_locked(spec, options, log, base_url, key, out)
@@ -106,12 +106,12 @@ async def _run(spec: JobSpec, options: RunOptions, log: Log, base_url: str, key:
 async def _run_locked(
     spec: JobSpec, options: RunOptions, log: Log, base_url: str, key: str, out: OutputDir
 ) -> RunResult:
-    result = RunResult(out.path)
+    result = RunResult(out.display)
     if out.repaired_bytes:
         log(
             f"repaired {out.manifest_path.name}: set aside a torn last line ({out.repaired_bytes} bytes) in {out.manifest_path.name}.torn"
         )
-    state = await anyio.to_thread.run_sync(scan, out.path, options.verify)
+    state = await anyio.to_thread.run_sync(scan, out.path, options.verify, out.image_sizes)
     _plan(spec, options, state, result, out, log)
     result.total_spent_usd = state.spent_usd
     if result.to_run == 0:
@@ -181,7 +181,7 @@ def _plan(spec: JobSpec, options: RunOptions, state: ResumeState, result: RunRes
         added = result.items - seen_known
         gone = state.known_count - seen_known
         log(
-            f"the spec changed since the last run in {out.path}: {added} new items, "
+            f"the spec changed since the last run in {out.display}: {added} new items, "
             f"{gone} recorded items are no longer in the spec (their records stay); going on with the new spec"
         )
     out.write_snapshot(summary)

@@ -126,8 +126,10 @@ class ResumeState:
         return len(self.done) + len(self.retryable) + len(self.permanent) + len(self.bad_images)
 
 
-def scan(out: Path, full_verify: bool = False) -> ResumeState:
-    """Resolve the latest record per item and check the images of the ok ones."""
+def scan(out: Path, full_verify: bool = False, image_sizes: dict[str, int] | None = None) -> ResumeState:
+    """Resolve the latest record per item and check the images of the ok ones.
+
+    `image_sizes` ({image_path: size}, from a remote listing) replaces the local file check."""
     state = ResumeState()
     bad: list[int] = []
     for rec in iter_records(out, bad):
@@ -142,7 +144,11 @@ def scan(out: Path, full_verify: bool = False) -> ResumeState:
         for s in (state.done, state.retryable, state.permanent, state.bad_images):
             s.discard(key)
         if rec.get("status") == "ok":
-            (state.done if image_intact(out, rec, full_verify) else state.bad_images).add(key)
+            if image_sizes is None:
+                intact = image_intact(out, rec, full_verify)
+            else:
+                intact = image_sizes.get(rec.get("image_path") or "") == rec.get("bytes")
+            (state.done if intact else state.bad_images).add(key)
         else:
             kind = (rec.get("error") or {}).get("kind")
             (state.permanent if kind in PERMANENT else state.retryable).add(key)

@@ -10,6 +10,7 @@ from typing import Any
 from .items import Item, Shard, iter_items
 from .manifest import ResumeState, manifest_paths, scan
 from .models import MODELS, effective_size
+from .remote import is_remote, local_view
 from .spec import JobSpec
 
 
@@ -46,16 +47,16 @@ class Line:
 
 
 def estimate(
-    spec: JobSpec,
-    out: Path | None = None,
-    shard: Shard | None = None,
-    concurrency: int | None = None,
-    state: ResumeState | None = None,
+    spec: JobSpec, out: str | Path | None = None, shard: Shard | None = None, concurrency: int | None = None
 ) -> dict[str, Any]:
     """Count, price and time the job without sending anything (no key needed)."""
-    out = out or spec.output_dir
-    if state is None:
-        state = scan(out) if out.is_dir() and manifest_paths(out) else ResumeState()
+    target = out or spec.output_dir
+    if is_remote(target):
+        with local_view(str(target)) as (local, sizes):
+            state = scan(local, image_sizes=sizes)
+    else:
+        local = Path(target)
+        state = scan(local) if local.is_dir() and manifest_paths(local) else ResumeState()
     prices = PriceTable(spec.pricing)
     lines: dict[tuple[str, str], Line] = {}
     permanent = 0
@@ -80,7 +81,7 @@ def estimate(
     cost = sum(line.cost_usd for line in lines.values())
     result: dict[str, Any] = {
         "name": spec.name,
-        "output_dir": str(out),
+        "output_dir": str(target),
         "items": sum(line.items for line in lines.values()),
         "done": sum(line.done for line in lines.values()),
         "remaining": remaining,

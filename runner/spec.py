@@ -15,6 +15,7 @@ import yaml
 
 from .errors import SpecError
 from .models import MODELS
+from .remote import is_remote
 from .sources import columns, file_kind, iter_prompts
 from .templates import Template, parse_template
 
@@ -70,7 +71,7 @@ class JobSpec:
     repeats: int
     prompts: tuple[PromptEntry, ...]
     prompt_files: tuple[PromptFile, ...]
-    output_dir: Path
+    output_dir: Path | str  # a local directory, or an fsspec URL (s3://...) kept as written
     base_url: str
     api_key_env: str
     concurrency: int
@@ -226,7 +227,13 @@ def parse_spec(raw: Any, path: Path) -> JobSpec:
         raise c.fail("prompts", "the spec has no prompts (give `prompts` or `prompt_files`)")
 
     out = top.get("output_dir")
-    output_dir = Path(os.path.normpath(base / c.string(out, "output_dir") if out is not None else base / "out" / name))
+    output_dir: Path | str
+    if out is not None and is_remote(c.string(out, "output_dir")):
+        output_dir = c.string(out, "output_dir")
+    else:
+        output_dir = Path(
+            os.path.normpath(base / c.string(out, "output_dir") if out is not None else base / "out" / name)
+        )
     base_url = c.string(top.get("base_url", DEFAULT_BASE_URL), "base_url").rstrip("/")
     if not re.match(r"^https?://[^\s/]+", base_url):
         raise c.fail("base_url", f"expected an http(s) URL, got {base_url!r}")

@@ -29,6 +29,8 @@ class OutputDir:
 
     def __init__(self, path: Path, shard_label: str | None = None, durable: bool = True) -> None:
         self.path = path
+        self.display = str(path)  # how messages name it (a URL for remote output dirs)
+        self.image_sizes: dict[str, int] | None = None  # remote dirs: resume checks sizes, not files
         self.durable = durable
         self.manifest_path = path / manifest_name(shard_label)
         self._lock_path = path / (".lock" if shard_label is None else f".lock.shard-{shard_label}")
@@ -71,7 +73,7 @@ class OutputDir:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def save_image(self, rel: str, data: bytes) -> tuple[str, int]:
+    def save_image(self, rel: str, data: bytes) -> tuple[str, int | None]:
         """Write one image atomically; returns (sha256, mtime_ns). Runs in a worker thread."""
         path = self.path / rel
         folder = path.parent
@@ -94,7 +96,7 @@ class OutputDir:
 
     def append(self, records: list[dict[str, Any]]) -> None:
         """Append manifest lines as one write, then flush (and fsync): a batch commit."""
-        payload = b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records)
+        payload = records_payload(records)
         try:
             written = self._manifest.write(payload)
             if written != len(payload):
@@ -118,6 +120,10 @@ class OutputDir:
             os.replace(tmp, self.path / SPEC_SNAPSHOT)
         except OSError as e:
             raise _output_error(e, self.path) from None
+
+
+def records_payload(records: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records)
 
 
 def image_relpath(item_id: str, mime: str, index: int = 0) -> str:

@@ -16,6 +16,7 @@ import yaml
 from runner.mockserver import MockConfig, MockGateway
 
 ROOT = Path(__file__).resolve().parent.parent
+StartGateway = Callable[..., MockGateway]
 KEY = "sk-test-4f9c2a7e1b"  # a fake key; tests check it never lands in a file
 
 

@@ -120,5 +120,9 @@ def test_estimate_json_counts_and_override_prices(tmp_path: Path) -> None:
     assert est["items"] == 2 * 2 * 3 + 3 and est["done"] == 0 and est["remaining"] == 15
     assert est["estimated_cost_usd"] == round(6 * 0.5 + 6 * 0.134 + 3 * 0.01, 6)
     rows = {(r["model"], r["image_size"]): (r["count"], r["cost_usd"]) for r in est["by_model"]}
-    assert rows == {("nanobanana", "1K"): (3, 0.03), ("nanobanana_pro", "1K"): (6, 0.804), ("nanobanana_pro", "4K"): (6, 3.0)}
+    assert rows == {
+        ("nanobanana", "1K"): (3, 0.03),
+        ("nanobanana_pro", "1K"): (6, 0.804),
+        ("nanobanana_pro", "4K"): (6, 3.0),
+    }
     assert est["estimated_time_s"] == 15 * 10.0  # 6 requests a minute bounds it

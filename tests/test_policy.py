@@ -10,12 +10,21 @@ import anyio
 import pytest
 
 from runner.limits import AdaptiveConcurrency, RateLimiter
-from runner.policy import POLICY, Action, Backoff, CircuitBreaker, Failure, classify_status, clean_message, parse_retry_after
+from runner.policy import (
+    POLICY,
+    Action,
+    Backoff,
+    CircuitBreaker,
+    Failure,
+    classify_status,
+    clean_message,
+    parse_retry_after,
+)
 
-from .conftest import latest, read_manifest, run_cli, write_spec
+from .conftest import MockGateway, StartGateway, latest, read_manifest, run_cli, write_spec
 
 
-def test_a_wrong_key_aborts_at_once(tmp_path: Path, gateway) -> None:  # noqa: ANN001
+def test_a_wrong_key_aborts_at_once(tmp_path: Path, gateway: StartGateway) -> None:
     gw = gateway(api_key="sk-the-right-one")
     path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(200)], concurrency=4)
     t0 = time.monotonic()
@@ -29,7 +38,7 @@ def test_a_wrong_key_aborts_at_once(tmp_path: Path, gateway) -> None:  # noqa: A
 
 
 @pytest.mark.parametrize(("fault", "kind"), [("402", "no_balance"), ("403", "forbidden")])
-def test_no_balance_and_forbidden_abort(tmp_path: Path, gateway, fault: str, kind: str) -> None:  # noqa: ANN001
+def test_no_balance_and_forbidden_abort(tmp_path: Path, gateway: StartGateway, fault: str, kind: str) -> None:
     gw = gateway(fault_rates=((fault, 1.0),))
     path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(50)], concurrency=2)
     proc = run_cli("run", str(path), "--no-progress")
@@ -37,7 +46,7 @@ def test_no_balance_and_forbidden_abort(tmp_path: Path, gateway, fault: str, kin
     assert gw.stats()["requests"] <= 2
 
 
-def test_the_circuit_breaker_stops_a_run_that_cannot_succeed(tmp_path: Path, mock) -> None:  # noqa: ANN001
+def test_the_circuit_breaker_stops_a_run_that_cannot_succeed(tmp_path: Path, mock: MockGateway) -> None:
     path = write_spec(
         tmp_path, mock.base_url, prompts=[f"p{i} [fault:500]" for i in range(40)],
         concurrency=1, max_attempts=2, max_consecutive_failures=3,
@@ -48,7 +57,7 @@ def test_the_circuit_breaker_stops_a_run_that_cannot_succeed(tmp_path: Path, moc
     assert mock.stats()["requests"] == 3 * 2
 
 
-def test_per_prompt_failures_do_not_trip_the_breaker(tmp_path: Path, mock) -> None:  # noqa: ANN001
+def test_per_prompt_failures_do_not_trip_the_breaker(tmp_path: Path, mock: MockGateway) -> None:
     path = write_spec(
         tmp_path, mock.base_url, prompts=[f"p{i} [fault:content_filter]" for i in range(6)] + ["fine"],
         concurrency=1, max_consecutive_failures=2,
@@ -58,7 +67,7 @@ def test_per_prompt_failures_do_not_trip_the_breaker(tmp_path: Path, mock) -> No
     assert len(read_manifest(tmp_path / "out")) == 7
 
 
-def test_the_budget_stops_new_items_and_a_bigger_one_resumes(tmp_path: Path, mock) -> None:  # noqa: ANN001
+def test_the_budget_stops_new_items_and_a_bigger_one_resumes(tmp_path: Path, mock: MockGateway) -> None:
     path = write_spec(tmp_path, mock.base_url, prompts=[f"p{i}" for i in range(10)], concurrency=2, max_cost_usd=0.5)
     proc = run_cli("run", str(path), "--no-progress")
     assert proc.returncode == 3
@@ -73,9 +82,11 @@ def test_the_budget_stops_new_items_and_a_bigger_one_resumes(tmp_path: Path, moc
     assert mock.stats()["generations"] == 10
 
 
-def test_requests_per_minute_keeps_under_a_short_window_limit(tmp_path: Path, gateway) -> None:  # noqa: ANN001
+def test_requests_per_minute_keeps_under_a_short_window_limit(tmp_path: Path, gateway: StartGateway) -> None:
     gw = gateway(rpm_limit=600, rpm_window_s=1.0)  # at most 10 requests in any 1 s
-    path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(25)], concurrency=16, requests_per_minute=540)
+    path = write_spec(
+        tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(25)], concurrency=16, requests_per_minute=540
+    )
     t0 = time.monotonic()
     proc = run_cli("run", str(path), "--no-progress")
     elapsed = time.monotonic() - t0
@@ -86,7 +97,7 @@ def test_requests_per_minute_keeps_under_a_short_window_limit(tmp_path: Path, ga
     assert elapsed >= 24 * 60 / 540  # evenly spaced, no burst
 
 
-def test_rate_limited_requests_are_retried_until_they_succeed(tmp_path: Path, gateway) -> None:  # noqa: ANN001
+def test_rate_limited_requests_are_retried_until_they_succeed(tmp_path: Path, gateway: StartGateway) -> None:
     gw = gateway(rpm_limit=600, rpm_window_s=1.0)
     path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(30)], concurrency=16, max_attempts=10)
     proc = run_cli("run", str(path), "--no-progress")
@@ -98,7 +109,12 @@ def test_rate_limited_requests_are_retried_until_they_succeed(tmp_path: Path, ga
 def test_the_policy_table_covers_every_kind() -> None:
     assert POLICY["rate_limited"].action is Action.RETRY
     assert POLICY["bad_request"].action is Action.FAIL and POLICY["content_filter"].action is Action.FAIL
-    assert {k for k, r in POLICY.items() if r.action is Action.ABORT} == {"auth", "no_balance", "forbidden", "not_found"}
+    assert {k for k, r in POLICY.items() if r.action is Action.ABORT} == {
+        "auth",
+        "no_balance",
+        "forbidden",
+        "not_found",
+    }
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for kind, rule in POLICY.items():
         assert f"| `{kind}` | {rule.action.value} |" in readme, f"README's failure table lacks {kind}"
@@ -111,7 +127,11 @@ def test_the_policy_table_covers_every_kind() -> None:
         (503, b'{"error": {"message": "The model is overloaded", "type": "", "code": 503}}', "server_error"),
         (500, b'{"error": {"message": "empty", "code": "empty_response"}}', "server_error"),
         (502, b"<html><body><h1>502 Bad Gateway</h1></body></html>", "server_error"),
-        (400, b'{"error": {"message": "request blocked by Gemini API", "type": "prompt_blocked", "code": "prompt_blocked"}}', "prompt_blocked"),
+        (
+            400,
+            b'{"error": {"message": "request blocked by Gemini API", "type": "prompt_blocked", "code": "prompt_blocked"}}',
+            "prompt_blocked",
+        ),
         (400, b'{"error": {"message": "bad ratio (request id: 1)", "type": "", "code": 400}}', "bad_request"),
         (413, b"", "bad_request"),
         (401, b"{", "auth"),

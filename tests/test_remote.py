@@ -7,10 +7,11 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from .conftest import run_cli, write_spec
+from .conftest import MockGateway, run_cli, write_spec
 
 pytest.importorskip("s3fs", reason="the s3 extra is not installed")
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
@@ -41,7 +42,7 @@ def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
         server.stop()
 
 
-def test_a_run_into_s3_resumes_reports_and_exports(tmp_path: Path, mock, s3) -> None:  # noqa: ANN001
+def test_a_run_into_s3_resumes_reports_and_exports(tmp_path: Path, mock: MockGateway, s3: Any) -> None:
     url = f"s3://{BUCKET}/jobs/t"
     path = write_spec(tmp_path, mock.base_url, prompts=["a", "b", "c", "rejected [fault:400]"], output_dir=url)
     proc = run_cli("run", str(path), "--no-progress")

@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from .conftest import KEY, latest, read_manifest, run_cli, write_spec
+from .conftest import KEY, MockGateway, latest, read_manifest, run_cli, write_spec
 
 FIELDS = {
     "item_id", "prompt_id", "prompt", "model", "image_config", "repeat", "status", "attempts",
@@ -16,7 +16,14 @@ FIELDS = {
 
 
 def test_demo_job_runs_on_the_built_in_mock(tmp_path: Path) -> None:
-    proc = run_cli("run", str(Path(__file__).parent.parent / "jobs" / "demo.yaml"), "--mock", "--out", str(tmp_path / "o"), "--no-progress")
+    proc = run_cli(
+        "run",
+        str(Path(__file__).parent.parent / "jobs" / "demo.yaml"),
+        "--mock",
+        "--out",
+        str(tmp_path / "o"),
+        "--no-progress",
+    )
     assert proc.returncode == 0, proc.stderr
     records = read_manifest(tmp_path / "o")
     assert len(records) == 15 and all(r["status"] == "ok" for r in records)
@@ -27,7 +34,10 @@ def test_a_run_writes_images_and_a_complete_manifest(tmp_path: Path, mock) -> No
         tmp_path,
         mock.base_url,
         image_configs=[{"aspect_ratio": "16:9", "image_size": "2K"}, {"aspect_ratio": "1:1"}],
-        prompts=["a cat", {"id": "fox", "prompt": "a fox", "model": "nanobanana", "image_configs": [{"aspect_ratio": "4:3"}]}],
+        prompts=[
+            "a cat",
+            {"id": "fox", "prompt": "a fox", "model": "nanobanana", "image_configs": [{"aspect_ratio": "4:3"}]},
+        ],
         repeats=2,
     )
     proc = run_cli("run", str(path), "--no-progress")
@@ -100,7 +110,12 @@ def test_failures_become_records_with_kinds_and_the_run_goes_on(tmp_path: Path, 
             assert r["cost_usd"] == 0 and "image_path" not in r
             assert isinstance(r["error"]["message"], str) and r["error"]["message"]
     # permanent failures cost exactly one request; retryable ones are retried up to max_attempts
-    for p in ("rejected [fault:400]", "blocked [fault:prompt_blocked]", "filtered [fault:content_filter]", "chatty [fault:text_only]"):
+    for p in (
+        "rejected [fault:400]",
+        "blocked [fault:prompt_blocked]",
+        "filtered [fault:content_filter]",
+        "chatty [fault:text_only]",
+    ):
         assert by_prompt[p] == 1 and recs[p]["attempts"] == 1
     assert by_prompt["flaky [fault:503x2]"] == 3 and recs["flaky [fault:503x2]"]["attempts"] == 3
     assert by_prompt["overloaded [fault:503]"] == 4 and recs["overloaded [fault:503]"]["error"]["status"] == 503
@@ -143,17 +158,26 @@ def test_report_and_export_read_what_the_run_wrote(tmp_path: Path, mock) -> None
     assert all((tmp_path / "out" / m["file_name"]).is_file() for m in meta)
 
 
-def test_timeouts_are_retried_and_recorded(tmp_path: Path, mock) -> None:  # noqa: ANN001
-    path = write_spec(tmp_path, mock.base_url, prompts=["late once [fault:slowx1]", "never [fault:slow]"], timeout_s=0.5, max_attempts=2)
+def test_timeouts_are_retried_and_recorded(tmp_path: Path, mock: MockGateway) -> None:
+    path = write_spec(
+        tmp_path,
+        mock.base_url,
+        prompts=["late once [fault:slowx1]", "never [fault:slow]"],
+        timeout_s=0.5,
+        max_attempts=2,
+    )
     proc = run_cli("run", str(path), "--no-progress")
     assert proc.returncode == 1
     recs = {r["prompt"]: r for r in latest(tmp_path / "out").values()}
     assert recs["late once [fault:slowx1]"]["status"] == "ok" and recs["late once [fault:slowx1]"]["attempts"] == 2
     never = recs["never [fault:slow]"]
-    assert never["error"] == {"kind": "timeout", "status": None, "message": never["error"]["message"]} and never["attempts"] == 2
+    assert (
+        never["error"] == {"kind": "timeout", "status": None, "message": never["error"]["message"]}
+        and never["attempts"] == 2
+    )
 
 
-def test_two_images_in_one_answer_are_both_kept(tmp_path: Path, mock) -> None:  # noqa: ANN001
+def test_two_images_in_one_answer_are_both_kept(tmp_path: Path, mock: MockGateway) -> None:
     path = write_spec(tmp_path, mock.base_url, prompts=["twins [fault:two_images]"])
     assert run_cli("run", str(path), "--no-progress").returncode == 0
     (rec,) = read_manifest(tmp_path / "out")

@@ -6,10 +6,10 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from .conftest import read_manifest, run_cli, start_cli, write_spec
+from .conftest import StartGateway, read_manifest, run_cli, start_cli, write_spec
 
 
-def test_shards_split_the_job_and_everything_reads_all_manifests(tmp_path: Path, gateway) -> None:  # noqa: ANN001
+def test_shards_split_the_job_and_everything_reads_all_manifests(tmp_path: Path, gateway: StartGateway) -> None:
     gw = gateway(latency_s=0.05)
     n = 30
     path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(n)], concurrency=3)

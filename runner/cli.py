@@ -272,23 +272,26 @@ def cmd_mock_server(args: argparse.Namespace) -> int:
             rates.append((kind, float(p)))
         except ValueError:
             raise UsageError(f"--fault: expected KIND=PROBABILITY such as 429=0.1, got {f!r}") from None
-    serve(
-        MockConfig(
-            host=args.host,
-            port=args.port,
-            api_key=args.api_key,
-            latency_s=args.latency,
-            latency_jitter_s=args.jitter,
-            image_scale=args.scale,
-            mime=args.mime,
-            pad_bytes=args.pad_bytes,
-            rpm_limit=args.rpm,
-            rpm_window_s=args.rpm_window,
-            retry_after=args.retry_after,
-            fault_rates=tuple(rates),
-            seed=args.seed,
-        )
+    config = MockConfig(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        latency_s=args.latency,
+        latency_jitter_s=args.jitter,
+        image_scale=args.scale,
+        mime=args.mime,
+        pad_bytes=args.pad_bytes,
+        rpm_limit=args.rpm,
+        rpm_window_s=args.rpm_window,
+        retry_after=args.retry_after,
+        fault_rates=tuple(rates),
+        seed=args.seed,
     )
+    try:
+        config.validate()
+    except ValueError as e:
+        raise UsageError(f"mock-server: {e}") from None
+    serve(config)
     return 0
 
 

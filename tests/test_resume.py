@@ -11,12 +11,15 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
-from .conftest import cli_env, latest, read_manifest, run_cli, start_cli, write_spec
+import pytest
+
+from .conftest import MockGateway, StartGateway, cli_env, latest, read_manifest, run_cli, start_cli, write_spec
 
 
-def wait_for(predicate, timeout: float = 20.0) -> None:
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "timed out waiting"
@@ -38,7 +41,7 @@ def assert_all_ok_and_intact(out: Path, n: int) -> None:
     assert set(counts.values()) == {1}
 
 
-def test_sigkill_at_random_moments_loses_nothing_paid_for(tmp_path: Path, gateway) -> None:
+def test_sigkill_at_random_moments_loses_nothing_paid_for(tmp_path: Path, gateway: StartGateway) -> None:
     gw = gateway(latency_s=0.3, latency_jitter_s=0.3)
     n, concurrency, kills = 80, 4, 4
     path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(n)], concurrency=concurrency)
@@ -59,12 +62,15 @@ def test_sigkill_at_random_moments_loses_nothing_paid_for(tmp_path: Path, gatewa
     assert gw.stats()["generations"] <= n + kills * concurrency
 
 
-def test_sigint_finishes_in_flight_requests_records_them_and_exits_130(tmp_path: Path, gateway) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_finishes_in_flight_requests_records_them_and_exits_130(
+    tmp_path: Path, gateway: StartGateway, sig: signal.Signals
+) -> None:
     gw = gateway(latency_s=1.0)
     path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(12)], concurrency=3)
     proc = start_cli("run", str(path), "--no-progress")
     wait_for(lambda: gw.stats()["in_flight"] == 3)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "rerun the same command" in err
@@ -77,7 +83,20 @@ def test_sigint_finishes_in_flight_requests_records_them_and_exits_130(tmp_path:
     assert_all_ok_and_intact(out, 12)
 
 
-def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path: Path, gateway) -> None:
+def test_the_grace_period_ends_with_requests_cancelled(tmp_path: Path, gateway: StartGateway) -> None:
+    gw = gateway(latency_s=30.0)
+    path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(4)], concurrency=2)
+    proc = start_cli("run", str(path), "--no-progress", "--grace", "0.5")
+    wait_for(lambda: gw.stats()["in_flight"] == 2)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130, err
+    assert time.monotonic() - t0 < 10
+    assert ok_lines(tmp_path / "out") == 0
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path: Path, gateway: StartGateway) -> None:
     gw = gateway(latency_s=1.0)
     path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(4)], concurrency=2)
     first = start_cli("run", str(path), "--no-progress")
@@ -94,7 +113,7 @@ def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path: Path, gateway)
     assert run_cli("run", str(path), "--no-progress").returncode == 0
 
 
-def test_torn_last_line_is_set_aside_and_repaired(tmp_path: Path, mock) -> None:
+def test_torn_last_line_is_set_aside_and_repaired(tmp_path: Path, mock: MockGateway) -> None:
     path = write_spec(tmp_path, mock.base_url, prompts=["a", "b", "c"])
     assert run_cli("run", str(path), "--no-progress").returncode == 0
     manifest = tmp_path / "out" / "manifest.jsonl"
@@ -109,7 +128,7 @@ def test_torn_last_line_is_set_aside_and_repaired(tmp_path: Path, mock) -> None:
     assert_all_ok_and_intact(tmp_path / "out", 3)
 
 
-def test_missing_corrupt_and_orphan_images(tmp_path: Path, mock) -> None:
+def test_missing_corrupt_and_orphan_images(tmp_path: Path, mock: MockGateway) -> None:
     path = write_spec(tmp_path, mock.base_url, prompts=["a", "b", "c", "d"])
     assert run_cli("run", str(path), "--no-progress").returncode == 0
     out = tmp_path / "out"
@@ -135,7 +154,7 @@ def assert_all_ok_and_intact_after_redo(out: Path) -> None:
         assert hashlib.sha256((out / r["image_path"]).read_bytes()).hexdigest() == r["sha256"]
 
 
-def test_spec_drift_is_reported_and_old_records_stay(tmp_path: Path, mock) -> None:
+def test_spec_drift_is_reported_and_old_records_stay(tmp_path: Path, mock: MockGateway) -> None:
     path = write_spec(tmp_path, mock.base_url, prompts=["a", "b"])
     assert run_cli("run", str(path), "--no-progress").returncode == 0
     path = write_spec(tmp_path, mock.base_url, prompts=["b", "c", "d"])
@@ -148,7 +167,7 @@ def test_spec_drift_is_reported_and_old_records_stay(tmp_path: Path, mock) -> No
     assert (est["items"], est["done"], est["remaining"]) == (3, 3, 0)
 
 
-def test_estimate_on_a_half_finished_output_dir(tmp_path: Path, mock) -> None:
+def test_estimate_on_a_half_finished_output_dir(tmp_path: Path, mock: MockGateway) -> None:
     path = write_spec(tmp_path, mock.base_url, prompts=["a", "b", "rejected [fault:400]"])
     run_cli("run", str(path), "--no-progress")
     path = write_spec(tmp_path, mock.base_url, prompts=["a", "b", "rejected [fault:400]", "c", "d"])
@@ -158,7 +177,7 @@ def test_estimate_on_a_half_finished_output_dir(tmp_path: Path, mock) -> None:
     assert est["spent_usd"] == round(2 * 0.134, 6)
 
 
-def test_an_output_dir_that_cannot_be_written_is_a_clear_error(tmp_path: Path, mock) -> None:
+def test_an_output_dir_that_cannot_be_written_is_a_clear_error(tmp_path: Path, mock: MockGateway) -> None:
     (tmp_path / "afile").write_text("x")
     path = write_spec(tmp_path, mock.base_url, output_dir="afile/out")
     proc = run_cli("run", str(path), "--no-progress")
@@ -166,7 +185,7 @@ def test_an_output_dir_that_cannot_be_written_is_a_clear_error(tmp_path: Path, m
     assert mock.stats()["requests"] == 0
 
 
-def test_a_full_disk_stops_the_run_and_damages_nothing(tmp_path: Path, gateway) -> None:
+def test_a_full_disk_stops_the_run_and_damages_nothing(tmp_path: Path, gateway: StartGateway) -> None:
     gw = gateway()
     path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(30)], concurrency=1)
 

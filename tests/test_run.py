@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from .conftest import KEY, MockGateway, latest, read_manifest, run_cli, write_spec
+from .conftest import KEY, MockGateway, StartGateway, latest, read_manifest, run_cli, write_spec
 
 FIELDS = {
     "item_id", "prompt_id", "prompt", "model", "image_config", "repeat", "status", "attempts",
@@ -29,7 +29,7 @@ def test_demo_job_runs_on_the_built_in_mock(tmp_path: Path) -> None:
     assert len(records) == 15 and all(r["status"] == "ok" for r in records)
 
 
-def test_a_run_writes_images_and_a_complete_manifest(tmp_path: Path, mock) -> None:
+def test_a_run_writes_images_and_a_complete_manifest(tmp_path: Path, mock: MockGateway) -> None:
     path = write_spec(
         tmp_path,
         mock.base_url,
@@ -70,7 +70,7 @@ def test_a_run_writes_images_and_a_complete_manifest(tmp_path: Path, mock) -> No
     assert KEY not in proc.stdout + proc.stderr
 
 
-def test_a_rerun_of_a_finished_job_sends_nothing(tmp_path: Path, mock) -> None:
+def test_a_rerun_of_a_finished_job_sends_nothing(tmp_path: Path, mock: MockGateway) -> None:
     path = write_spec(tmp_path, mock.base_url)
     assert run_cli("run", str(path), "--no-progress").returncode == 0
     before = mock.stats()["requests"]
@@ -81,7 +81,7 @@ def test_a_rerun_of_a_finished_job_sends_nothing(tmp_path: Path, mock) -> None:
     assert len(read_manifest(tmp_path / "out")) == 2
 
 
-def test_failures_become_records_with_kinds_and_the_run_goes_on(tmp_path: Path, mock) -> None:
+def test_failures_become_records_with_kinds_and_the_run_goes_on(tmp_path: Path, mock: MockGateway) -> None:
     prompts = {
         "fine": "ok",
         "flaky [fault:503x2]": "ok",
@@ -122,7 +122,7 @@ def test_failures_become_records_with_kinds_and_the_run_goes_on(tmp_path: Path, 
     assert recs["rejected [fault:400]"]["error"]["status"] == 400
 
 
-def test_retry_failed_retries_permanent_failures(tmp_path: Path, mock) -> None:
+def test_retry_failed_retries_permanent_failures(tmp_path: Path, mock: MockGateway) -> None:
     path = write_spec(tmp_path, mock.base_url, prompts=["fine", "rejected [fault:400]"])
     assert run_cli("run", str(path), "--no-progress").returncode == 1
     proc = run_cli("run", str(path), "--no-progress")
@@ -132,7 +132,7 @@ def test_retry_failed_retries_permanent_failures(tmp_path: Path, mock) -> None:
     assert mock.stats()["by_prompt"]["rejected [fault:400]"] == 2
 
 
-def test_concurrency_is_never_exceeded(tmp_path: Path, gateway) -> None:
+def test_concurrency_is_never_exceeded(tmp_path: Path, gateway: StartGateway) -> None:
     gw = gateway(latency_s=0.15)
     path = write_spec(tmp_path, gw.base_url, prompts=[f"p{n}" for n in range(24)], concurrency=5)
     assert run_cli("run", str(path), "--no-progress").returncode == 0
@@ -141,7 +141,7 @@ def test_concurrency_is_never_exceeded(tmp_path: Path, gateway) -> None:
     assert stats["generations"] == 24
 
 
-def test_report_and_export_read_what_the_run_wrote(tmp_path: Path, mock) -> None:
+def test_report_and_export_read_what_the_run_wrote(tmp_path: Path, mock: MockGateway) -> None:
     path = write_spec(tmp_path, mock.base_url, prompts=["fine", "also fine", "rejected [fault:400]"])
     run_cli("run", str(path), "--no-progress")
     proc = run_cli("report", str(tmp_path / "out"), "--json", "--html", str(tmp_path / "g.html"))

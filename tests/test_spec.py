@@ -9,7 +9,7 @@ import pytest
 from runner.errors import SpecError
 from runner.spec import load_spec
 
-from .conftest import run_cli, write_spec
+from .conftest import MockGateway, run_cli, write_spec
 
 GOOD = """
 name: ok
@@ -76,7 +76,7 @@ def test_bad_specs_name_file_key_and_problem(tmp_path: Path, text: str, expected
     assert expected in str(err.value)
 
 
-def test_cli_bad_spec_is_exit_2_without_traceback_and_sends_nothing(tmp_path: Path, mock) -> None:
+def test_cli_bad_spec_is_exit_2_without_traceback_and_sends_nothing(tmp_path: Path, mock: MockGateway) -> None:
     path = write_spec(tmp_path, mock.base_url, image_configs=[{"aspect_ratio": "1:1", "image_size": "1k"}])
     for cmd in ("run", "estimate"):
         proc = run_cli(cmd, str(path))
@@ -107,7 +107,7 @@ def test_prompt_file_errors_name_the_line(tmp_path: Path) -> None:
         assert f"{path}: {key}" in str(err.value) and problem in str(err.value)
 
 
-def test_missing_key_is_a_usage_error_naming_the_variable(tmp_path: Path, mock) -> None:
+def test_missing_key_is_a_usage_error_naming_the_variable(tmp_path: Path, mock: MockGateway) -> None:
     path = write_spec(tmp_path, mock.base_url)
     proc = run_cli("run", str(path), "--no-progress", key=None)
     assert proc.returncode == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
@@ -175,6 +176,20 @@ class ImageCache:
             while self._size > self.max_bytes or len(self._items) > self.max_items:
                 _, dropped = self._items.popitem(last=False)
                 self._size -= len(dropped)
+
+    async def render(self, key: Hashable, width: int, height: int, seed: bytes, mime: str, pad_bytes: int) -> bytes:
+        """The data URI kept under `key`, rendered and kept first if missing."""
+        uri = self.get(key)
+        if uri is None:
+
+            def make() -> bytes:
+                return data_uri(mime, render_image(width, height, seed, mime, pad_bytes))
+
+            # Big images are encoded off the loop (zlib releases the GIL), small ones inline.
+            big = width * height > 500_000 or pad_bytes > 1 << 20
+            uri = await asyncio.get_running_loop().run_in_executor(None, make) if big else make()
+            self.put(key, uri)
+        return uri
 
     def clear(self) -> None:
         with self._lock:

@@ -1,19 +1,4 @@
-"""A local stand-in for the Nano Banana chat-completions gateway, failures included, over real HTTP.
-
-`POST /v1/chat/completions` (also without `/v1`) behaves like the gateway described in
-shared/nanobanana-api.md. `GET /mock/stats` returns `MockGateway.stats()` as JSON and
-`POST /mock/reset` clears it (`?faults=1` also forgets fault markers, the rate window and
-the random state); neither needs a key.
-
-Deterministic faults by prompt text: a prompt containing `[fault:KIND]` always gets that
-fault; `[fault:KINDxN]` gets it for the first N requests with the same prompt text, model
-and image_config, then goes on (e.g. `[fault:503x2]` fails twice, then succeeds). Markers
-are tried in order and the first one still active wins, so `[fault:503x1][fault:429x1]`
-gives a 503, then a 429, then an image. Unknown kinds are ignored. Kinds are FAULT_KINDS.
-Gateway-level faults (400, 401, 402, 403, 413, 429, 429_noretry) answer at once; the
-others, like successes, come after the configured latency. `MockConfig.fault_rates`
-injects the same kinds at random (seeded) into requests that carry no active marker.
-"""
+"""A local stand-in for the Nano Banana chat-completions gateway, failures included, over real HTTP."""
 
 from __future__ import annotations
 
@@ -24,16 +9,16 @@ import json
 import logging
 import random
 import re
-import signal
 import threading
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from http import HTTPStatus
 from typing import Any
 
 from . import mockimages as mi
-from .mockimages import ImageCache, data_uri, image_content, not_an_image, pillow_available, render_image, scaled_size
+from .mockhttp import BackgroundServer, Reply, Request, json_reply, local_url, sleep_unless_hung_up, wait_for_interrupt
+from .mockimages import ImageCache, data_uri, image_content, not_an_image, pillow_available, scaled_size
 from .models import MODELS, effective_size
 
 log = logging.getLogger(__name__)
@@ -46,7 +31,6 @@ FAULT_KINDS: tuple[str, ...] = (
 _IMMEDIATE = {"400", "401", "402", "403", "413", "429", "429_noretry"}
 _MARKER = re.compile(r"\[fault:([a-z0-9_]+?)(?:x(\d+))?\]")
 _RETRY_AFTER_MODES = ("header", "body", "both", "none")
-_MAX_BODY = 32 << 20
 _SLOW_S = 3600.0
 
 
@@ -86,17 +70,6 @@ class MockConfig:
 
 
 @dataclass
-class _Reply:
-    status: int
-    body: bytes = b""
-    content_type: str = "application/json"
-    headers: tuple[tuple[str, str], ...] = ()
-    action: str = "send"  # send | drop | truncate
-    paid: bool = False  # a complete answer with a real image: counted in stats["generations"]
-    close: bool = False
-
-
-@dataclass
 class _Generation:
     model: str
     prompt: str
@@ -106,15 +79,11 @@ class _Generation:
     digest: bytes
 
 
-def _json_reply(status: int, payload: dict, **kw: Any) -> _Reply:
-    return _Reply(status, json.dumps(payload).encode(), **kw)
+def _bad_request(message: str, param: str | None = None) -> Reply:
+    return json_reply(400, mi.error_body(message, "invalid_request_error", "invalid_parameter", param))
 
 
-def _bad_request(message: str, param: str | None = None) -> _Reply:
-    return _json_reply(400, mi.error_body(message, "invalid_request_error", "invalid_parameter", param))
-
-
-def _validate(body: bytes) -> _Generation | _Reply:
+def _validate(body: bytes) -> _Generation | Reply:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -161,46 +130,36 @@ def _validate(body: bytes) -> _Generation | _Reply:
 
 
 class MockGateway:
-    """The mock gateway on its own event loop in a daemon thread."""
+    """The mock gateway on its own event loop in a daemon thread.
+
+    `POST /v1/chat/completions` (also without `/v1`) behaves like shared/nanobanana-api.md;
+    `GET /mock/stats` returns stats() and `POST /mock/reset` calls reset_stats() (`?faults=1`:
+    faults=True), neither needing a key. A prompt containing `[fault:KIND]` always gets that
+    fault, `[fault:KINDxN]` only its first N requests with the same prompt, model and
+    image_config; the first marker still active wins, so `[fault:503x1][fault:429x1]` gives a
+    503, a 429, then an image. Unknown kinds are ignored. Gateway-level faults (_IMMEDIATE)
+    answer at once, the rest after the configured latency. `MockConfig.fault_rates` injects the
+    same kinds at random (seeded) into requests without an active marker.
+    """
 
     def __init__(self, config: MockConfig | None = None) -> None:
         self.config = config or MockConfig()
         self._cache = ImageCache()
         self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server: asyncio.AbstractServer | None = None
-        self._conns: set[asyncio.Task] = set()
-        self._port = 0
+        self._http = BackgroundServer(self._exchange, self._connected, name="mock-gateway")
         self._ids = random.Random()
         self.reset_stats(faults=True)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> str:
-        if self._thread is not None:
+        if self._http.started:
             raise RuntimeError("mock gateway already started")
         self.config.validate()
-        ready = threading.Event()
-        errors: list[BaseException] = []
-        self._thread = threading.Thread(target=self._run, args=(ready, errors), name="mock-gateway", daemon=True)
-        self._thread.start()
-        ready.wait()
-        if errors:
-            self._thread.join()
-            self._thread = None
-            raise errors[0]
+        self._http.start(self.config.host, self.config.port)
         return self.base_url
 
     def stop(self) -> None:
-        thread, loop = self._thread, self._loop
-        if thread is None or loop is None:
-            return
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout=5)
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=5)
-        self._thread = self._loop = self._server = None
+        self._http.stop()
 
     def __enter__(self) -> MockGateway:
         self.start()
@@ -211,43 +170,11 @@ class MockGateway:
 
     @property
     def port(self) -> int:
-        return self._port
+        return self._http.port
 
     @property
     def base_url(self) -> str:
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.config.host, self.config.host)
-        return f"http://{f'[{host}]' if ':' in host else host}:{self._port}/v1"
-
-    def _run(self, ready: threading.Event, errors: list[BaseException]) -> None:
-        loop = asyncio.new_event_loop()
-        loop.set_exception_handler(lambda _loop, ctx: log.debug("mock gateway: %s", ctx.get("message")))
-        try:
-            self._server = loop.run_until_complete(
-                asyncio.start_server(self._connection, self.config.host, self.config.port, backlog=4096)
-            )
-            self._port = self._server.sockets[0].getsockname()[1]
-            self._loop = loop
-        except BaseException as exc:
-            errors.append(exc)
-            loop.close()
-            ready.set()
-            return
-        ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.run_until_complete(loop.shutdown_default_executor())
-            loop.close()
-
-    async def _shutdown(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        tasks = list(self._conns)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=2)
-        await asyncio.sleep(0)
+        return local_url(self.config.host, self.port) + "/v1"
 
     # -- statistics ------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -287,106 +214,34 @@ class MockGateway:
             self._stats["max_in_flight"] = max(self._stats["max_in_flight"], self._stats["in_flight"])
 
     # -- HTTP ------------------------------------------------------------------------------
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._conns.add(task)
+    def _connected(self) -> None:
         with self._lock:
             self._stats["connections"] += 1
-        try:
-            while True:
-                request = await self._read_request(reader, writer)
-                if request is None:
-                    break
-                if isinstance(request, _Reply):
-                    await self._send(writer, request, False)
-                    break
-                method, target, headers, body, keep_alive = request
-                path, _, query = target.partition("?")
-                path = path[3:] if path.startswith("/v1/") else path
-                chat = method == "POST" and path == "/chat/completions"
-                if chat:
-                    self._flight(1)
-                try:
-                    reply = await self._route(method, path, query, headers, body, reader)
-                    keep_alive = keep_alive and not reply.close
-                    if not await self._send(writer, reply, keep_alive, chat) or not keep_alive:
-                        break
-                finally:
-                    if chat:
-                        self._flight(-1)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
-            pass
-        except Exception:
-            log.debug("mock gateway: connection failed", exc_info=True)
-        finally:
-            self._conns.discard(task)  # type: ignore[arg-type]
-            writer.close()
 
-    async def _read_request(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> tuple[str, str, dict[str, str], bytes, bool] | _Reply | None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError:
-            return None
-        except asyncio.LimitOverrunError:
-            return _json_reply(
-                431, mi.error_body("request headers too large", "invalid_request_error", 431), close=True
-            )
-        lines = head[:-4].decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        malformed = _json_reply(400, mi.error_body("malformed HTTP request", "invalid_request_error", 400), close=True)
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            return malformed
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep or not name or name.strip() != name:
-                return malformed
-            headers[name.lower()] = value.strip()
-        if headers.get("expect", "").lower() == "100-continue":
-            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        length = headers.get("content-length", "0")
-        # Clients of a JSON API send Content-Length; chunked uploads are refused rather than half-supported.
-        if not length.isdigit() or "transfer-encoding" in headers:
-            return malformed
-        if int(length) > _MAX_BODY:
-            return _json_reply(413, mi.FAULT_ERRORS["413"][1], close=True)
-        payload = await reader.readexactly(int(length))
-        connection = headers.get("connection", "").lower()
-        keep_alive = "close" not in connection and (parts[2] == "HTTP/1.1" or "keep-alive" in connection)
-        return parts[0], parts[1], headers, payload, keep_alive
-
-    async def _send(self, writer: asyncio.StreamWriter, reply: _Reply, keep_alive: bool, chat: bool = False) -> bool:
-        """Write the reply; False when the connection must close. Only chat answers are counted."""
-        # Counted before writing: a client that has its answer must already see it in stats().
+    @contextlib.asynccontextmanager
+    async def _exchange(self, request: Request, reader: asyncio.StreamReader) -> AsyncIterator[Reply]:
+        """Route one request; chat requests count as in flight until their reply is written."""
+        path, _, query = request.target.partition("?")
+        path = path[3:] if path.startswith("/v1/") else path
+        chat = request.method == "POST" and path == "/chat/completions"
         if chat:
-            with self._lock:
-                key = reply.action if reply.action != "send" else str(reply.status)
-                self._stats["by_status"][key] = self._stats["by_status"].get(key, 0) + 1
-                self._stats["generations"] += reply.paid and reply.action == "send"
-        if reply.action == "drop":
-            return False
-        body = reply.body
-        lines = [f"HTTP/1.1 {reply.status} {HTTPStatus(reply.status).phrase}"]
-        lines += [f"Content-Type: {reply.content_type}", f"Content-Length: {len(body)}"]
-        lines += [f"{name}: {value}" for name, value in reply.headers]
-        lines.append(f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n")
-        head = "\r\n".join(lines).encode("latin-1")
-        if reply.action == "truncate":
-            writer.write(head + body[: len(body) // 2])
-        elif len(body) < 65536:
-            writer.write(head + body)
-        else:
-            writer.write(head)
-            writer.write(body)
-        await writer.drain()
-        return reply.action == "send"
+            self._flight(1)
+        try:
+            reply = await self._route(request.method, path, query, request.headers, request.body, reader)
+            if chat:
+                # Counted before writing: a client that has its answer must already see it in stats().
+                with self._lock:
+                    key = reply.action if reply.action != "send" else str(reply.status)
+                    self._stats["by_status"][key] = self._stats["by_status"].get(key, 0) + 1
+                    self._stats["generations"] += reply.paid and reply.action == "send"
+            yield reply
+        finally:
+            if chat:
+                self._flight(-1)
 
     async def _route(
         self, method: str, path: str, query: str, headers: dict[str, str], body: bytes, reader: asyncio.StreamReader
-    ) -> _Reply:
+    ) -> Reply:
         auth = headers.get("authorization")
         if auth is not None:
             with self._lock:
@@ -396,13 +251,13 @@ class MockGateway:
                 self._stats["requests"] += 1
             return await self._chat(auth, body, reader)
         if path == "/mock/stats" and method == "GET":
-            return _json_reply(200, self.stats())
+            return json_reply(200, self.stats())
         if path == "/mock/reset" and method == "POST":
             self.reset_stats(faults="faults=1" in query.split("&"))
-            return _json_reply(200, {"ok": True})
+            return json_reply(200, {"ok": True})
         if path == "/chat/completions":
-            return _json_reply(405, mi.error_body(f"method {method} not allowed", "invalid_request_error", 405))
-        return _json_reply(404, mi.error_body(f"Invalid URL ({method} {path})", "invalid_request_error", "not_found"))
+            return json_reply(405, mi.error_body(f"method {method} not allowed", "invalid_request_error", 405))
+        return json_reply(404, mi.error_body(f"Invalid URL ({method} {path})", "invalid_request_error", "not_found"))
 
     # -- the gateway -----------------------------------------------------------------------
     def _authorized(self, auth: str | None) -> bool:
@@ -412,11 +267,11 @@ class MockGateway:
             return False
         return self.config.api_key is None or token == self.config.api_key
 
-    async def _chat(self, auth: str | None, body: bytes, reader: asyncio.StreamReader) -> _Reply:
+    async def _chat(self, auth: str | None, body: bytes, reader: asyncio.StreamReader) -> Reply:
         if not self._authorized(auth):
-            return _json_reply(401, mi.AUTH_ERROR)
+            return json_reply(401, mi.AUTH_ERROR)
         gen = _validate(body)
-        if isinstance(gen, _Reply):
+        if isinstance(gen, Reply):
             return gen
         self._bump("by_prompt", gen.prompt)
         self._bump("by_model", gen.model)
@@ -431,7 +286,7 @@ class MockGateway:
         if kind not in _IMMEDIATE:
             cfg = self.config
             delay = _SLOW_S if kind == "slow" else cfg.latency_s + random.uniform(0, cfg.latency_jitter_s)
-            await self._sleep(delay, reader)
+            await sleep_unless_hung_up(delay, reader)
         if kind is None or kind == "slow":
             return self._completion(gen, image_content(await self._image(gen)))
         return await self._fault(kind, gen)
@@ -472,61 +327,40 @@ class MockGateway:
                         return kind
         return None
 
-    @staticmethod
-    async def _sleep(seconds: float, reader: asyncio.StreamReader) -> None:
-        """Sleep, but give up early when the client hangs up (a timed-out client must not linger)."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + seconds
-        while (left := end - loop.time()) > 0:
-            await asyncio.sleep(min(left, 0.25))
-            if reader.at_eof():
-                raise ConnectionResetError("client went away")
-
-    def _too_many(self, wait: float | None, mode: str) -> _Reply:
+    def _too_many(self, wait: float | None, mode: str) -> Reply:
         headers, payload = mi.rate_limited(wait, mode)
-        return _json_reply(429, payload, headers=headers)
+        return json_reply(429, payload, headers=headers)
 
     async def _image(self, gen: _Generation, variant: int = 0) -> bytes:
-        key = (gen.digest, variant)
-        uri = self._cache.get(key)
-        if uri is None:
-            cfg = self.config
-            width, height = scaled_size(gen.model, gen.aspect_ratio, gen.size, cfg.image_scale)
-            seed = gen.digest + bytes([variant])
-
-            def make() -> bytes:
-                return data_uri(cfg.mime, render_image(width, height, seed, cfg.mime, cfg.pad_bytes))
-
-            # Big images are encoded off the loop (zlib releases the GIL), small ones inline.
-            big = width * height > 500_000 or cfg.pad_bytes > 1 << 20
-            uri = await asyncio.get_running_loop().run_in_executor(None, make) if big else make()
-            self._cache.put(key, uri)
-        return uri
+        cfg = self.config
+        width, height = scaled_size(gen.model, gen.aspect_ratio, gen.size, cfg.image_scale)
+        seed = gen.digest + bytes([variant])
+        return await self._cache.render((gen.digest, variant), width, height, seed, cfg.mime, cfg.pad_bytes)
 
     def _completion(
         self, gen: _Generation, content: bytes, finish: str = "stop", images: int = 1, paid: bool = True
-    ) -> _Reply:
+    ) -> Reply:
         tokens = images * mi.image_tokens(gen.model, gen.size, gen.digest) if images else len(content) // 4
         body = mi.completion(gen.model, gen.prompt, content, finish, tokens, self._ids)
-        return _Reply(200, body, paid=paid and images > 0)
+        return Reply(200, body, paid=paid and images > 0)
 
-    async def _fault(self, kind: str, gen: _Generation) -> _Reply:
+    async def _fault(self, kind: str, gen: _Generation) -> Reply:
         if kind in mi.FAULT_ERRORS:
             status, payload = mi.FAULT_ERRORS[kind]
-            return _json_reply(status, payload)
+            return json_reply(status, payload)
         if kind in ("429", "429_noretry"):
             wait = self.config.fault_retry_after_s if kind == "429" else None
             return self._too_many(wait, self.config.retry_after if kind == "429" else "none")
         if kind == "400_relayed":
-            return _json_reply(400, mi.relayed_error(self._ids))
+            return json_reply(400, mi.relayed_error(self._ids))
         if kind == "drop":
-            return _Reply(0, action="drop")
+            return Reply(0, action="drop")
         if kind == "truncate":
             return replace(self._completion(gen, image_content(await self._image(gen))), action="truncate")
         if kind == "html":
-            return _Reply(502, mi.HTML_502, content_type="text/html")
+            return Reply(502, mi.HTML_502, content_type="text/html")
         if kind in ("empty", "badjson"):
-            return _Reply(200, mi.NOT_JSON if kind == "badjson" else b"")
+            return Reply(200, mi.NOT_JSON if kind == "badjson" else b"")
         if kind == "content_filter":
             text = mi.REFUSAL if gen.digest[1] % 2 else ""
             return self._completion(gen, image_content(text=text), "content_filter", images=0)
@@ -544,16 +378,7 @@ def serve(config: MockConfig) -> None:
     gateway = MockGateway(config)
     gateway.start()
     print(f"mock gateway listening on http://{config.host}:{gateway.port}/v1", flush=True)
-    stopping = threading.Event()
-    previous = None
-    with contextlib.suppress(ValueError):  # signal handlers only exist in the main thread
-        previous = signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     try:
-        while not stopping.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
+        wait_for_interrupt()
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
         gateway.stop()

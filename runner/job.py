@@ -96,8 +96,8 @@ async def run_job_async(spec: JobSpec, options: RunOptions = RunOptions(), log: 
 async def _run(spec: JobSpec, options: RunOptions, log: Log, base_url: str, key: str) -> RunResult:
     shard = options.shard
     out = open_output(options.out or spec.output_dir, shard.label if shard else None, options.durable)
-    out.open()
     try:
+        out.open()
         return await _run_locked(spec, options, log, base_url, key, out)
     finally:
         out.close()
@@ -128,7 +128,7 @@ async def _run_locked(
     http = make_http_client(base_url, key, spec.timeout_s, concurrency, options.transport)
     bar = Bar(result.to_run, options.progress)
     pool = Pool(
-        Client(http, key),
+        Client(http, key, spec.timeout_s),
         out,
         PriceTable(spec.pricing),
         concurrency=concurrency,

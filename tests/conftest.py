@@ -64,21 +64,24 @@ def write_spec(directory: Path, base_url: str = "http://127.0.0.1:9/v1", **field
     return path
 
 
-def cli_env(key: str | None = KEY) -> dict[str, str]:
+def cli_env(key: str | None = KEY, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RUNNER_TEST_KEY"}
     if key is not None:
         env["RUNNER_TEST_KEY"] = key
+    env.update(extra)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
-def run_cli(*args: str, key: str | None = KEY, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, key: str | None = KEY, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run `python -m runner ARGS` as a user would, and capture what it prints."""
     return subprocess.run(
         [sys.executable, "-m", "runner", *args],
         capture_output=True,
         text=True,
-        env=cli_env(key),
+        env=cli_env(key, **(env or {})),
         timeout=timeout,
         check=False,
     )

@@ -7,6 +7,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from .conftest import KEY, MockGateway, StartGateway, latest, read_manifest, run_cli, write_spec
 
 FIELDS = {
@@ -81,7 +83,10 @@ def test_a_rerun_of_a_finished_job_sends_nothing(tmp_path: Path, mock: MockGatew
     assert len(read_manifest(tmp_path / "out")) == 2
 
 
-def test_failures_become_records_with_kinds_and_the_run_goes_on(tmp_path: Path, mock: MockGateway) -> None:
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+def test_failures_become_records_with_kinds_and_the_run_goes_on(
+    tmp_path: Path, mock: MockGateway, transport: str
+) -> None:
     prompts = {
         "fine": "ok",
         "flaky [fault:503x2]": "ok",
@@ -95,9 +100,11 @@ def test_failures_become_records_with_kinds_and_the_run_goes_on(tmp_path: Path, 
         "chatty [fault:text_only]": "no_image",
         "not a picture [fault:not_image]": "invalid_response",
         "overloaded [fault:503]": "server_error",
+        "always dropped [fault:drop]": "connection",
+        "always cut off [fault:truncate]": "connection",
     }
     path = write_spec(tmp_path, mock.base_url, prompts=list(prompts), max_consecutive_failures=50)
-    proc = run_cli("run", str(path), "--no-progress")
+    proc = run_cli("run", str(path), "--no-progress", env={"RUNNER_HTTP_TRANSPORT": transport})
     assert proc.returncode == 1, proc.stderr
     recs = {r["prompt"]: r for r in latest(tmp_path / "out").values()}
     by_prompt = mock.stats()["by_prompt"]

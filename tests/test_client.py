@@ -1,0 +1,85 @@
+"""Parsing answers: the fast path for big images and the plain path agree, and garbage is a Failure."""
+
+from __future__ import annotations
+
+import base64
+import json
+import zlib
+
+import pytest
+
+from runner.client import Success, _cut_images, parse_completion
+from runner.mockimages import render_image
+from runner.policy import Failure
+
+
+def answer(content: str, finish: str = "stop", **message: str) -> bytes:
+    return json.dumps(
+        {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": content, **message}, "finish_reason": finish}
+            ],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1120, "total_tokens": 1123},
+        }
+    ).encode()
+
+
+PNG = render_image(64, 48, seed=b"test", mime="png", pad_bytes=3_000_000)  # big enough for several decode steps
+B64 = base64.b64encode(PNG).decode()
+
+
+def test_a_big_image_is_cut_out_of_the_bytes_and_decoded_exactly() -> None:
+    body = answer(f"Here you go\n![image](data:image/png;base64,{B64})")
+    assert _cut_images(bytearray(body)) is not None  # the fast path applies
+    out = parse_completion(bytearray(body))
+    assert isinstance(out, Success)
+    assert [i.data for i in out.images] == [PNG] and out.images[0].mime == "image/png"
+    assert out.text == "Here you go" and out.usage == {
+        "prompt_tokens": 3,
+        "completion_tokens": 1120,
+        "total_tokens": 1123,
+    }
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # JSON may escape '/' as '\\/': the cut fails and the plain path decodes it right
+        answer(f"![image](data:image/png;base64,{B64})").replace(b"/", b"\\/"),
+        # base64 broken over lines inside the JSON string
+        answer("![image](data:image/png;base64," + "\n".join(B64[i : i + 76] for i in range(0, len(B64), 76)) + ")"),
+        # a data URI in the reasoning as well as in the content
+        answer(f"![image](data:image/png;base64,{B64})", reasoning_content="sketch: data:image/png;base64,AAAA)"),
+    ],
+    ids=["escaped-slashes", "line-breaks", "uri-in-reasoning"],
+)
+def test_unusual_encodings_fall_back_to_the_plain_path(body: bytes) -> None:
+    out = parse_completion(body)
+    assert isinstance(out, Success) and [i.data for i in out.images] == [PNG]
+
+
+@pytest.mark.parametrize(
+    ("body", "kind"),
+    [
+        (b"<html>oops</html>", "invalid_response"),
+        (b'{"choices": []}', "invalid_response"),
+        (answer(f"![image](data:image/png;base64,{B64[:-5]})"), "invalid_response"),  # cut-off base64
+        (
+            answer("![image](data:image/png;base64," + base64.b64encode(b"GIF89a" + b"x" * 64).decode() + ")"),
+            "invalid_response",
+        ),
+        (answer("I cannot draw that", finish="content_filter"), "content_filter"),
+        (answer("Here is a description of a cat instead."), "no_image"),
+        (answer(""), "no_image"),
+    ],
+    ids=["html", "no-choices", "cut-base64", "wrong-magic", "content-filter", "text-only", "empty"],
+)
+def test_bad_answers_are_failures_of_the_right_kind(body: bytes, kind: str) -> None:
+    out = parse_completion(body)
+    assert isinstance(out, Failure) and out.kind == kind and out.status == 200
+
+
+def test_the_png_under_test_is_real() -> None:
+    assert PNG.startswith(b"\x89PNG\r\n\x1a\n") and zlib.crc32(PNG) and len(PNG) > 3_000_000

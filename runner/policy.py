@@ -154,11 +154,11 @@ class Backoff:
     cap_s: float = 60.0
     max_hint_s: float = 300.0  # never sleep longer than this on a server's say-so
 
-    def wait(self, attempt: int, failure: Failure | None, rng: random.Random = random._inst) -> float:  # type: ignore[attr-defined]
+    def wait(self, attempt: int, failure: Failure | None) -> float:
         if failure is not None and failure.retry_after is not None:
             # A little jitter after the hint, so a crowd of workers does not return at one instant.
-            return min(failure.retry_after, self.max_hint_s) + rng.uniform(0, min(1.0, self.base_s))
-        return rng.uniform(0, min(self.cap_s, self.base_s * 2 ** (attempt - 1)))
+            return min(failure.retry_after, self.max_hint_s) + random.uniform(0, min(1.0, self.base_s))
+        return random.uniform(0, min(self.cap_s, self.base_s * 2 ** (attempt - 1)))
 
 
 class CircuitBreaker:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -360,7 +359,7 @@ def _kind(value: Any) -> str:
 
 def spec_summary(spec: JobSpec) -> dict[str, Any]:
     """A JSON-able description of the spec, saved in the output dir to explain drift later."""
-    return json.loads(json.dumps({
+    return {
         "name": spec.name,
         "spec_path": str(spec.spec_path),
         "fingerprint": spec.fingerprint,
@@ -369,4 +368,4 @@ def spec_summary(spec: JobSpec) -> dict[str, Any]:
         "repeats": spec.repeats,
         "prompts": len(spec.prompts),
         "prompt_files": {str(f.path): f.count for f in spec.prompt_files},
-    }))  # fmt: skip
+    }

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from json.encoder import encode_basestring as _quote
 
 from .errors import UsageError
 from .sources import iter_prompts
@@ -48,8 +48,13 @@ class Shard:
 
 
 def item_id(model: str, prompt: str, config: ImageConfig, repeat: int) -> str:
-    """Hash of exactly what is requested: the same request always gets the same id."""
-    key = json.dumps([model, prompt, config.aspect_ratio, config.image_size, repeat], ensure_ascii=False)
+    """Hash of exactly what is requested: the same request always gets the same id.
+
+    The hashed text is json.dumps([model, prompt, aspect_ratio, image_size, repeat],
+    ensure_ascii=False), built from the C string encoder: json.dumps itself was half the
+    cost of expanding a million items."""
+    size = _quote(config.image_size) if config.image_size is not None else "null"
+    key = f"[{_quote(model)}, {_quote(prompt)}, {_quote(config.aspect_ratio)}, {size}, {repeat}]"
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from .errors import OutputError, UsageError
 from .manifest import manifest_name
-from .writer import SPEC_SNAPSHOT, OutputDir, records_payload
+from .writer import SPEC_SNAPSHOT, OutputDir, records_lines
 
 HINT = "remote output dirs need the optional extra: pip install 'runner[s3]' (fsspec and s3fs)"
 
@@ -100,7 +100,7 @@ class RemoteOutputDir(OutputDir):
     def append(self, records: list[dict[str, Any]]) -> None:
         self._seq += 1
         try:
-            self.fs.pipe_file(f"{self.root}/{self._part}-{self._seq:06d}.jsonl", records_payload(records))
+            self.fs.pipe_file(f"{self.root}/{self._part}-{self._seq:06d}.jsonl", b"".join(records_lines(records)))
         except OSError as e:
             raise OutputError(f"cannot write to output dir {self.display}: {e}") from None
 

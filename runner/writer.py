@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OutputError, OutputLocked
-from .manifest import manifest_name, repair
+from .manifest import index_lines, index_path, index_valid, manifest_name, rebuild_index, repair
 
 SPEC_SNAPSHOT = "spec.json"
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
@@ -36,6 +36,7 @@ class OutputDir:
         self._lock_path = path / (".lock" if shard_label is None else f".lock.shard-{shard_label}")
         self._lock_fd: int | None = None
         self._manifest: Any = None
+        self._index: Any = None
         self._dirs_made: set[Path] = set()
         self.repaired_bytes = 0
 
@@ -44,7 +45,10 @@ class OutputDir:
             (self.path / "images").mkdir(parents=True, exist_ok=True)
             self._lock()
             self.repaired_bytes = repair(self.manifest_path)
+            if self.manifest_path.exists() and not index_valid(self.manifest_path):
+                rebuild_index(self.manifest_path)
             self._manifest = self.manifest_path.open("ab", buffering=0)  # our writes go straight to the file
+            self._index = index_path(self.manifest_path).open("ab")
         except OSError as e:
             self.close()
             raise _output_error(e, self.path) from None
@@ -65,10 +69,11 @@ class OutputDir:
         self._lock_fd = fd
 
     def close(self) -> None:
-        if self._manifest is not None:
-            with contextlib.suppress(OSError):
-                self._manifest.close()
-            self._manifest = None
+        for f in (self._manifest, self._index):
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()
+        self._manifest = self._index = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -95,14 +100,21 @@ class OutputDir:
             raise _output_error(e, self.path) from None
 
     def append(self, records: list[dict[str, Any]]) -> None:
-        """Append manifest lines as one write, then flush (and fsync): a batch commit."""
-        payload = records_payload(records)
+        """Append manifest lines as one write, then flush (and fsync): a batch commit.
+
+        The resume index follows, unsynced: it is a cache that a crash can leave behind,
+        and the next run rebuilds it from the manifest then."""
+        lines = records_lines(records)
+        payload = b"".join(lines)
         try:
+            start = self._manifest.tell()
             written = self._manifest.write(payload)
             if written != len(payload):
                 raise OSError(errno.ENOSPC, "short write", str(self.manifest_path))
             if self.durable:
                 os.fsync(self._manifest.fileno())
+            self._index.write(index_lines(records, start, [len(line) for line in lines]))
+            self._index.flush()
         except OSError as e:
             raise _output_error(e, self.path) from None
 
@@ -122,8 +134,8 @@ class OutputDir:
             raise _output_error(e, self.path) from None
 
 
-def records_payload(records: list[dict[str, Any]]) -> bytes:
-    return b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records)
+def records_lines(records: list[dict[str, Any]]) -> list[bytes]:
+    return [json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records]
 
 
 def image_relpath(item_id: str, mime: str, index: int = 0) -> str:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from runner.manifest import index_path, index_valid, rebuild_index, scan
+
 from .conftest import MockGateway, StartGateway, cli_env, latest, read_manifest, run_cli, start_cli, write_spec
 
 
@@ -208,3 +210,24 @@ def test_a_full_disk_stops_the_run_and_damages_nothing(tmp_path: Path, gateway: 
     # with space again, a rerun repairs the manifest and finishes the job
     assert run_cli("run", str(path), "--no-progress").returncode == 0
     assert_all_ok_and_intact(out, 30)
+
+
+def test_the_resume_index_agrees_with_the_manifest_and_is_rebuilt_when_stale(tmp_path: Path, mock: MockGateway) -> None:
+    path = write_spec(tmp_path, mock.base_url, prompts=["a", "b", "c", "rejected [fault:400]"])
+    run_cli("run", str(path), "--no-progress")
+    out = tmp_path / "out"
+    manifest = out / "manifest.jsonl"
+    assert index_valid(manifest)
+    from_index = scan(out)
+    index_path(manifest).unlink()
+    from_json = scan(out)
+    assert (from_index.done, from_index.permanent, from_index.spent_usd) == (
+        from_json.done, from_json.permanent, from_json.spent_usd,
+    ) and len(from_index.done) == 3  # fmt: skip
+    # a stale index (here: missing its last line) is never trusted; the next run rebuilds it
+    rebuild_index(manifest)
+    idx = index_path(manifest)
+    idx.write_bytes(b"".join(idx.read_bytes().splitlines(keepends=True)[:-1]))
+    assert not index_valid(manifest)
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    assert index_valid(manifest) and mock.stats()["requests"] == 4

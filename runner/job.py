@@ -116,9 +116,9 @@ async def _run_locked(
     result.total_spent_usd = state.spent_usd
     if result.to_run == 0:
         log(
-            f"nothing to do: all {result.items} items are done in {out.path}"
+            f"nothing to do: all {result.items} items are done in {out.display}"
             if not result.skipped_failed
-            else "nothing to run"
+            else "nothing to run: the rest failed permanently before (--retry-failed retries them)"
         )
         return result
 

@@ -116,17 +116,22 @@ class Pool:
                     continue
                 started = time.monotonic()
                 outcome, attempts, latency = await self._attempts(item)
+                self._judge(outcome)  # before anything else awaits: an abort stops new items at once
                 record = await self._record(item, outcome, attempts, latency, time.monotonic() - started)
                 self.budget.settle(estimate, record["cost_usd"])
                 await send.send(record)
-                self._judge(outcome)
 
     async def _attempts(self, item: Item) -> tuple[Outcome, int, float]:
         attempts = 0
         latency = 0.0
+        last: Outcome | None = None
 
         async def once() -> Outcome:
-            nonlocal attempts, latency
+            nonlocal attempts, latency, last
+            if last is not None:
+                if self.stopping:  # stopped during the backoff: keep the failure we have
+                    return last
+                self._count_retry()
             async with self.concurrency.limiter:
                 await self.rate.acquire()
                 attempts += 1
@@ -140,14 +145,14 @@ class Pool:
                     self.rate.pause(outcome.retry_after)
             elif isinstance(outcome, Success):
                 self.concurrency.succeeded()
+            last = outcome
             return outcome
 
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.max_attempts),
             wait=self._wait,
             retry=retry_if_result(self._should_retry),
-            sleep=anyio.sleep,
-            before_sleep=self._count_retry,
+            sleep=self._sleep,
             retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
         )
         outcome: Outcome = await retrying(once)
@@ -161,7 +166,12 @@ class Pool:
         result = state.outcome.result() if state.outcome else None
         return self.backoff.wait(state.attempt_number, result if isinstance(result, Failure) else None)
 
-    def _count_retry(self, state: RetryCallState) -> None:
+    async def _sleep(self, seconds: float) -> None:
+        """A backoff that a stop (Ctrl+C, abort, budget) cuts short."""
+        with anyio.move_on_after(seconds):
+            await self._stopping.wait()
+
+    def _count_retry(self) -> None:
         self.stats.retries += 1
         if self.progress:
             self.progress.retry()

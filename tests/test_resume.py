@@ -231,3 +231,19 @@ def test_the_resume_index_agrees_with_the_manifest_and_is_rebuilt_when_stale(tmp
     assert not index_valid(manifest)
     assert run_cli("run", str(path), "--no-progress").returncode == 0
     assert index_valid(manifest) and mock.stats()["requests"] == 4
+
+
+def test_an_interrupt_cuts_a_backoff_short_and_records_the_failure(tmp_path: Path, gateway: StartGateway) -> None:
+    gw = gateway(fault_retry_after_s=60)  # the server asks for a 60 s wait
+    path = write_spec(tmp_path, gw.base_url, prompts=["busy [fault:429]"], max_attempts=5)
+    proc = start_cli("run", str(path), "--no-progress")
+    wait_for(lambda: gw.stats()["requests"] == 1)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert time.monotonic() - t0 < 5
+    (rec,) = read_manifest(tmp_path / "out")
+    assert rec["status"] == "failed" and rec["error"]["kind"] == "rate_limited" and rec["attempts"] == 1
+    assert gw.stats()["requests"] == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -151,6 +152,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("runner: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `runner report ... | head`: the reader left, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as e:
+        if os.environ.get("RUNNER_DEBUG"):
+            raise
+        from .policy import clean_message
+
+        why = clean_message(f"{type(e).__name__}: {e}", None)
+        print(f"runner: internal error: {why} (RUNNER_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
 
 
 def _say(text: str) -> None:

@@ -20,13 +20,19 @@ from .policy import Failure, classify_status, clean_message
 THREAD_PARSE_BYTES = 512 * 1024
 _B64_STEP = 1 << 20  # base64 characters decoded per step (a multiple of 4)
 _DATA_URI = re.compile(r"data:(image/[A-Za-z0-9.+-]+);base64,([A-Za-z0-9+/=\s]*)")
-_MAGIC = {
-    "image/png": (b"\x89PNG\r\n\x1a\n",),
-    "image/jpeg": (b"\xff\xd8\xff",),
-    "image/jpg": (b"\xff\xd8\xff",),
-    "image/webp": (b"RIFF",),
-    "image/gif": (b"GIF87a", b"GIF89a"),
-}
+
+
+def is_whole_image(mime: str, data: bytes) -> bool:
+    """Are these bytes an image of this type, start to end? A cut-off file must not pass as ok."""
+    if mime == "image/png":
+        return data.startswith(b"\x89PNG\r\n\x1a\n") and data.endswith(b"IEND\xaeB`\x82")
+    if mime in ("image/jpeg", "image/jpg"):
+        return data.startswith(b"\xff\xd8\xff") and data.rstrip(b"\x00\r\n").endswith(b"\xff\xd9")
+    if mime == "image/webp":
+        return data[:4] == b"RIFF" and data[8:12] == b"WEBP" and int.from_bytes(data[4:8], "little") + 8 == len(data)
+    if mime == "image/gif":
+        return data[:6] in (b"GIF87a", b"GIF89a") and data.endswith(b";")
+    return False
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,8 @@ class Client:
                 return Failure("connection", None, self._msg(f"{type(e.__cause__).__name__}: {e}"))
             return Failure("timeout", None, f"no complete answer within {self.timeout_s:g}s")
         except (httpx.TransportError, httpx.DecodingError) as e:  # dropped, refused, cut off mid-body
+            return Failure("connection", None, self._msg(f"{type(e).__name__}: {e}"))
+        except (OSError, ValueError, RuntimeError) as e:  # whatever else a transport raises costs one attempt
             return Failure("connection", None, self._msg(f"{type(e).__name__}: {e}"))
         if resp.status_code != 200:
             return classify_status(resp.status_code, bytes(body[:20_000]), resp.headers, self._key)
@@ -209,12 +217,8 @@ def _parse(doc: bytes | bytearray, cut: list[tuple[str, bytes]] | None, api_key:
         return Failure("invalid_response", 200, "image data is not valid base64", request_id=request_id)
     images: list[Image] = []
     for mime, data in found:
-        if not any(data.startswith(sig) for sig in _MAGIC.get(mime, ())) or (
-            mime == "image/webp" and data[8:12] != b"WEBP"
-        ):
-            return Failure(
-                "invalid_response", 200, f"data claims {mime} but its bytes are not one", request_id=request_id
-            )
+        if not is_whole_image(mime, data):
+            return Failure("invalid_response", 200, f"data claims {mime} but is not a whole one", request_id=request_id)
         images.append(Image(data, "image/jpeg" if mime == "image/jpg" else mime))
     text = _DATA_URI.sub("", content)
     text = re.sub(r"!\[[^\]]*\]\(\)", "", text).strip()

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from json.encoder import encode_basestring as _quote
 
-from .errors import UsageError
+from .errors import SpecError, UsageError
 from .sources import iter_prompts
 from .spec import ImageConfig, JobSpec
 
@@ -39,8 +39,13 @@ class Shard:
             raise UsageError(f"--shard: need 0 <= K < N, got {text!r}")
         return cls(k, n)
 
-    def owns(self, item_id: str) -> bool:
-        return int(item_id, 16) % self.count == self.index
+    def owns(self, key: int) -> bool:
+        """Is the item with this id (as an integer) in this shard?"""
+        return key % self.count == self.index
+
+    def share(self, requests_per_minute: float) -> float:
+        """Each of N shards takes 1/N of the key's request rate."""
+        return requests_per_minute / self.count
 
     @property
     def label(self) -> str:
@@ -69,7 +74,7 @@ def iter_items(spec: JobSpec, shard: Shard | None = None) -> Iterator[Item]:
                 if key in seen:
                     continue
                 seen.add(key)
-                if shard is None or key % shard.count == shard.index:
+                if shard is None or shard.owns(key):
                     yield Item(iid, pid, text, model, config, r, vars_)
 
 
@@ -83,7 +88,10 @@ def _iter_prompts(
         else:
             assert p.text is not None
             yield p.prompt_id, p.text, p.model, p.image_configs, p.repeats, None
-    for f in spec.prompt_files:
+    for i, f in enumerate(spec.prompt_files):
         assert spec.model is not None  # the spec checker requires it with prompt_files
-        for pid, text in iter_prompts(f.path, f.kind):
-            yield pid, text, spec.model, spec.image_configs, spec.repeats, None
+        try:
+            for pid, text in iter_prompts(f.path, f.kind):
+                yield pid, text, spec.model, spec.image_configs, spec.repeats, None
+        except (OSError, ValueError) as e:  # the file changed since the spec was checked
+            raise SpecError(str(spec.spec_path), f"prompt_files[{i}]", f"{f.path}: {e}") from None

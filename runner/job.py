@@ -43,7 +43,9 @@ class RunOptions:
     grace_s: float = 30.0  # after Ctrl+C, how long in-flight requests may take before they are cancelled
     handle_signals: bool = False
     transport: httpx.AsyncBaseTransport | None = None
-    api_key: str | None = None  # given directly (tests, embedding); otherwise read from spec.api_key_env
+    api_key: str | None = field(
+        default=None, repr=False
+    )  # given directly (tests, embedding); otherwise read from spec.api_key_env
 
 
 @dataclass
@@ -70,7 +72,8 @@ class RunResult:
             return 130
         if self.aborted:
             return 3
-        return 1 if self.failed else 0
+        # 0 only when every item is ok: failures skipped from earlier runs count too.
+        return 1 if self.failed or self.skipped_failed else 0
 
 
 def run_job(spec: JobSpec, options: RunOptions = RunOptions(), log: Log = print) -> RunResult:
@@ -84,12 +87,15 @@ async def run_job_async(spec: JobSpec, options: RunOptions = RunOptions(), log: 
 
         with MockGateway(MockConfig()) as gateway:
             return await _run(spec, options, log, gateway.base_url, "mock-key")
-    key = options.api_key or os.environ.get(spec.api_key_env)
+    key = (options.api_key or os.environ.get(spec.api_key_env) or "").strip()
     if not key:
         raise UsageError(
             f"no API key: set the environment variable {spec.api_key_env} (named by api_key_env in {spec.spec_path}), "
             "or try the job on the built-in mock gateway with --mock"
         )
+    if not key.isprintable() or " " in key:
+        # A key pasted with a stray newline or quote would fail every request, or not be sendable at all.
+        raise UsageError(f"the API key in {spec.api_key_env} contains spaces or control characters")
     return await _run(spec, options, log, options.base_url or spec.base_url, key)
 
 
@@ -123,8 +129,11 @@ async def _run_locked(
         return result
 
     concurrency = options.concurrency or spec.concurrency
-    rpm = spec.requests_per_minute / (options.shard.count if options.shard else 1)
+    rpm = options.shard.share(spec.requests_per_minute) if options.shard else spec.requests_per_minute
     max_cost = options.max_cost_usd if options.max_cost_usd is not None else spec.max_cost_usd
+    if max_cost is not None and options.shard:
+        # Shards cannot see each other's spending: each may spend its share of what is left.
+        max_cost = state.spent_usd + options.shard.share(max(0.0, max_cost - state.spent_usd))
     http = make_http_client(base_url, key, spec.timeout_s, concurrency, options.transport)
     bar = Bar(result.to_run, options.progress)
     pool = Pool(
@@ -168,18 +177,17 @@ def _plan(spec: JobSpec, options: RunOptions, state: ResumeState, result: RunRes
     for item in iter_items(spec, options.shard):
         key = int(item.item_id, 16)
         result.items += 1
-        if state.known(key):
-            seen_known += 1
+        seen_known += state.known(key)
         if key in state.done:
             result.skipped_done += 1
-        elif key in state.permanent and not options.retry_failed:
+        elif not state.pending(key, options.retry_failed):
             result.skipped_failed += 1
     result.to_run = result.items - result.skipped_done - result.skipped_failed
     previous = out.read_snapshot()
     summary = spec_summary(spec)
     if previous is not None and previous.get("fingerprint") != summary["fingerprint"]:
         added = result.items - seen_known
-        gone = state.known_count - seen_known
+        gone = state.known_count(options.shard.owns if options.shard else None) - seen_known
         log(
             f"the spec changed since the last run in {out.display}: {added} new items, "
             f"{gone} recorded items are no longer in the spec (their records stay); going on with the new spec"
@@ -210,10 +218,8 @@ def _runner_error(group: BaseExceptionGroup) -> RunnerError | None:
 
 def _pending(spec: JobSpec, options: RunOptions, state: ResumeState) -> Iterator[Item]:
     for item in iter_items(spec, options.shard):
-        key = int(item.item_id, 16)
-        if key in state.done or (key in state.permanent and not options.retry_failed):
-            continue
-        yield item
+        if state.pending(int(item.item_id, 16), options.retry_failed):
+            yield item
 
 
 async def _watch_signals(pool: Pool, grace_s: float, scope: anyio.CancelScope, write: Log) -> None:

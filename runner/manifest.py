@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,9 +142,22 @@ def _index_rows(manifest: Path) -> Iterator[dict[str, Any]]:
             }  # fmt: skip
 
 
+def supersedes(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
+    """Does `new` replace `old` as the record that counts for an item?
+
+    The later line does, except that a failure never replaces an ok: an ok item is not sent
+    again unless its image went bad, so a failure read after an ok comes from another
+    manifest (shards, remote parts) whose lines are not in time order with this one."""
+    return old is None or new.get("status") == "ok" or old.get("status") != "ok"
+
+
 def latest(out: Path) -> dict[str, dict[str, Any]]:
-    """item_id -> its last record (the one that counts). Holds every record: for reports, not resume."""
-    return {rec["item_id"]: rec for rec in iter_records(out)}
+    """item_id -> the record that counts. Holds every record: for reports, not resume."""
+    last: dict[str, dict[str, Any]] = {}
+    for rec in iter_records(out):
+        if supersedes(rec, last.get(rec["item_id"])):
+            last[rec["item_id"]] = rec
+    return last
 
 
 def image_intact(out: Path, rec: dict[str, Any], full: bool = False) -> bool:
@@ -185,12 +198,19 @@ class ResumeState:
     records: int = 0
     bad_lines: int = 0
 
+    def pending(self, key: int, retry_failed: bool) -> bool:
+        """Will a run send this item? Not if done, nor if it failed permanently (unless retried)."""
+        return key not in self.done and (retry_failed or key not in self.permanent)
+
     def known(self, key: int) -> bool:
         return key in self.done or key in self.retryable or key in self.permanent or key in self.bad_images
 
-    @property
-    def known_count(self) -> int:
-        return len(self.done) + len(self.retryable) + len(self.permanent) + len(self.bad_images)
+    def known_count(self, owns: Callable[[int], bool] | None = None) -> int:
+        """How many items have records (of one shard, with `owns`)."""
+        sets = (self.done, self.retryable, self.permanent, self.bad_images)
+        if owns is None:
+            return sum(map(len, sets))
+        return sum(1 for s in sets for key in s if owns(key))
 
 
 def scan(out: Path, full_verify: bool = False, image_sizes: dict[str, int] | None = None) -> ResumeState:
@@ -209,6 +229,8 @@ def scan(out: Path, full_verify: bool = False, image_sizes: dict[str, int] | Non
         try:
             key = int(rec["item_id"], 16)
         except ValueError:
+            continue
+        if key in state.done:  # an ok with an intact image stands (see supersedes)
             continue
         if state.known(key):  # a later record supersedes an earlier one
             for s in (state.done, state.retryable, state.permanent, state.bad_images):

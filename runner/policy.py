@@ -41,12 +41,13 @@ POLICY: dict[str, Rule] = {
     "auth": Rule(Action.ABORT, True, "401: the key is missing or wrong"),
     "no_balance": Rule(Action.ABORT, True, "402: no balance left on the key"),
     "forbidden": Rule(Action.ABORT, True, "403: the key may not use this model"),
-    "not_found": Rule(Action.ABORT, True, "404: wrong base_url"),
+    "not_found": Rule(Action.ABORT, True, "404 or a redirect: wrong base_url"),
 }
 
 # Only these stay failed on a rerun (until --retry-failed); an item cut short by an abort is retried.
 PERMANENT = frozenset(k for k, r in POLICY.items() if r.action is Action.FAIL)
 MAX_MESSAGE = 300
+MAX_SERVER_WAIT_S = 300.0  # never wait longer than this on a server's say-so
 _SECRETISH = re.compile(r"(sk-[A-Za-z0-9_\-]{4,}|Bearer\s+\S+)")
 
 
@@ -79,8 +80,10 @@ def classify_status(status: int, body: bytes, headers: Any, api_key: str | None)
         kind = "no_balance"
     elif status == 403:
         kind = "forbidden"
-    elif status == 404:
+    elif status == 404 or 300 <= status < 400:
         kind = "not_found"
+        if headers is not None and headers.get("location"):
+            message = f"HTTP {status}, redirected to {headers.get('location')}: check base_url"
     elif "prompt_blocked" in (str(code), str(etype)):
         kind = "prompt_blocked"
     else:
@@ -88,6 +91,8 @@ def classify_status(status: int, body: bytes, headers: Any, api_key: str | None)
     wait = parse_retry_after(headers.get("retry-after")) if headers is not None else None
     if wait is None:
         wait = delay
+    if wait is not None:
+        wait = min(wait, MAX_SERVER_WAIT_S)  # the wait also pauses every worker: never for hours
     return Failure(kind, status, clean_message(message or f"HTTP {status}", api_key), wait)
 
 
@@ -152,12 +157,11 @@ class Backoff:
 
     base_s: float = 1.0
     cap_s: float = 60.0
-    max_hint_s: float = 300.0  # never sleep longer than this on a server's say-so
 
     def wait(self, attempt: int, failure: Failure | None) -> float:
         if failure is not None and failure.retry_after is not None:
             # A little jitter after the hint, so a crowd of workers does not return at one instant.
-            return min(failure.retry_after, self.max_hint_s) + random.uniform(0, min(1.0, self.base_s))
+            return failure.retry_after + random.uniform(0, min(1.0, self.base_s))
         return random.uniform(0, min(self.cap_s, self.base_s * 2 ** (attempt - 1)))
 
 

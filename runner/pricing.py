@@ -72,9 +72,9 @@ def estimate(
         else:
             line.remaining += 1
             line.cost_usd += line.price_usd
-            permanent += key in state.permanent
+            permanent += not state.pending(key, retry_failed=False)
     conc = concurrency or spec.concurrency
-    rpm = spec.requests_per_minute / shard.count if shard is not None else spec.requests_per_minute
+    rpm = shard.share(spec.requests_per_minute) if shard else spec.requests_per_minute
     busy_s = sum(line.remaining * MODELS[line.model].latency_s for line in lines.values()) / conc
     remaining = sum(line.remaining for line in lines.values())
     time_s = max(busy_s, remaining * 60.0 / rpm) if rpm else busy_s
@@ -98,6 +98,11 @@ def estimate(
         "max_cost_usd": spec.max_cost_usd,
         "warnings": [],
     }
+    if permanent:
+        result["warnings"].append(
+            f"{permanent} of the remaining items failed permanently before: `runner run` skips them "
+            "unless --retry-failed (they are counted and priced here)"
+        )
     if spec.max_cost_usd is not None and state.spent_usd + cost > spec.max_cost_usd:
         result["warnings"].append(
             f"max_cost_usd is {spec.max_cost_usd:g}: spent ${state.spent_usd:.2f} + remaining ${cost:.2f} passes it; "

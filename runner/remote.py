@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -78,7 +79,9 @@ class RemoteOutputDir(OutputDir):
         self._tmp = tempfile.TemporaryDirectory(prefix="runner-remote-")
         super().__init__(Path(self._tmp.name), shard_label, durable)
         self.display = url
-        self._part = manifest_name(shard_label).removesuffix(".jsonl") + f".part-{uuid.uuid4().hex[:12]}"
+        # Parts sort by name in time order: later runs' lines come later (see manifest.supersedes).
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        self._part = manifest_name(shard_label).removesuffix(".jsonl") + f".part-{stamp}-{uuid.uuid4().hex[:8]}"
         self._seq = 0
 
     def open(self) -> None:

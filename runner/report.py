@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .manifest import iter_records, manifest_paths
+from .manifest import iter_records, manifest_paths, supersedes
 from .models import MODELS, effective_size
 
 MAX_EXAMPLES = 3  # distinct messages kept per failure kind
@@ -71,9 +71,10 @@ def analyze(out: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     final: datetime | None = None
     stamps = 0
     cost_by_line: dict[tuple[str, str], float] = {}
-    for rec in iter_records(out, bad):  # the manifest reader: last line for an item_id wins
+    for rec in iter_records(out, bad):
         lines += 1
-        last[rec["item_id"]] = rec
+        if supersedes(rec, last.get(rec["item_id"])):
+            last[rec["item_id"]] = rec
         spent = _number(rec.get("cost_usd")) or 0.0
         cost += spent
         key = (str(rec.get("model")), size_of(rec))

@@ -33,8 +33,8 @@ class OutputDir:
         self.image_sizes: dict[str, int] | None = None  # remote dirs: resume checks sizes, not files
         self.durable = durable
         self.manifest_path = path / manifest_name(shard_label)
-        self._lock_path = path / (".lock" if shard_label is None else f".lock.shard-{shard_label}")
-        self._lock_fd: int | None = None
+        self.shard_label = shard_label
+        self._lock_fds: list[int] = []
         self._manifest: Any = None
         self._index: Any = None
         self._dirs_made: set[Path] = set()
@@ -54,19 +54,30 @@ class OutputDir:
             raise _output_error(e, self.path) from None
 
     def _lock(self) -> None:
-        # flock is released by the kernel when the process dies: a crash never leaves it stuck.
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        """One writer per manifest. flock is released by the kernel when the process dies, so a
+        crash never leaves a lock stuck. Shards share `.lock` (an unsharded run takes it alone,
+        so it never runs beside shards) and each holds its own shard's lock alone."""
+        if self.shard_label is None:
+            self._take(".lock", fcntl.LOCK_EX, "another runner (or --shard runs)")
+        else:
+            self._take(".lock", fcntl.LOCK_SH, "an unsharded runner")
+            self._take(f".lock.shard-{self.shard_label}", fcntl.LOCK_EX, f"another runner of shard {self.shard_label}")
+
+    def _take(self, name: str, mode: int, who: str) -> None:
+        fd = os.open(self.path / name, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
             os.close(fd)
+            pid = f" (pid {holder})" if holder else ""
             raise OutputLocked(
-                f"{self.path} is in use by another runner (pid {holder}); wait for it to finish or choose another --out"
+                f"{self.path} is in use by {who}{pid}; wait for it to finish or choose another --out"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._lock_fd = fd
+        if mode == fcntl.LOCK_EX:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fds.append(fd)
 
     def close(self) -> None:
         for f in (self._manifest, self._index):
@@ -74,9 +85,8 @@ class OutputDir:
                 with contextlib.suppress(OSError):
                     f.close()
         self._manifest = self._index = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        while self._lock_fds:
+            os.close(self._lock_fds.pop())
 
     def save_image(self, rel: str, data: bytes) -> tuple[str, int | None]:
         """Write one image atomically; returns (sha256, mtime_ns). Runs in a worker thread."""

@@ -70,11 +70,15 @@ def test_unusual_encodings_fall_back_to_the_plain_path(body: bytes) -> None:
             answer("![image](data:image/png;base64," + base64.b64encode(b"GIF89a" + b"x" * 64).decode() + ")"),
             "invalid_response",
         ),
+        (
+            answer("![image](data:image/png;base64," + base64.b64encode(PNG[: len(PNG) // 2]).decode() + ")"),
+            "invalid_response",
+        ),
         (answer("I cannot draw that", finish="content_filter"), "content_filter"),
         (answer("Here is a description of a cat instead."), "no_image"),
         (answer(""), "no_image"),
     ],
-    ids=["html", "no-choices", "cut-base64", "wrong-magic", "content-filter", "text-only", "empty"],
+    ids=["html", "no-choices", "cut-base64", "wrong-magic", "half-a-png", "content-filter", "text-only", "empty"],
 )
 def test_bad_answers_are_failures_of_the_right_kind(body: bytes, kind: str) -> None:
     out = parse_completion(body)

@@ -66,7 +66,7 @@ def test_a_run_into_s3_resumes_reports_and_exports(tmp_path: Path, mock: MockGat
     s3.rm_file(f"{BUCKET}/jobs/t/{ok[0]['image_path']}")
     before = mock.stats()["requests"]
     proc = run_cli("run", str(path), "--no-progress")
-    assert proc.returncode == 0 and "1 recorded ok but image missing" in proc.stderr
+    assert proc.returncode == 1 and "1 recorded ok but image missing" in proc.stderr  # the 400 stays failed
     assert mock.stats()["requests"] == before + 1
 
     assert run_cli("export", url).returncode == 0

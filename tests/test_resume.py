@@ -229,7 +229,7 @@ def test_the_resume_index_agrees_with_the_manifest_and_is_rebuilt_when_stale(tmp
     idx = index_path(manifest)
     idx.write_bytes(b"".join(idx.read_bytes().splitlines(keepends=True)[:-1]))
     assert not index_valid(manifest)
-    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    assert run_cli("run", str(path), "--no-progress").returncode == 1  # the 400 is still failed
     assert index_valid(manifest) and mock.stats()["requests"] == 4
 
 

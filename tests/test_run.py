@@ -133,7 +133,8 @@ def test_retry_failed_retries_permanent_failures(tmp_path: Path, mock: MockGatew
     path = write_spec(tmp_path, mock.base_url, prompts=["fine", "rejected [fault:400]"])
     assert run_cli("run", str(path), "--no-progress").returncode == 1
     proc = run_cli("run", str(path), "--no-progress")
-    assert proc.returncode == 0 and "1 failed permanently before (skipped; --retry-failed retries them)" in proc.stderr
+    # still exit 1: not every item is ok, though nothing was sent
+    assert proc.returncode == 1 and "1 failed permanently before (skipped; --retry-failed retries them)" in proc.stderr
     assert mock.stats()["by_prompt"]["rejected [fault:400]"] == 1
     assert run_cli("run", str(path), "--no-progress", "--retry-failed").returncode == 1
     assert mock.stats()["by_prompt"]["rejected [fault:400]"] == 2
@@ -192,3 +193,14 @@ def test_two_images_in_one_answer_are_both_kept(tmp_path: Path, mock: MockGatewa
     extra = rec["extra_images"][0]
     data = (tmp_path / "out" / extra["image_path"]).read_bytes()
     assert hashlib.sha256(data).hexdigest() == extra["sha256"] and extra["image_path"].endswith("-1.png")
+
+
+@pytest.mark.parametrize("mime", ["jpeg", "webp"])
+def test_jpeg_and_webp_answers_are_saved_with_their_extension(tmp_path: Path, gateway: StartGateway, mime: str) -> None:
+    pytest.importorskip("PIL", reason="the mock makes jpeg and webp with Pillow")
+    gw = gateway(mime=mime)
+    path = write_spec(tmp_path, gw.base_url, prompts=["a cat"])
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    (rec,) = read_manifest(tmp_path / "out")
+    assert rec["mime"] == f"image/{mime}" and rec["image_path"].endswith(".jpg" if mime == "jpeg" else ".webp")
+    assert hashlib.sha256((tmp_path / "out" / rec["image_path"]).read_bytes()).hexdigest() == rec["sha256"]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
-from .conftest import StartGateway, read_manifest, run_cli, start_cli, write_spec
+from .conftest import MockGateway, StartGateway, read_manifest, run_cli, start_cli, write_spec
 
 
 def test_shards_split_the_job_and_everything_reads_all_manifests(tmp_path: Path, gateway: StartGateway) -> None:
@@ -41,3 +42,33 @@ def test_shard_estimates_add_up_and_bad_shards_are_usage_errors(tmp_path: Path) 
     for bad in ("4/4", "x", "1/0"):
         proc = run_cli("estimate", str(path), "--shard", bad)
         assert proc.returncode == 2 and "--shard" in proc.stderr
+
+
+def test_an_ok_in_one_manifest_is_not_undone_by_a_failure_in_another(tmp_path: Path, mock: MockGateway) -> None:
+    # "flaky" fails in shard 0's manifest, then succeeds in a later unsharded run, whose
+    # manifest.jsonl sorts before the shard file: the ok must still count.
+    path = write_spec(tmp_path, mock.base_url, prompts=["flaky [fault:503x1]"], max_attempts=1)
+    only_shard = "0/1"
+    assert run_cli("run", str(path), "--no-progress", "--shard", only_shard).returncode == 1
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    before = mock.stats()["requests"]
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    assert mock.stats()["requests"] == before == 2
+    report = json.loads(run_cli("report", str(tmp_path / "out"), "--json").stdout)
+    assert (report["ok"], report["failed"]) == (1, 0)
+
+
+def test_an_unsharded_run_is_refused_while_shards_run(tmp_path: Path, gateway: StartGateway) -> None:
+    gw = gateway(latency_s=1.0)
+    path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(6)], concurrency=2)
+    shard = start_cli("run", str(path), "--no-progress", "--shard", "0/2")
+    deadline = time.monotonic() + 20
+    while gw.stats()["in_flight"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 3 and "in use by another runner (or --shard runs)" in proc.stderr
+    other = run_cli("run", str(path), "--no-progress", "--shard", "1/2")
+    assert other.returncode == 0, other.stderr
+    shard.communicate(timeout=30)
+    assert shard.returncode == 0

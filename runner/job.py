@@ -230,11 +230,17 @@ async def _watch_signals(pool: Pool, grace_s: float, scope: anyio.CancelScope, w
             f"interrupted: no new items start; waiting up to {grace_s:g}s for requests in flight (Ctrl+C again cancels them)"
         )
         pool.interrupt()
-        with anyio.move_on_after(grace_s):
+        with anyio.move_on_after(grace_s) as grace:
             async for _ in signals:
-                write("second interrupt: cancelling the requests in flight")
                 break
-        scope.cancel()
+        write(
+            f"{'grace period over' if grace.cancelled_caught else 'second interrupt'}: cancelling the requests in flight"
+        )
+        pool.cancel_requests()  # what is already in hand is still saved and recorded
+        async for _ in signals:
+            write("third interrupt: stopping now")
+            scope.cancel()
+            return
 
 
 def describe(result: RunResult) -> list[str]:

@@ -21,6 +21,8 @@ from .policy import POLICY, Action, Backoff, CircuitBreaker, Failure
 from .pricing import PriceTable
 from .writer import OutputDir, image_relpath
 
+_CANCELLED = Failure("connection", None, "cancelled before an answer came")  # a sentinel, never recorded
+
 
 class Progress(Protocol):
     def record(self, rec: dict[str, Any], spent_usd: float) -> None: ...
@@ -70,6 +72,8 @@ class Pool:
         self.stats = PoolStats()
         self.workers = concurrency
         self._stopping = anyio.Event()
+        self._request_scopes: set[anyio.CancelScope] = set()
+        self._requests_cancelled = False
 
     @property
     def stopping(self) -> bool:
@@ -80,6 +84,16 @@ class Pool:
         if not self._stopping.is_set():
             self.stats.stop_reason, self.stats.abort = reason, abort
             self._stopping.set()
+
+    def cancel_requests(self) -> None:
+        """Give up on the requests in flight (a second Ctrl+C, the grace period over).
+
+        Only the HTTP requests are cancelled: images already received are still saved and
+        recorded, and the writer drains, so nothing that was paid for and is in hand is lost."""
+        self._requests_cancelled = True
+        self.stop("interrupted")
+        for scope in list(self._request_scopes):
+            scope.cancel()
 
     def interrupt(self) -> None:
         self.stats.interrupted = True
@@ -116,6 +130,9 @@ class Pool:
                     continue
                 started = time.monotonic()
                 outcome, attempts, latency = await self._attempts(item)
+                if outcome is _CANCELLED:  # never answered: nothing to record, the next run sends it
+                    self.budget.settle(estimate, 0.0)
+                    continue
                 self._judge(outcome)  # before anything else awaits: an abort stops new items at once
                 record = await self._record(item, outcome, attempts, latency, time.monotonic() - started)
                 self.budget.settle(estimate, record["cost_usd"])
@@ -132,13 +149,22 @@ class Pool:
                 if self.stopping:  # stopped during the backoff: keep the failure we have
                     return last
                 self._count_retry()
-            async with self.concurrency.limiter:
-                await self.rate.acquire()
-                attempts += 1
-                self.stats.requests += 1
-                t0 = time.monotonic()
-                outcome = await self.client.generate(item)
-                latency = time.monotonic() - t0
+            if self._requests_cancelled:
+                return last or _CANCELLED
+            with anyio.CancelScope() as scope:
+                self._request_scopes.add(scope)
+                try:
+                    async with self.concurrency.limiter:
+                        await self.rate.acquire()
+                        attempts += 1
+                        self.stats.requests += 1
+                        t0 = time.monotonic()
+                        outcome = await self.client.generate(item)
+                        latency = time.monotonic() - t0
+                finally:
+                    self._request_scopes.discard(scope)
+            if scope.cancelled_caught:
+                return last or _CANCELLED
             if isinstance(outcome, Failure) and outcome.kind == "rate_limited":
                 self.concurrency.rate_limited()
                 if outcome.retry_after is not None:

@@ -247,3 +247,20 @@ def test_an_interrupt_cuts_a_backoff_short_and_records_the_failure(tmp_path: Pat
     (rec,) = read_manifest(tmp_path / "out")
     assert rec["status"] == "failed" and rec["error"]["kind"] == "rate_limited" and rec["attempts"] == 1
     assert gw.stats()["requests"] == 1
+
+
+def test_a_second_interrupt_cancels_requests_but_keeps_what_was_received(tmp_path: Path, gateway: StartGateway) -> None:
+    gw = gateway(latency_s=1.5)
+    path = write_spec(tmp_path, gw.base_url, prompts=[f"slow {i}" for i in range(4)], concurrency=4, timeout_s=60)
+    proc = start_cli("run", str(path), "--no-progress")
+    wait_for(lambda: gw.stats()["in_flight"] == 4)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130, err
+    assert "second interrupt: cancelling the requests in flight" in err
+    # the cancelled requests left no records; the next run sends them and finishes
+    assert ok_lines(tmp_path / "out") == 0
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    assert_all_ok_and_intact(tmp_path / "out", 4)

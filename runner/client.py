@@ -7,7 +7,7 @@ import binascii
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio.to_thread
@@ -47,8 +47,6 @@ class Success:
     text: str
     usage: dict[str, Any] | None
     request_id: str | None
-    finish_reason: str | None
-    reasoning: str | None = field(default=None, repr=False)
 
 
 Outcome = Success | Failure
@@ -233,5 +231,4 @@ def _parse(doc: bytes | bytearray, cut: list[tuple[str, bytes]] | None, api_key:
     if not images:
         said = f": {text[:200]}" if text else " (empty content)"
         return Failure("no_image", 200, clean_message(f"answer has no image{said}", api_key), request_id=request_id)
-    reasoning = message.get("reasoning_content") if isinstance(message.get("reasoning_content"), str) else None
-    return Success(images, text, usage, request_id, finish, reasoning)
+    return Success(images, text, usage, request_id)

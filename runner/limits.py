@@ -42,7 +42,6 @@ class AdaptiveConcurrency:
         self.cooldown_s = cooldown_s
         self._last_cut = -math.inf
         self._streak = 0
-        self.cuts = 0
 
     @property
     def limit(self) -> int:
@@ -56,7 +55,6 @@ class AdaptiveConcurrency:
         self._last_cut = now
         if self.limit > 1:
             self.limiter.total_tokens = max(1, self.limit // 2)
-            self.cuts += 1
 
     def succeeded(self) -> None:
         if self.limit >= self.maximum:
@@ -74,11 +72,9 @@ class Budget:
         self.max_usd = max_usd
         self.spent = spent_before
         self.in_flight = 0.0
-        self.exhausted = False
 
     def reserve(self, estimate: float) -> bool:
         if self.max_usd is not None and self.spent + self.in_flight + estimate > self.max_usd + 1e-9:
-            self.exhausted = True
             return False
         self.in_flight += estimate
         return True

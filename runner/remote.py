@@ -94,22 +94,20 @@ class RemoteOutputDir(OutputDir):
         self._tmp.cleanup()
 
     def save_image(self, rel: str, data: bytes) -> tuple[str, int | None]:
-        try:
-            self.fs.pipe_file(f"{self.root}/{rel}", data)
-        except OSError as e:
-            raise OutputError(f"cannot write to output dir {self.display}: {e}") from None
+        self._put(rel, data)
         return hashlib.sha256(data).hexdigest(), None
 
     def append(self, records: list[dict[str, Any]]) -> None:
         self._seq += 1
-        try:
-            self.fs.pipe_file(f"{self.root}/{self._part}-{self._seq:06d}.jsonl", b"".join(records_lines(records)))
-        except OSError as e:
-            raise OutputError(f"cannot write to output dir {self.display}: {e}") from None
+        self._put(f"{self._part}-{self._seq:06d}.jsonl", b"".join(records_lines(records)))
 
     def write_snapshot(self, summary: dict[str, Any]) -> None:
+        self._put(SPEC_SNAPSHOT, json.dumps(summary, indent=2).encode())
+
+    def _put(self, name: str, data: bytes) -> None:
+        """One whole object: it appears complete or not at all."""
         try:
-            self.fs.pipe_file(f"{self.root}/{SPEC_SNAPSHOT}", json.dumps(summary, indent=2).encode())
+            self.fs.pipe_file(f"{self.root}/{name}", data)
         except OSError as e:
             raise OutputError(f"cannot write to output dir {self.display}: {e}") from None
 

@@ -35,10 +35,6 @@ class Template:
             return len(self.values[0]) if self.values else 1
         return math.prod(len(v) for v in self.values)
 
-    @property
-    def count(self) -> int:
-        return min(self.full_count, self.sample) if self.sample else self.full_count
-
     def _combos(self) -> Iterator[tuple[str, ...]]:
         if self.combine == "zip":
             return zip(*self.values, strict=True)

@@ -136,7 +136,7 @@ class OutputDir:
         return obj if isinstance(obj, dict) else None
 
     def write_snapshot(self, summary: dict[str, Any]) -> None:
-        tmp = self.path / f".{SPEC_SNAPSHOT}.tmp"
+        tmp = self.path / f".{SPEC_SNAPSHOT}.{os.getpid()}.tmp"  # shards write it at the same time
         try:
             tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
             os.replace(tmp, self.path / SPEC_SNAPSHOT)

@@ -14,9 +14,10 @@ from . import __version__
 from .errors import RunnerError, UsageError
 from .items import Shard
 
-EXIT_HELP = """exit status: 0 every item ok; 1 some items failed; 2 bad spec or usage;
-3 run aborted (bad key, no balance, budget reached, too many consecutive failures,
-output dir locked or unwritable); 130 interrupted."""
+EXIT_HELP = """exit status: 0 every item ok; 1 some items failed (now or before); 2 bad spec
+or usage (no key set included: nothing was sent); 3 run aborted (bad key, no balance,
+budget reached, too many consecutive failures, output dir locked, unwritable or full);
+130 interrupted."""
 
 
 def _formatter(prog: str) -> argparse.HelpFormatter:
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         "items are skipped and never paid for twice. Ctrl+C stops new items and lets those in flight finish.",
         epilog="examples:\n  runner run jobs/demo.yaml --mock          # try it: built-in gateway, no key\n"
         "  NANOBANANA_API_KEY=sk-... runner run jobs/demo.yaml --out out/demo\n"
-        "  runner run big.yaml --shard 2/8         # machine 2 of 8 takes its slice\n\n" + EXIT_HELP,
+        "  runner run big.yaml --shard 2/8         # the third of 8 machines (K counts from 0)\n\n" + EXIT_HELP,
     )
     run.add_argument("job", metavar="JOB.yaml")
     _common(run)
@@ -102,23 +103,30 @@ def build_parser() -> argparse.ArgumentParser:
         "prompt force a fault: [fault:429], [fault:503x2] (first 2 tries), [fault:content_filter], ...",
         epilog="examples:\n  runner mock-server --port 8765\n"
         "  runner mock-server --latency 0.2 --fault 429=0.1 --fault drop=0.02 --rpm 60\n"
-        "  runner run jobs/demo.yaml --base-url http://127.0.0.1:8765/v1",
+        "  NANOBANANA_API_KEY=any runner run jobs/demo.yaml --base-url http://127.0.0.1:8765/v1",
     )
-    mock.add_argument("--host", default="127.0.0.1")
-    mock.add_argument("--port", type=int, default=8765)
+    mock.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    mock.add_argument("--port", type=int, default=8765, help="port to listen on (0: a free one)")
     mock.add_argument("--api-key", help="accept only this key (default: any non-empty key)")
     mock.add_argument("--latency", type=float, default=0.0, metavar="S", help="seconds before each answer")
     mock.add_argument("--jitter", type=float, default=0.0, metavar="S", help="extra random latency, up to S")
     mock.add_argument("--scale", type=int, default=8, help="images are the real pixel size divided by this")
-    mock.add_argument("--mime", default="png", choices=["png", "jpeg", "webp"])
+    mock.add_argument(
+        "--mime", default="png", choices=["png", "jpeg", "webp"], help="image type (jpeg, webp need Pillow)"
+    )
     mock.add_argument("--pad-bytes", type=int, default=0, help="make each image this much bigger")
     mock.add_argument("--rpm", type=int, default=0, help="enforce this many requests per minute (0: none)")
     mock.add_argument(
         "--rpm-window", type=float, default=10.0, metavar="S", help="window the rpm limit is enforced over"
     )
-    mock.add_argument("--retry-after", default="header", choices=["header", "body", "both", "none"])
+    mock.add_argument(
+        "--retry-after",
+        default="header",
+        choices=["header", "body", "both", "none"],
+        help="how 429s say how long to wait: Retry-After header, Google retryDelay in the body, both, none",
+    )
     mock.add_argument("--fault", action="append", default=[], metavar="KIND=P", help="inject KIND with probability P")
-    mock.add_argument("--seed", type=int, default=0)
+    mock.add_argument("--seed", type=int, default=0, help="seed of the random faults (same seed, same faults)")
     return p
 
 

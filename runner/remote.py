@@ -26,7 +26,7 @@ from .errors import OutputError, UsageError
 from .manifest import manifest_name
 from .writer import SPEC_SNAPSHOT, OutputDir, records_lines
 
-HINT = "remote output dirs need the optional extra: pip install 'runner[s3]' (fsspec and s3fs)"
+HINT = "remote output dirs need runner's optional s3 extra: pip install -e '.[s3]' in its checkout (fsspec and s3fs)"
 
 
 def is_remote(target: str | Path) -> bool:

@@ -77,5 +77,5 @@ def test_a_run_into_s3_resumes_reports_and_exports(tmp_path: Path, mock: MockGat
 def test_a_remote_url_without_the_extra_is_a_clear_error(tmp_path: Path) -> None:
     path = write_spec(tmp_path, output_dir="nosuchproto://bucket/x")
     proc = run_cli("estimate", str(path))
-    assert proc.returncode == 2 and "pip install 'runner[s3]'" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "pip install -e '.[s3]'" in proc.stderr and "Traceback" not in proc.stderr
     assert os.environ.get("AWS_ENDPOINT_URL") is None

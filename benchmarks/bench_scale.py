@@ -177,13 +177,7 @@ def write_manifest(d: Path, images: bool) -> tuple[int, float, float]:
                     os.close(fd)
                 t_img += time.perf_counter() - t
             rec = {
-                "item_id": item.item_id,
-                "prompt_id": item.prompt_id,
-                "prompt": item.prompt,
-                "model": item.model,
-                "image_config": {"aspect_ratio": item.config.aspect_ratio, "image_size": item.config.image_size},
-                "repeat": item.repeat,
-                "vars": item.vars,
+                **item.record_fields(),
                 "status": "ok",
                 "attempts": 1,
                 "request_id": f"chatcmpl-20261125084512{n:06d}000AbCdEfGh",

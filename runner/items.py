@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from json.encoder import encode_basestring as _quote
+from typing import Any
 
 from .errors import SpecError, UsageError
 from .sources import iter_prompts
@@ -21,6 +22,18 @@ class Item:
     config: ImageConfig
     repeat: int
     vars: dict[str, str] | None = None
+
+    def record_fields(self) -> dict[str, Any]:
+        """The item's part of its manifest line: what was asked, as it was sent."""
+        return {
+            "item_id": self.item_id,
+            "prompt_id": self.prompt_id,
+            "prompt": self.prompt,
+            "model": self.model,
+            "image_config": {"aspect_ratio": self.config.aspect_ratio, "image_size": self.config.image_size},
+            "repeat": self.repeat,
+            "vars": self.vars,
+        }
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,17 @@ def item_id(model: str, prompt: str, config: ImageConfig, repeat: int) -> str:
 
 def iter_items(spec: JobSpec, shard: Shard | None = None) -> Iterator[Item]:
     """Every item of the spec, in spec order, each identical request once."""
+    for _, fields in _expand(spec, shard):
+        yield Item(*fields)
+
+
+def iter_keys(spec: JobSpec, shard: Shard | None = None) -> Iterator[int]:
+    """The ids (as integers) of iter_items, without building the items: for counting."""
+    for key, _ in _expand(spec, shard):
+        yield key
+
+
+def _expand(spec: JobSpec, shard: Shard | None) -> Iterator[tuple[int, tuple[Any, ...]]]:
     seen: set[int] = set()  # ints, not strings: a million ids stay in tens of MB
     for pid, text, model, configs, repeats, vars_ in _iter_prompts(spec):
         for config in configs:
@@ -75,7 +99,7 @@ def iter_items(spec: JobSpec, shard: Shard | None = None) -> Iterator[Item]:
                     continue
                 seen.add(key)
                 if shard is None or shard.owns(key):
-                    yield Item(iid, pid, text, model, config, r, vars_)
+                    yield key, (iid, pid, text, model, config, r, vars_)
 
 
 def _iter_prompts(

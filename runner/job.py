@@ -14,7 +14,7 @@ import httpx
 
 from .client import Client, make_http_client
 from .errors import RunnerError, UsageError
-from .items import Item, Shard, iter_items
+from .items import Item, Shard, iter_items, iter_keys
 from .limits import Budget
 from .manifest import ResumeState, scan
 from .policy import Backoff
@@ -174,8 +174,7 @@ async def _run_locked(
 def _plan(spec: JobSpec, options: RunOptions, state: ResumeState, result: RunResult, out: OutputDir, log: Log) -> None:
     """Count what is done, what will run, and what changed since the last run (spec drift)."""
     seen_known = 0
-    for item in iter_items(spec, options.shard):
-        key = int(item.item_id, 16)
+    for key in iter_keys(spec, options.shard):
         result.items += 1
         seen_known += state.known(key)
         if key in state.done:

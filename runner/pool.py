@@ -219,13 +219,7 @@ class Pool:
         self, item: Item, outcome: Outcome, attempts: int, latency: float, elapsed: float
     ) -> dict[str, Any]:
         rec: dict[str, Any] = {
-            "item_id": item.item_id,
-            "prompt_id": item.prompt_id,
-            "prompt": item.prompt,
-            "model": item.model,
-            "image_config": {"aspect_ratio": item.config.aspect_ratio, "image_size": item.config.image_size},
-            "repeat": item.repeat,
-            "vars": item.vars,
+            **item.record_fields(),
             "status": "ok" if isinstance(outcome, Success) else "failed",
             "attempts": attempts,
             "request_id": outcome.request_id,

@@ -256,15 +256,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         with local_view(args.out) as (local, _):
             summary = summarize(local)
         summary["output_dir"] = args.out
-        print(json.dumps(summary, indent=2) if args.json else format_text(summary))
-        return 0
-    out = Path(args.out)
-    summary = summarize(out)
-    if args.html:
-        from .gallery import write_html
+    else:
+        summary = summarize(Path(args.out))
+        if args.html:
+            from .gallery import write_html
 
-        shown = write_html(out, Path(args.html))
-        _say(f"gallery: {args.html} ({shown} images)")
+            shown = write_html(Path(args.out), Path(args.html))
+            _say(f"gallery: {args.html} ({shown} images)")
     print(json.dumps(summary, indent=2) if args.json else format_text(summary))
     return 0
 

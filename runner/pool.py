@@ -122,7 +122,7 @@ class Pool:
             async for item in recv:
                 if self.stopping:
                     continue
-                estimate = self.prices.item(item)
+                estimate = self.prices.item(item)  # the price of one image
                 if not self.budget.reserve(estimate):
                     self.stop(
                         f"budget reached: ${self.budget.spent:.2f} spent of max_cost_usd {self.budget.max_usd:g}", True
@@ -134,7 +134,7 @@ class Pool:
                     self.budget.settle(estimate, 0.0)
                     continue
                 self._judge(outcome)  # before anything else awaits: an abort stops new items at once
-                record = await self._record(item, outcome, attempts, latency, time.monotonic() - started)
+                record = await self._record(item, estimate, outcome, attempts, latency, time.monotonic() - started)
                 self.budget.settle(estimate, record["cost_usd"])
                 await send.send(record)
 
@@ -216,7 +216,7 @@ class Pool:
             )
 
     async def _record(
-        self, item: Item, outcome: Outcome, attempts: int, latency: float, elapsed: float
+        self, item: Item, price: float, outcome: Outcome, attempts: int, latency: float, elapsed: float
     ) -> dict[str, Any]:
         rec: dict[str, Any] = {
             **item.record_fields(),
@@ -237,7 +237,7 @@ class Pool:
             if outcome.text:
                 rec["text"] = outcome.text
             # Billed per image generated (list prices are per image; failures are not billed).
-            rec["cost_usd"] = round(self.prices.item(item) * len(saved), 6)
+            rec["cost_usd"] = round(price * len(saved), 6)
         else:
             rec["error"] = outcome.as_record()
         rec["finished_at"] = datetime.now(UTC).isoformat(timespec="milliseconds")

@@ -1,0 +1,203 @@
+"""The manifest record: one JSON line per finished item, its one typed definition and its checks.
+
+Every writer builds a `Record`; every reader gets records through `parse_line`, which lets
+through only lines whose known fields have the right types, so report, gallery, export and
+resume can trust what they read. A line that fails the check is damaged: resume sets it
+aside, reports count it.
+
+    item_id, prompt_id, prompt, model, image_config {aspect_ratio, image_size}, repeat, vars,
+    inputs [{path | url, sha256, mime, bytes, stored}], params,
+    status "ok" | "failed", attempts, retried {kind: n}, request_id, usage, cost_usd,
+    latency_s, elapsed_s, finished_at, run_id,
+    ok:     image_path, mime, bytes, sha256, mtime_ns, width, height, extra_images [...], text,
+            recovered (adopted from a whole image on disk after a crash)
+    failed: error {kind, status, message}, interrupted (a stop cut its retries short)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Literal, NotRequired, TypedDict, cast
+
+
+class ImageConfigRec(TypedDict):
+    aspect_ratio: str
+    image_size: str | None
+
+
+class InputRec(TypedDict, total=False):
+    path: str  # a local reference image, as the spec names it
+    url: str  # or an http(s) URL, sent as it is
+    sha256: str
+    mime: str
+    bytes: int
+    stored: str  # the copy in the output dir, relative to it: inputs/ab/<sha256>.png
+
+
+class ImageFile(TypedDict):
+    image_path: str  # relative to the output dir
+    mime: str
+    bytes: int
+    sha256: str
+    mtime_ns: int | None  # None in remote output dirs
+    width: int | None  # read from the image's own header
+    height: int | None
+
+
+class ErrorRec(TypedDict):
+    kind: str
+    status: int | None
+    message: str
+
+
+class Record(TypedDict):
+    item_id: str
+    prompt_id: str
+    prompt: str
+    model: str
+    image_config: ImageConfigRec
+    repeat: int
+    vars: dict[str, str] | None
+    status: Literal["ok", "failed"]
+    attempts: int
+    request_id: str | None
+    usage: dict[str, Any] | None
+    cost_usd: float
+    latency_s: float
+    elapsed_s: float
+    finished_at: str
+    run_id: str
+    inputs: NotRequired[list[InputRec]]
+    params: NotRequired[dict[str, Any]]
+    retried: NotRequired[dict[str, int]]  # failure kinds of the attempts that were retried
+    # status ok
+    image_path: NotRequired[str]
+    mime: NotRequired[str]
+    bytes: NotRequired[int]
+    sha256: NotRequired[str]
+    mtime_ns: NotRequired[int | None]
+    width: NotRequired[int | None]
+    height: NotRequired[int | None]
+    extra_images: NotRequired[list[ImageFile]]
+    text: NotRequired[str]
+    recovered: NotRequired[bool]
+    # status failed
+    error: NotRequired[ErrorRec]
+    interrupted: NotRequired[bool]
+
+
+# Field -> the types a valid line may hold there (None allowed where listed). Fields not named
+# here are carried along unchecked; older lines without the newer fields are valid.
+_STR, _INT, _NUM, _OPT = (str,), (int,), (int, float), (type(None),)
+_TYPES: dict[str, tuple[type, ...]] = {
+    "prompt_id": _STR, "prompt": _STR, "model": _STR, "repeat": _INT, "attempts": _INT,
+    "request_id": _STR + _OPT, "usage": (dict, type(None)), "cost_usd": _NUM, "latency_s": _NUM,
+    "elapsed_s": _NUM, "finished_at": _STR, "run_id": _STR, "vars": (dict, type(None)),
+    "inputs": (list,), "params": (dict,), "retried": (dict,), "image_path": _STR, "mime": _STR,
+    "bytes": _INT, "sha256": _STR, "mtime_ns": _INT + _OPT, "width": _INT + _OPT,
+    "height": _INT + _OPT, "extra_images": (list,), "text": _STR, "recovered": (bool,),
+    "interrupted": (bool,), "image_config": (dict,), "error": (dict,),
+}  # fmt: skip
+
+
+def check(obj: Any) -> Record | None:
+    """`obj` as a Record if it has the shape of one, else None (a damaged line)."""
+    if not isinstance(obj, dict):
+        return None
+    item_id = obj.get("item_id")
+    if not isinstance(item_id, str) or not item_id or len(item_id) > 64:
+        return None
+    try:
+        int(item_id, 16)
+    except ValueError:
+        return None
+    status = obj.get("status")
+    if status not in ("ok", "failed"):
+        return None
+    for name, types in _TYPES.items():
+        if name in obj:
+            value = obj[name]
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                return None
+            if isinstance(value, float) and not math.isfinite(value):
+                return None
+    if status == "ok":
+        if not isinstance(obj.get("image_path"), str) or not _image_ok(obj):
+            return None
+        if any(not isinstance(x, dict) or not _image_ok(x) for x in obj.get("extra_images") or []):
+            return None
+    else:
+        error = obj.get("error")
+        if not isinstance(error, dict) or not isinstance(error.get("kind"), str):
+            return None
+        if error.get("status") is not None and not isinstance(error.get("status"), int):
+            return None
+        if not isinstance(error.get("message", ""), str):
+            return None
+    config = obj.get("image_config")
+    if config is not None and not isinstance(config.get("aspect_ratio", ""), str):
+        return None
+    if any(not isinstance(x, dict) for x in obj.get("inputs") or []):
+        return None
+    return cast(Record, obj)
+
+
+def _image_ok(obj: dict[str, Any]) -> bool:
+    path = obj.get("image_path")
+    return (
+        isinstance(path, str)
+        and _safe_relpath(path)
+        and isinstance(obj.get("bytes"), int)
+        and not isinstance(obj.get("bytes"), bool)
+        and isinstance(obj.get("sha256"), str)
+    )
+
+
+def _safe_relpath(path: str) -> bool:
+    """A path inside the output dir: relative, no `..`, no NUL (a hand-edited line must not point out)."""
+    return bool(path) and not path.startswith(("/", "\\")) and "\x00" not in path and ".." not in path.split("/")
+
+
+def parse_line(line: bytes) -> Record | None:
+    """One manifest line -> a Record, or None when it is damaged in any way."""
+    try:
+        return check(json.loads(line))
+    except (ValueError, RecursionError):
+        return None
+
+
+def supersedes(new: Record, old: Record | None) -> bool:
+    """Does `new` replace `old` as the record that counts for an item?
+
+    The later line does, except that a failure never replaces an ok: an ok item is not sent
+    again unless its image went bad, so a failure read after an ok comes from another
+    manifest (shards, remote parts) whose lines are not in time order with this one."""
+    return old is None or new["status"] == "ok" or old["status"] != "ok"
+
+
+def images_of(rec: Record) -> list[ImageFile]:
+    """Every image of an ok record, the first one first."""
+    if rec["status"] != "ok" or "image_path" not in rec:
+        return []
+    first: ImageFile = {
+        "image_path": rec["image_path"],
+        "mime": rec.get("mime", ""),
+        "bytes": rec.get("bytes", 0),
+        "sha256": rec.get("sha256", ""),
+        "mtime_ns": rec.get("mtime_ns"),
+        "width": rec.get("width"),
+        "height": rec.get("height"),
+    }
+    return [first, *rec.get("extra_images", [])]
+
+
+def image_count(rec: Record) -> int:
+    return len(images_of(rec))
+
+
+def encode(rec: Record | dict[str, Any]) -> bytes:
+    """One manifest line (UTF-8). Raises ValueError for a record that cannot be a line (a lone
+    surrogate, NaN): what a server sends is made safe before it reaches a record (policy.safe),
+    and the writer turns a record that still fails into a failure of that item alone."""
+    return json.dumps(rec, ensure_ascii=False, allow_nan=False).encode("utf-8") + b"\n"

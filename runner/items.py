@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from json.encoder import encode_basestring as _quote
 from typing import Any
 
 from .errors import SpecError, UsageError
+from .inputs import InputError, InputImage
 from .sources import iter_prompts
-from .spec import ImageConfig, JobSpec
+from .spec import ImageConfig, JobSpec, Params
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,10 +24,19 @@ class Item:
     config: ImageConfig
     repeat: int
     vars: dict[str, str] | None = None
+    inputs: tuple[InputImage, ...] = ()  # reference images, sent in this order after the text
+    params: Params = ()  # as the spec gives them; see sent_params
+
+    def sent_params(self) -> dict[str, Any]:
+        """The request parameters as sent: an integer seed moves with the repeat, so repeats differ."""
+        params = dict(self.params)
+        if isinstance(params.get("seed"), int):
+            params["seed"] += self.repeat
+        return params
 
     def record_fields(self) -> dict[str, Any]:
         """The item's part of its manifest line: what was asked, as it was sent."""
-        return {
+        fields: dict[str, Any] = {
             "item_id": self.item_id,
             "prompt_id": self.prompt_id,
             "prompt": self.prompt,
@@ -34,6 +45,17 @@ class Item:
             "repeat": self.repeat,
             "vars": self.vars,
         }
+        if self.inputs:
+            fields["inputs"] = [_input_record(i) for i in self.inputs]
+        if self.params:
+            fields["params"] = self.sent_params()
+        return fields
+
+
+def _input_record(image: InputImage) -> dict[str, Any]:
+    if image.url is not None:
+        return {"url": image.url}
+    return {"path": image.ref, "sha256": image.sha256, "mime": image.mime, "bytes": image.size, "stored": image.stored}
 
 
 @dataclass(frozen=True)
@@ -65,15 +87,21 @@ class Shard:
         return f"{self.index}-of-{self.count}"
 
 
-def item_id(model: str, prompt: str, config: ImageConfig, repeat: int) -> str:
+def item_id(
+    model: str, prompt: str, config: ImageConfig, repeat: int, inputs: tuple[InputImage, ...] = (), params: Params = ()
+) -> str:
     """Hash of exactly what is requested: the same request always gets the same id.
 
     The hashed text is json.dumps([model, prompt, aspect_ratio, image_size, repeat],
     ensure_ascii=False), built from the C string encoder: json.dumps itself was half the
-    cost of expanding a million items."""
+    cost of expanding a million items. Reference images (a file by the sha256 of its bytes,
+    a URL by its text) and params extend the list only when there are any, so a prompt
+    without them keeps the id it had before they existed."""
     size = _quote(config.image_size) if config.image_size is not None else "null"
-    key = f"[{_quote(model)}, {_quote(prompt)}, {_quote(config.aspect_ratio)}, {size}, {repeat}]"
-    return hashlib.sha256(key.encode()).hexdigest()[:20]
+    key = f"[{_quote(model)}, {_quote(prompt)}, {_quote(config.aspect_ratio)}, {size}, {repeat}"
+    if inputs or params:
+        key += ", " + json.dumps([i.key for i in inputs]) + ", " + json.dumps([list(p) for p in params])
+    return hashlib.sha256((key + "]").encode("utf-8", "surrogatepass")).hexdigest()[:20]
 
 
 def iter_items(spec: JobSpec, shard: Shard | None = None) -> Iterator[Item]:
@@ -90,32 +118,67 @@ def iter_keys(spec: JobSpec, shard: Shard | None = None) -> Iterator[int]:
 
 def _expand(spec: JobSpec, shard: Shard | None) -> Iterator[tuple[int, tuple[Any, ...]]]:
     seen: set[int] = set()  # ints, not strings: a million ids stay in tens of MB
-    for pid, text, model, configs, repeats, vars_ in _iter_prompts(spec):
+    for pid, text, model, configs, repeats, vars_, inputs, params in _iter_prompts(spec):
         for config in configs:
             for r in range(repeats):
-                iid = item_id(model, text, config, r)
+                iid = item_id(model, text, config, r, inputs, params)
                 key = int(iid, 16)
                 if key in seen:
                     continue
                 seen.add(key)
                 if shard is None or shard.owns(key):
-                    yield key, (iid, pid, text, model, config, r, vars_)
+                    yield key, (iid, pid, text, model, config, r, vars_, inputs, params)
 
 
-def _iter_prompts(
-    spec: JobSpec,
-) -> Iterator[tuple[str, str, str, tuple[ImageConfig, ...], int, dict[str, str] | None]]:
+_Prompt = tuple[str, str, str, tuple[ImageConfig, ...], int, dict[str, str] | None, tuple[InputImage, ...], Params]
+
+
+def _iter_prompts(spec: JobSpec) -> Iterator[_Prompt]:
+    try:
+        yield from _iter_inline(spec)
+    except InputError as e:  # a reference image changed or went away since the spec was checked
+        raise SpecError(str(spec.spec_path), "images", str(e)) from None
+    yield from _iter_files(spec)
+
+
+def _top_images(spec: JobSpec) -> tuple[InputImage, ...]:
+    return tuple(img for ref in spec.images for img in spec.inputs.resolve(ref))
+
+
+def _iter_inline(spec: JobSpec) -> Iterator[_Prompt]:
+    resolve = spec.inputs.resolve
+    top = _top_images(spec)
     for p in spec.prompts:
         if p.template is not None:
+            fixed = not any("{" in ref for ref in p.images)
+            own = tuple(img for ref in p.images for img in resolve(ref)) if fixed else ()
             for text, vars_ in p.template.expand():
-                yield p.prompt_id, text, p.model, p.image_configs, p.repeats, vars_
+                if not fixed:
+                    own = tuple(img for ref in p.images for img in resolve(ref.format(**vars_)))
+                yield p.prompt_id, text, p.model, p.image_configs, p.repeats, vars_, top + own, p.params
         else:
             assert p.text is not None
-            yield p.prompt_id, p.text, p.model, p.image_configs, p.repeats, None
+            own = tuple(img for ref in p.images for img in resolve(ref))
+            yield p.prompt_id, p.text, p.model, p.image_configs, p.repeats, dict(p.labels) or None, top + own, p.params
+
+
+def _iter_files(spec: JobSpec) -> Iterator[_Prompt]:
+    resolve = spec.inputs.resolve
     for i, f in enumerate(spec.prompt_files):
         assert spec.model is not None  # the spec checker requires it with prompt_files
         try:
-            for pid, text in iter_prompts(f.path, f.kind):
-                yield pid, text, spec.model, spec.image_configs, spec.repeats, None
-        except (OSError, ValueError) as e:  # the file changed since the spec was checked
+            top = _top_images(spec)
+            for fp in iter_prompts(f.path, f.kind):
+                own = tuple(img for ref in fp.images for img in resolve(ref))
+                yield (
+                    fp.prompt_id,
+                    fp.text,
+                    spec.model,
+                    spec.image_configs,
+                    spec.repeats,
+                    fp.labels,
+                    top + own,
+                    spec.params,
+                )
+        except (OSError, ValueError) as e:  # the file changed since the spec was checked (InputError included)
             raise SpecError(str(spec.spec_path), f"prompt_files[{i}]", f"{f.path}: {e}") from None

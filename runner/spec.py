@@ -2,31 +2,34 @@
 
 from __future__ import annotations
 
-import difflib
 import hashlib
+import itertools
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from .checks import Checker, check_url, describe
 from .errors import SpecError
+from .inputs import InputError, Inputs, check_request
 from .models import MODELS
-from .remote import is_remote
 from .sources import columns, file_kind, iter_prompts
-from .templates import Template, parse_template
+from .templates import Template, parse_template, placeholders
+from .yamlfile import load_yaml
 
 DEFAULT_BASE_URL = "https://api.getinfinityblue.com/v1"
+DEFAULT_CONFIG = "1:1"  # when image_configs is absent: one square image at the model's default size
+API_FORMATS = ("nanobanana", "openai-compatible")
 TOP_KEYS = {
     "name", "model", "image_configs", "repeats", "prompts", "prompt_files", "output_dir",
     "base_url", "api_key_env", "concurrency", "requests_per_minute", "max_attempts",
     "timeout_s", "max_cost_usd", "pricing", "max_consecutive_failures", "backoff_base_s", "backoff_max_s",
+    "images", "params", "api_format", "max_response_mb", "notify_url", "on_finish",
 }  # fmt: skip
-PROMPT_KEYS = {"id", "prompt", "model", "image_configs", "repeats"}
+PROMPT_KEYS = {"id", "prompt", "model", "image_configs", "repeats", "images", "params", "vars"}
 TEMPLATE_KEYS = {"id", "template", "vars", "combine", "sample", "seed", "model", "image_configs", "repeats"}
-CONFIG_KEYS = {"aspect_ratio", "image_size"}
+TEMPLATE_KEYS |= {"images", "params"}
 
 
 @dataclass(frozen=True)
@@ -42,9 +45,12 @@ class ImageConfig:
         return d
 
 
+Params = tuple[tuple[str, Any], ...]  # sorted (name, value) pairs: frozen and hashable
+
+
 @dataclass(frozen=True)
 class PromptEntry:
-    """One inline prompt or template; model/configs/repeats already resolved."""
+    """One inline prompt or template; model/configs/repeats/params already resolved."""
 
     prompt_id: str
     model: str
@@ -52,6 +58,9 @@ class PromptEntry:
     repeats: int
     text: str | None = None
     template: Template | None = None
+    images: tuple[str, ...] = ()  # its own references (templates may hold {placeholders}), after the top-level ones
+    params: Params = ()
+    labels: tuple[tuple[str, str], ...] = ()  # `vars` of a plain prompt
 
 
 @dataclass(frozen=True)
@@ -83,91 +92,14 @@ class JobSpec:
     backoff_max_s: float
     pricing: tuple[tuple[str, tuple[tuple[str, float], ...]], ...]
     fingerprint: str  # hash of what decides the items: changes mean spec drift
-
-
-class _Checker:
-    """Reads values out of the YAML tree, naming file and key path in every error."""
-
-    def __init__(self, file: str) -> None:
-        self.file = file
-
-    def fail(self, key: str, problem: str) -> SpecError:
-        return SpecError(self.file, key, problem)
-
-    def mapping(self, value: Any, key: str, allowed: set[str]) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise self.fail(key, f"expected a mapping, got {_kind(value)}")
-        for k in value:
-            if not isinstance(k, str) or k not in allowed:
-                near = difflib.get_close_matches(str(k), sorted(allowed), n=1)
-                hint = f" (did you mean {near[0]!r}?)" if near else f" (known: {', '.join(sorted(allowed))})"
-                raise self.fail(_join(key, str(k)), f"unknown key{hint}")
-        return value
-
-    def string(self, value: Any, key: str) -> str:
-        if not isinstance(value, str) or not value.strip():
-            raise self.fail(key, f"expected a non-empty string, got {_kind(value)}")
-        return value.strip()
-
-    def integer(self, value: Any, key: str, lo: int, hi: int | None = None) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(key, f"expected a whole number, got {_kind(value)}")
-        if value < lo or (hi is not None and value > hi):
-            raise self.fail(key, f"must be between {lo} and {hi}" if hi else f"must be at least {lo}")
-        return value
-
-    def number(self, value: Any, key: str, lo: float, *, strict: bool = False) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(key, f"expected a number, got {_kind(value)}")
-        if value < lo or (strict and value == lo):
-            raise self.fail(key, f"must be {'greater than' if strict else 'at least'} {lo}")
-        return float(value)
-
-    def model(self, value: Any, key: str) -> str:
-        name = self.string(value, key)
-        if name not in MODELS:
-            raise self.fail(key, f"unknown model {name!r} (known: {', '.join(MODELS)})")
-        return name
-
-    def configs(self, value: Any, key: str) -> tuple[ImageConfig, ...]:
-        if not isinstance(value, list) or not value:
-            raise self.fail(key, "expected a non-empty list of {aspect_ratio, image_size} mappings")
-        out = []
-        for i, raw in enumerate(value):
-            k = f"{key}[{i}]"
-            m = self.mapping(raw, k, CONFIG_KEYS)
-            ratio = m.get("aspect_ratio")
-            if isinstance(ratio, int) and not isinstance(ratio, bool):
-                raise self.fail(
-                    f"{k}.aspect_ratio", 'write ratios in quotes, e.g. "16:9" (YAML reads 16:9 as a number)'
-                )
-            ratio = self.string(ratio, f"{k}.aspect_ratio")
-            size = m.get("image_size")
-            if isinstance(size, int) and not isinstance(size, bool):
-                size = str(size)
-            if size is not None:
-                size = self.string(size, f"{k}.image_size")
-            out.append(ImageConfig(ratio, size))
-        return tuple(out)
-
-    def check_support(self, model: str, configs: tuple[ImageConfig, ...], key: str) -> None:
-        info = MODELS[model]
-        for i, c in enumerate(configs):
-            if c.aspect_ratio not in info.aspect_ratios:
-                raise self.fail(
-                    f"{key}[{i}].aspect_ratio",
-                    f"{model} does not support aspect ratio {c.aspect_ratio!r} (supported: {' '.join(info.aspect_ratios)})",
-                )
-            if c.image_size is None:
-                continue
-            if not info.sizes:
-                raise self.fail(f"{key}[{i}].image_size", f"{model} takes no image_size (it always makes ~1K images)")
-            if c.image_size not in info.sizes:
-                hint = " (sizes are uppercase)" if c.image_size.upper() in info.sizes else ""
-                raise self.fail(
-                    f"{key}[{i}].image_size",
-                    f"{model} does not support image_size {c.image_size!r}{hint} (supported: {' '.join(info.sizes)})",
-                )
+    api_format: str = "nanobanana"
+    images: tuple[str, ...] = ()  # references sent first with every prompt
+    params: Params = ()  # top-level params (prompts carry them merged already)
+    max_response_mb: float = 64.0
+    notify_url: str | None = None
+    on_finish: str | None = None
+    warnings: tuple[str, ...] = ()
+    inputs: Inputs = field(default_factory=lambda: Inputs(Path(".")), compare=False, repr=False)
 
 
 def load_spec(path: str | Path) -> JobSpec:
@@ -175,72 +107,85 @@ def load_spec(path: str | Path) -> JobSpec:
     path = Path(path)
     file = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise SpecError(file, "", "file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(file, "", f"cannot read: {e}") from None
+    except OSError as e:
+        raise SpecError(file, "", f"cannot read: {e.strerror or e}") from None
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise SpecError(file, "", f"not valid YAML: {where}{getattr(e, 'problem', None) or e}") from None
-    return parse_spec(raw, path)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise SpecError(file, "", f"line {line}: not valid UTF-8; save the spec as UTF-8") from None
+    return parse_spec(load_yaml(text, file), path)
 
 
 def parse_spec(raw: Any, path: Path) -> JobSpec:
-    c = _Checker(str(path))
+    c = Checker(str(path))
     base = path.parent
     top = c.mapping(raw, "", TOP_KEYS) if raw is not None else c.mapping({}, "", TOP_KEYS)
     if "name" not in top:
         raise c.fail("name", "required key is missing")
     name = c.string(top["name"], "name")
     model = c.model(top["model"], "model") if "model" in top else None
-    configs = c.configs(top["image_configs"], "image_configs") if "image_configs" in top else (ImageConfig("1:1"),)
+    configs = (
+        c.configs(top["image_configs"], "image_configs") if "image_configs" in top else (ImageConfig(DEFAULT_CONFIG),)
+    )
     repeats = c.integer(top.get("repeats", 1), "repeats", 1, 10_000)
+    inputs = Inputs(base)
+    images = _refs(c, top.get("images"), "images")
+    for i, ref in enumerate(images):
+        _resolve(c, inputs, ref, f"images[{i}]")
+    params = _params(c, top.get("params"), "params", {}, repeats)
+    ctx = _Context(c, base, inputs, images, dict(params), model, configs, repeats)
 
     prompts: list[PromptEntry] = []
     ids: set[str] = set()
     raw_prompts = top.get("prompts") or []
     if not isinstance(raw_prompts, list):
-        raise c.fail("prompts", f"expected a list, got {_kind(raw_prompts)}")
+        raise c.fail("prompts", f"expected a list, got {describe(raw_prompts)}")
     for i, p in enumerate(raw_prompts):
-        entry = _prompt_entry(c, p, f"prompts[{i}]", model, configs, repeats, base)
+        entry = _prompt_entry(ctx, p, f"prompts[{i}]")
         if entry.prompt_id in ids:
             raise c.fail(f"prompts[{i}].id", f"duplicate prompt id {entry.prompt_id!r}")
         ids.add(entry.prompt_id)
         prompts.append(entry)
 
-    files: list[PromptFile] = []
-    raw_files = top.get("prompt_files") or []
-    if not isinstance(raw_files, list):
-        raise c.fail("prompt_files", f"expected a list of paths, got {_kind(raw_files)}")
-    for i, f in enumerate(raw_files):
-        files.append(_prompt_file(c, f, f"prompt_files[{i}]", base))
-    if files:
+    raw_files = _list(c, top.get("prompt_files"), "prompt_files")
+    if raw_files:
         if model is None:
             raise c.fail("model", "required when prompt_files are given (file prompts use the default model)")
         c.check_support(model, configs, "image_configs")
+    files = [_prompt_file(ctx, f, f"prompt_files[{i}]") for i, f in enumerate(raw_files)]
     if not prompts and not any(f.count for f in files):
         raise c.fail("prompts", "the spec has no prompts (give `prompts` or `prompt_files`)")
 
     out = top.get("output_dir")
     output_dir: Path | str
-    if out is not None and is_remote(c.string(out, "output_dir")):
+    if (
+        out is not None
+        and "://" in c.string(out, "output_dir")
+        and not c.string(out, "output_dir").startswith("file://")
+    ):
         output_dir = c.string(out, "output_dir")
     else:
         output_dir = Path(
             os.path.normpath(base / c.string(out, "output_dir") if out is not None else base / "out" / name)
         )
     base_url = c.string(top.get("base_url", DEFAULT_BASE_URL), "base_url").rstrip("/")
-    if not re.match(r"^https?://[^\s/]+", base_url):
-        raise c.fail("base_url", f"expected an http(s) URL, got {base_url!r}")
+    if (problem := check_url(base_url)) is not None:
+        raise c.fail("base_url", problem)
     key_env = c.string(top.get("api_key_env", "NANOBANANA_API_KEY"), "api_key_env")
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
         raise c.fail(
             "api_key_env", "expected the NAME of an environment variable (the key itself never goes in a spec)"
         )
+    api_format = top.get("api_format", "nanobanana")
+    if api_format not in API_FORMATS:
+        raise c.fail("api_format", f"expected one of {', '.join(API_FORMATS)}, got {describe(api_format)}")
+    notify = top.get("notify_url")
+    if notify is not None and (problem := check_url(c.string(notify, "notify_url"))) is not None:
+        raise c.fail("notify_url", problem)
     max_cost = top.get("max_cost_usd")
     return JobSpec(
         name=name,
@@ -262,53 +207,204 @@ def parse_spec(raw: Any, path: Path) -> JobSpec:
         backoff_base_s=c.number(top.get("backoff_base_s", 1.0), "backoff_base_s", 0),
         backoff_max_s=c.number(top.get("backoff_max_s", 60.0), "backoff_max_s", 0),
         pricing=_pricing(c, top.get("pricing")),
-        fingerprint=_fingerprint(prompts, files, model, configs, repeats),
+        fingerprint=_fingerprint(prompts, files, model, configs, repeats, images, params),
+        api_format=api_format,
+        images=images,
+        params=params,
+        max_response_mb=c.number(top.get("max_response_mb", 64), "max_response_mb", 0, strict=True),
+        notify_url=None if notify is None else str(notify).strip(),
+        on_finish=None if top.get("on_finish") is None else c.string(top["on_finish"], "on_finish"),
+        warnings=tuple(ctx.warnings),
+        inputs=inputs,
     )
 
 
-def _prompt_entry(
-    c: _Checker, p: Any, key: str, model: str | None, configs: tuple[ImageConfig, ...], repeats: int, base: Path
-) -> PromptEntry:
+@dataclass
+class _Context:
+    """What every prompt inherits, and where warnings collect."""
+
+    c: Checker
+    base: Path
+    inputs: Inputs
+    images: tuple[str, ...]
+    params: dict[str, Any]
+    model: str | None
+    configs: tuple[ImageConfig, ...]
+    repeats: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def _prompt_entry(ctx: _Context, p: Any, key: str) -> PromptEntry:
+    c = ctx.c
     if isinstance(p, str):
         text = c.string(p, key)
-        if model is None:
+        if ctx.model is None:
             raise c.fail("model", f"required: {key} names no model of its own")
-        c.check_support(model, configs, "image_configs")
-        return PromptEntry(_derived_id(text), model, configs, repeats, text=text)
+        c.check_support(ctx.model, ctx.configs, "image_configs")
+        _check_request(ctx, ctx.model, text, (), key)
+        return PromptEntry(
+            _derived_id(text), ctx.model, ctx.configs, ctx.repeats, text=text, params=_sorted(ctx.params)
+        )
+    if isinstance(p, dict) and len(p) == 1 and not set(p) & (PROMPT_KEYS | TEMPLATE_KEYS):
+        ((k, v),) = p.items()
+        raise c.fail(
+            key,
+            f"YAML read this prompt as a mapping ({k!r}: {v!r}) because of the ': ' in it; put the whole prompt in quotes",
+        )
     is_template = isinstance(p, dict) and "template" in p
     m = c.mapping(p, key, TEMPLATE_KEYS if is_template else PROMPT_KEYS)
-    own_model = c.model(m["model"], f"{key}.model") if "model" in m else model
+    own_model = c.model(m["model"], f"{key}.model") if "model" in m else ctx.model
     if own_model is None:
         raise c.fail(f"{key}.model", "no model: set `model` at the top of the spec or on this prompt")
-    own_configs = c.configs(m["image_configs"], f"{key}.image_configs") if "image_configs" in m else configs
-    c.check_support(own_model, own_configs, f"{key}.image_configs" if "image_configs" in m else "image_configs")
-    own_repeats = c.integer(m.get("repeats", repeats), f"{key}.repeats", 1, 10_000)
+    if "image_configs" in m:
+        own_configs = c.configs(m["image_configs"], f"{key}.image_configs")
+        c.check_support(own_model, own_configs, f"{key}.image_configs")
+    else:
+        own_configs = ctx.configs
+        c.check_support(own_model, own_configs, "image_configs", inherited_by=key)
+    own_repeats = c.integer(m.get("repeats", ctx.repeats), f"{key}.repeats", 1, 10_000)
+    own_images = _refs(c, m.get("images"), f"{key}.images")
+    params = _params(c, m.get("params"), f"{key}.params", ctx.params, own_repeats)
     pid = str(m["id"]).strip() if m.get("id") not in (None, "") else None
     if is_template:
-        tpl = parse_template(c.file, key, m, base)
-        return PromptEntry(pid or f"t_{tpl.digest[:8]}", own_model, own_configs, own_repeats, template=tpl)
+        used = frozenset(n for ref in own_images for n in _placeholders(c, ref, f"{key}.images"))
+        tpl = parse_template(c.file, key, m, ctx.base, used)
+        missing = used - set(tpl.names)
+        if missing:
+            raise c.fail(f"{key}.images", f"placeholder {{{sorted(missing)[0]}}} has no variable in vars")
+        if tpl.sample and tpl.sample > tpl.full_count:
+            ctx.warnings.append(
+                f"{key}: sample {tpl.sample} is more than the {tpl.full_count} combinations: every one is used"
+            )
+        _check_template_images(ctx, own_model, tpl, own_images, key)
+        entry_id = pid or f"t_{tpl.digest[:8]}"
+        return PromptEntry(
+            entry_id, own_model, own_configs, own_repeats, template=tpl, images=own_images, params=params
+        )
     if "prompt" not in m:
         raise c.fail(f"{key}.prompt", "required key is missing")
     text = c.string(m["prompt"], f"{key}.prompt")
-    return PromptEntry(pid or _derived_id(text), own_model, own_configs, own_repeats, text=text)
+    for i, ref in enumerate(own_images):
+        _resolve(c, ctx.inputs, ref, f"{key}.images[{i}]")
+    _check_request(ctx, own_model, text, own_images, key)
+    labels = _labels(c, m.get("vars"), f"{key}.vars")
+    return PromptEntry(
+        pid or _derived_id(text), own_model, own_configs, own_repeats, text=text, images=own_images, params=params,
+        labels=labels,
+    )  # fmt: skip
 
 
-def _prompt_file(c: _Checker, f: Any, key: str, base: Path) -> PromptFile:
-    path = base / c.string(f, key)
+def _check_template_images(ctx: _Context, model: str, tpl: Template, refs: tuple[str, ...], key: str) -> None:
+    """Resolve every path the template's images can take (only the vars they use are combined)."""
+    used = sorted({n for ref in refs for n in placeholders(ref)})
+    if not refs:
+        _check_request(ctx, model, tpl.template, (), key)
+        return
+    columns_ = [tpl.values[tpl.names.index(n)] for n in used]
+    combos = zip(*columns_, strict=True) if tpl.combine == "zip" and used else itertools.product(*columns_)
+    for combo in combos:
+        values = dict(zip(used, combo, strict=True))
+        images: list[Any] = []
+        for i, ref in enumerate(refs):
+            images += _resolve(ctx.c, ctx.inputs, ref.format(**values), f"{key}.images[{i}]")
+        _check_request(ctx, model, tpl.template, tuple(images), key, resolved=True)
+
+
+def _check_request(
+    ctx: _Context, model: str, text: str, refs: tuple[Any, ...], key: str, resolved: bool = False
+) -> None:
+    images = [img for ref in ctx.images for img in ctx.inputs.resolve(ref)]
+    images += list(refs) if resolved else [img for ref in refs for img in ctx.inputs.resolve(ref)]
+    problem = check_request(model, text, tuple(images))
+    if problem is not None:
+        raise ctx.c.fail(f"{key}.images" if refs else key, problem)
+
+
+def _resolve(c: Checker, inputs: Inputs, ref: str, key: str) -> tuple[Any, ...]:
+    try:
+        return inputs.resolve(ref)
+    except InputError as e:
+        raise c.fail(key, str(e)) from None
+
+
+def _placeholders(c: Checker, ref: str, key: str) -> list[str]:
+    try:
+        return placeholders(ref)
+    except ValueError as e:
+        raise c.fail(key, str(e)) from None
+
+
+def _refs(c: Checker, raw: Any, key: str) -> tuple[str, ...]:
+    return tuple(c.string(r, f"{key}[{i}]") for i, r in enumerate(_list(c, raw, key)))
+
+
+def _list(c: Checker, raw: Any, key: str) -> list[Any]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise c.fail(key, f"expected a list, got {describe(raw)}")
+    return raw
+
+
+def _params(c: Checker, raw: Any, key: str, inherited: dict[str, Any], repeats: int) -> tuple[tuple[str, Any], ...]:
+    """seed, temperature, top_p: checked; merged over what the prompt inherits."""
+    out = dict(inherited)
+    if raw is not None:
+        m = c.mapping(raw, key, {"seed", "temperature", "top_p"})
+        if "seed" in m:
+            out["seed"] = c.integer(m["seed"], f"{key}.seed", -(2**31), 2**31 - 1)
+        if "temperature" in m:
+            out["temperature"] = c.number(m["temperature"], f"{key}.temperature", 0, hi=2)
+        if "top_p" in m:
+            out["top_p"] = c.number(m["top_p"], f"{key}.top_p", 0, hi=1)
+    seed = out.get("seed")
+    if seed is not None and (seed <= 0 <= seed + repeats - 1 or seed + repeats - 1 > 2**31 - 1):
+        raise c.fail(f"{key}.seed", f"seed + repeat ({seed}..{seed + repeats - 1}) must stay a non-zero 32-bit integer")
+    return _sorted(out)
+
+
+def _sorted(params: dict[str, Any]) -> Params:
+    return tuple(sorted(params.items()))
+
+
+def _labels(c: Checker, raw: Any, key: str) -> tuple[tuple[str, str], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict) or not raw:
+        raise c.fail(key, f"expected a mapping of labels such as {{animal: fox}}, got {describe(raw)}")
+    out = []
+    for name, value in raw.items():
+        if not isinstance(name, str) or not name.strip():
+            raise c.fail(key, f"label names must be strings, got {describe(name)}")
+        if isinstance(value, (dict, list)) or value is None:
+            raise c.fail(f"{key}.{name}", f"expected a plain value, got {describe(value)}")
+        out.append((name, str(value).lower() if isinstance(value, bool) else str(value)))
+    return tuple(out)
+
+
+def _prompt_file(ctx: _Context, f: Any, key: str) -> PromptFile:
+    c = ctx.c
+    path = ctx.base / c.string(f, key)
     kind = file_kind(path, c.file, key)
-    cols = columns(path, kind)
-    if cols is not None and "prompt" not in cols:
-        raise c.fail(key, f"{path}: no 'prompt' column (columns: {', '.join(sorted(cols)) or 'none'})")
     count = 0
-    try:  # one streaming pass, so a bad line is a spec error now and not a crash mid-run
-        for _ in iter_prompts(path, kind):
-            count += 1
-    except (ValueError, UnicodeDecodeError) as e:
+    try:
+        cols = columns(path, kind)
+        if cols is not None and "prompt" not in cols:
+            raise c.fail(key, f"{path}: no 'prompt' column (columns: {', '.join(sorted(cols)) or 'none'})")
+        # One streaming pass, so a bad line is a spec error now and not a crash mid-run.
+        for count, prompt in enumerate(iter_prompts(path, kind), 1):  # noqa: B007
+            assert ctx.model is not None  # checked before the files
+            refs = (*ctx.images, *prompt.images)
+            images = tuple(img for ref in refs for img in ctx.inputs.resolve(ref))
+            problem = check_request(ctx.model, prompt.text, images)
+            if problem is not None:
+                raise ValueError(f"prompt {prompt.prompt_id!r}: {problem}")
+    except (ValueError, OSError) as e:  # InputError is a ValueError
         raise c.fail(key, f"{path}: {e}") from None
     return PromptFile(path, kind, count)
 
 
-def _pricing(c: _Checker, raw: Any) -> tuple[tuple[str, tuple[tuple[str, float], ...]], ...]:
+def _pricing(c: Checker, raw: Any) -> tuple[tuple[str, tuple[tuple[str, float], ...]], ...]:
     if raw is None:
         return ()
     m = c.mapping(raw, "pricing", set(MODELS))
@@ -335,8 +431,10 @@ def _fingerprint(
     model: str | None,
     configs: tuple[ImageConfig, ...],
     repeats: int,
+    images: tuple[str, ...],
+    params: Params,
 ) -> str:
-    h = hashlib.sha256(repr((prompts, model, configs, repeats)).encode())
+    h = hashlib.sha256(repr((prompts, model, configs, repeats, images, params)).encode())
     for f in files:
         st = f.path.stat()
         h.update(f"{f.path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -345,16 +443,6 @@ def _fingerprint(
 
 def _derived_id(text: str) -> str:
     return "p_" + hashlib.sha256(text.encode()).hexdigest()[:8]
-
-
-def _join(key: str, part: str) -> str:
-    return f"{key}.{part}" if key else part
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "true/false"}.get(type(value), f"{value!r}")
 
 
 def spec_summary(spec: JobSpec) -> dict[str, Any]:
@@ -368,4 +456,5 @@ def spec_summary(spec: JobSpec) -> dict[str, Any]:
         "repeats": spec.repeats,
         "prompts": len(spec.prompts),
         "prompt_files": {str(f.path): f.count for f in spec.prompt_files},
+        "api_format": spec.api_format,
     }

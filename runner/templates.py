@@ -7,6 +7,7 @@ import heapq
 import itertools
 import json
 import math
+import random
 import string
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +18,10 @@ from .errors import SpecError
 from .sources import columns, file_kind, read_values
 
 VAR_FILE_KEYS = {"file", "column"}
+MAX_COMBINATIONS = 10_000_000  # a template without `sample` expands to at most this many prompts
+# Up to this many combinations, `sample` ranks them all by a seeded hash (the order older runs
+# used); past it, it draws seeded random indices without enumerating anything.
+RANK_LIMIT = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -40,23 +45,66 @@ class Template:
             return zip(*self.values, strict=True)
         return itertools.product(*self.values)
 
+    @property
+    def count(self) -> int:
+        """How many prompts it yields: the sample size, or every combination."""
+        return min(self.sample, self.full_count) if self.sample else self.full_count
+
     def expand(self) -> Iterator[tuple[str, dict[str, str]]]:
         """Yield (prompt text, vars) for every combination, or for the seeded sample."""
         combos: Iterator[tuple[str, ...]] = self._combos()
         if self.sample and self.sample < self.full_count:
-            # Rank every combination by a seeded hash and keep the N lowest: the same seed
-            # picks the same items, and a larger N keeps all the items a smaller one picked.
-            picked = heapq.nsmallest(self.sample, enumerate(combos), key=lambda ic: self._rank(ic[1]))
-            combos = (combo for _, combo in sorted(picked))
+            if self.full_count <= RANK_LIMIT:
+                # Rank every combination by a seeded hash and keep the N lowest: the same seed
+                # picks the same items, and a larger N keeps all the items a smaller one picked.
+                picked = heapq.nsmallest(self.sample, enumerate(combos), key=lambda ic: self._rank(ic[1]))
+                combos = (combo for _, combo in sorted(picked))
+            else:
+                combos = (self._combo(i) for i in self._draw())
         for combo in combos:
             vars_ = dict(zip(self.names, combo, strict=True))
             yield self.template.format(**vars_), vars_
+
+    def _draw(self) -> list[int]:
+        """`sample` distinct combination numbers from a seeded stream: reproducible, and a
+        larger sample keeps the smaller one's picks (it reads further down the same stream)."""
+        rng = random.Random(f"runner-sample:{self.seed}")
+        picked: dict[int, None] = {}
+        while len(picked) < (self.sample or 0):
+            picked.setdefault(rng.randrange(self.full_count))
+        return sorted(picked)
+
+    def _combo(self, number: int) -> tuple[str, ...]:
+        """The combination at this position of the full product (or zip)."""
+        if self.combine == "zip":
+            return tuple(v[number] for v in self.values)
+        out = []
+        for values in reversed(self.values):
+            number, i = divmod(number, len(values))
+            out.append(values[i])
+        return tuple(reversed(out))
 
     def _rank(self, combo: tuple[str, ...]) -> bytes:
         return hashlib.sha256(json.dumps([self.seed, combo], ensure_ascii=False).encode()).digest()
 
 
-def parse_template(file: str, key: str, m: dict[str, Any], base: Path) -> Template:
+def placeholders(text: str) -> list[str]:
+    """The {names} in a template string; ValueError for a malformed one."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"{e} (write a literal brace as {{{{ or }}}})") from None
+    for f in fields:
+        if not f.isidentifier():
+            raise ValueError(f"placeholder {{{f}}} must be a plain name like {{subject}}")
+    return fields
+
+
+def parse_template(
+    file: str, key: str, m: dict[str, Any], base: Path, also_used: frozenset[str] = frozenset()
+) -> Template:
+    """Check a template mapping; `also_used` are placeholders of its image paths, which may name vars too."""
+
     def fail(k: str, problem: str) -> SpecError:
         return SpecError(file, f"{key}.{k}", problem)
 
@@ -64,12 +112,9 @@ def parse_template(file: str, key: str, m: dict[str, Any], base: Path) -> Templa
     if not isinstance(text, str) or not text.strip():
         raise fail("template", "expected a non-empty string")
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+        fields = placeholders(text)
     except ValueError as e:
-        raise fail("template", f"{e} (write a literal brace as {{{{ or }}}})") from None
-    for f in fields:
-        if not f.isidentifier():
-            raise fail("template", f"placeholder {{{f}}} must be a plain name like {{subject}}")
+        raise fail("template", str(e)) from None
     raw_vars = m.get("vars")
     if not isinstance(raw_vars, dict) or not raw_vars:
         raise fail("vars", "a template needs a mapping of variables to lists of values")
@@ -80,7 +125,7 @@ def parse_template(file: str, key: str, m: dict[str, Any], base: Path) -> Templa
             )
     names, values = [], []
     for name, raw in raw_vars.items():
-        if name not in fields:
+        if name not in fields and name not in also_used:
             raise fail(f"vars.{name}", f"variable {name!r} is not used in the template {text!r}")
         names.append(str(name))
         values.append(_values(file, f"{key}.vars.{name}", raw, base))
@@ -93,11 +138,21 @@ def parse_template(file: str, key: str, m: dict[str, Any], base: Path) -> Templa
     sample = m.get("sample")
     if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or sample < 1):
         raise fail("sample", "expected a whole number of at least 1")
+    if sample is not None and sample > MAX_COMBINATIONS:
+        raise fail("sample", f"at most {MAX_COMBINATIONS:,}")
     seed = m.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise fail("seed", "expected a whole number")
     digest = hashlib.sha256(json.dumps([text, names, values, combine, sample, seed]).encode()).hexdigest()
-    return Template(text, tuple(names), tuple(tuple(v) for v in values), combine, sample, seed, digest)
+    tpl = Template(text, tuple(names), tuple(tuple(v) for v in values), combine, sample, seed, digest)
+    if sample is None and tpl.full_count > MAX_COMBINATIONS:
+        sizes = " x ".join(str(len(v)) for v in values)
+        raise fail(
+            "vars",
+            f"the template makes {tpl.full_count:,} combinations ({sizes}), more than {MAX_COMBINATIONS:,}; "
+            "add `sample: N` to draw N of them",
+        )
+    return tpl
 
 
 def _values(file: str, key: str, raw: Any, base: Path) -> list[str]:

@@ -1,0 +1,143 @@
+"""Checks of single spec values, each naming the file, the key path and the problem."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from .errors import SpecError
+from .models import MODELS
+
+if TYPE_CHECKING:
+    from .spec import ImageConfig
+
+CONFIG_KEYS = {"aspect_ratio", "image_size"}
+
+
+def describe(value: Any) -> str:
+    """What YAML made of a value, with the usual cause when it was not meant."""
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (YAML reads yes/no/on/off/true/false unquoted as true/false: put it in quotes)"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r} (put it in quotes if it is text)"
+    return {dict: "a mapping", list: "a list", str: "a string"}.get(type(value), repr(value))
+
+
+def check_url(url: str) -> str | None:
+    """Why an http(s) base URL is unusable, or None."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        return f"not a usable URL ({e})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"expected an http(s) URL such as https://host/v1, got {url!r}"
+    if parts.username is not None or parts.password is not None:
+        return "the URL holds a user name or password; they would be sent and logged: put the key in api_key_env"
+    if parts.query or parts.fragment or any(ch.isspace() or ord(ch) < 32 for ch in url):
+        return "the URL must not hold a query, a fragment, spaces or control characters"
+    del port
+    return None
+
+
+class Checker:
+    """Reads values out of the YAML tree, naming file and key path in every error."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+
+    def fail(self, key: str, problem: str) -> SpecError:
+        return SpecError(self.file, key, problem)
+
+    def mapping(self, value: Any, key: str, allowed: set[str]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a mapping, got {describe(value)}")
+        for k in value:
+            if not isinstance(k, str) or k not in allowed:
+                near = difflib.get_close_matches(str(k), sorted(allowed), n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else f" (known: {', '.join(sorted(allowed))})"
+                raise self.fail(f"{key}.{k}" if key else str(k), f"unknown key{hint}")
+        return value
+
+    def string(self, value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(key, f"expected a non-empty string, got {describe(value)}")
+        return value.strip()
+
+    def integer(self, value: Any, key: str, lo: int, hi: int | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, f"expected a whole number, got {describe(value)}")
+        if value < lo or (hi is not None and value > hi):
+            raise self.fail(key, f"must be between {lo} and {hi}" if hi is not None else f"must be at least {lo}")
+        return value
+
+    def number(self, value: Any, key: str, lo: float, *, strict: bool = False, hi: float | None = None) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(key, f"expected a number, got {describe(value)}")
+        if not math.isfinite(value):
+            raise self.fail(key, f"expected a finite number, got {value}")
+        if value < lo or (strict and value == lo):
+            raise self.fail(key, f"must be {'greater than' if strict else 'at least'} {lo:g}")
+        if hi is not None and value > hi:
+            raise self.fail(key, f"must be at most {hi:g}")
+        return float(value)
+
+    def model(self, value: Any, key: str) -> str:
+        name = self.string(value, key)
+        if name not in MODELS:
+            raise self.fail(key, f"unknown model {name!r} (known: {', '.join(MODELS)})")
+        return name
+
+    def configs(self, value: Any, key: str) -> tuple[ImageConfig, ...]:
+        from .spec import ImageConfig
+
+        if not isinstance(value, list) or not value:
+            raise self.fail(key, "expected a non-empty list of {aspect_ratio, image_size} mappings")
+        out = []
+        for i, raw in enumerate(value):
+            k = f"{key}[{i}]"
+            m = self.mapping(raw, k, CONFIG_KEYS)
+            ratio = m.get("aspect_ratio")
+            if isinstance(ratio, int) and not isinstance(ratio, bool):
+                raise self.fail(
+                    f"{k}.aspect_ratio", 'write ratios in quotes, e.g. "16:9" (YAML reads 16:9 as a number)'
+                )
+            ratio = self.string(ratio, f"{k}.aspect_ratio")
+            size = m.get("image_size")
+            if isinstance(size, int) and not isinstance(size, bool):
+                size = str(size)
+            if size is not None:
+                size = self.string(size, f"{k}.image_size")
+            out.append(ImageConfig(ratio, size))
+        return tuple(out)
+
+    def check_support(
+        self, model: str, configs: tuple[ImageConfig, ...], key: str, inherited_by: str | None = None
+    ) -> None:
+        """Does `model` take every config? `inherited_by` names a prompt using the top-level configs."""
+        info = MODELS[model]
+        for i, c in enumerate(configs):
+            problem = None
+            field = "aspect_ratio"
+            if c.aspect_ratio not in info.aspect_ratios:
+                problem = f"{model} does not support aspect ratio {c.aspect_ratio!r} (supported: {' '.join(info.aspect_ratios)})"
+            elif c.image_size is not None and not info.sizes:
+                problem, field = f"{model} takes no image_size (it always makes ~1K images)", "image_size"
+            elif c.image_size is not None and c.image_size not in info.sizes:
+                hint = " (sizes are uppercase)" if c.image_size.upper() in info.sizes else ""
+                problem = (
+                    f"{model} does not support image_size {c.image_size!r}{hint} (supported: {' '.join(info.sizes)})"
+                )
+                field = "image_size"
+            if problem is None:
+                continue
+            if inherited_by is not None:
+                raise self.fail(
+                    f"{inherited_by}.model",
+                    f"{problem}, but this prompt inherits the top-level {key}[{i}]; give it image_configs of its own",
+                )
+            raise self.fail(f"{key}[{i}].{field}", problem)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +19,8 @@ from .items import Shard
 EXIT_HELP = """exit status: 0 every item ok; 1 some items failed (now or before); 2 bad spec
 or usage (no key set included: nothing was sent); 3 run aborted (bad key, no balance,
 budget reached, too many consecutive failures, output dir locked, unwritable or full);
-130 interrupted."""
+130 interrupted; 70 internal error (a bug: details written to a file it names)."""
+EXIT_INTERNAL = 70
 
 
 def _formatter(prog: str) -> argparse.HelpFormatter:
@@ -49,9 +52,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--base-url", help="gateway URL (overrides base_url in the spec)")
     run.add_argument("--concurrency", type=_positive_int, help="requests in flight at most (overrides the spec)")
     run.add_argument("--retry-failed", action="store_true", help="also retry items that failed permanently before")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar (for logs and CI)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar: status lines instead (for logs)")
+    run.add_argument(
+        "--status-every",
+        type=_seconds,
+        default=60.0,
+        metavar="S",
+        help="without a bar (--no-progress, or stderr not a terminal): a status line every S seconds (0: none)",
+    )
     run.add_argument("--mock", action="store_true", help="run against the built-in mock gateway on loopback; no key")
-    run.add_argument("--max-cost", type=float, metavar="USD", help="budget for the output dir (overrides max_cost_usd)")
+    run.add_argument("--mock-latency", type=_seconds, default=0.0, metavar="S", help="with --mock: seconds per answer")
+    run.add_argument(
+        "--mock-fault",
+        action="append",
+        default=[],
+        metavar="KIND=P",
+        help="with --mock: inject KIND with probability P",
+    )
+    run.add_argument("--mock-rpm", type=int, default=0, metavar="N", help="with --mock: enforce N requests per minute")
+    run.add_argument(
+        "--max-cost", type=_money, metavar="USD", help="budget for the output dir (overrides max_cost_usd)"
+    )
+    run.add_argument(
+        "--notify-url", metavar="URL", help="POST the summary as JSON (Slack-style `text`) when the run ends"
+    )
+    run.add_argument(
+        "--on-finish", metavar="CMD", help="run CMD when the run ends (summary JSON on stdin, RUNNER_* variables)"
+    )
     run.add_argument("--verify", action="store_true", help="hash every done image on resume, not just size+mtime")
     run.add_argument("--no-fsync", action="store_true", help="skip fsync (faster; a power cut may lose recent items)")
     run.add_argument(
@@ -135,6 +162,26 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard", type=Shard.parse, metavar="K/N", help="only the K-th of N slices of the items (0-based)")
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError("expected a finite number of seconds, at least 0")
+    return value
+
+
+def _money(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected dollars, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError("expected a finite amount of dollars, more than 0")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -163,34 +210,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `runner report ... | head`: the reader left, which is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except Exception as e:
+    except Exception as e:  # a bug: never exit 1, which scripts read as "some items failed"
         if os.environ.get("RUNNER_DEBUG"):
             raise
+        from .errors import write_details
         from .policy import clean_message
 
-        why = clean_message(f"{type(e).__name__}: {e}", None)
-        print(f"runner: internal error: {why} (RUNNER_DEBUG=1 shows the traceback)", file=sys.stderr)
-        return 1
+        where = write_details(e, f"runner {' '.join(map(str, argv or sys.argv[1:]))}", _key_in_env())
+        why = clean_message(f"{type(e).__name__}: {e}", _key_in_env())
+        print(f"runner: internal error (a bug): {why}; details in {where}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _key_in_env() -> str | None:
+    """The key, if one is set in the usual variable: scrubbed from anything a bug report writes."""
+    return os.environ.get("NANOBANANA_API_KEY") or None
 
 
 def _say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    from .policy import printable
+
+    print(printable(text), file=sys.stderr, flush=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .job import RunOptions, describe, run_job
+    import anyio
+
+    from .checks import check_url
+    from .job import RunOptions, describe, run_job, summary_dict
+    from .notify import notify
     from .spec import load_spec
 
     if args.dry_run:
         return cmd_estimate(args)
+    for flag, url in (("--base-url", args.base_url), ("--notify-url", args.notify_url)):
+        if url is not None and (problem := check_url(url.rstrip("/"))) is not None:
+            raise UsageError(f"{flag}: {problem}")
     spec = load_spec(args.job)
+    for warning in spec.warnings:
+        _say(f"warning: {warning}")
     options = RunOptions(
         out=args.out,
         base_url=args.base_url.rstrip("/") if args.base_url else None,
         concurrency=args.concurrency,
         retry_failed=args.retry_failed,
         progress=not args.no_progress,
+        status_every=args.status_every,
         mock=args.mock,
+        mock_config=_mock_config(args) if args.mock else None,
         shard=args.shard,
         max_cost_usd=args.max_cost,
         verify=args.verify,
@@ -199,17 +266,63 @@ def cmd_run(args: argparse.Namespace) -> int:
         handle_signals=True,
     )
     result = run_job(spec, options, log=_say)
-    for line in describe(result):
+    lines = describe(result, _rerun_command(args))
+    for line in lines:
         _say(line)
+    url, on_finish = args.notify_url or spec.notify_url, args.on_finish or spec.on_finish
+    if url or on_finish:
+        anyio.run(
+            lambda: notify(
+                summary_dict(result), lines[0], url=url, command=on_finish, key_env=spec.api_key_env, log=_say
+            )
+        )
     return result.exit_code
 
 
+def _rerun_command(args: argparse.Namespace) -> str:
+    """The command that resumes this run, for the hint after a stop."""
+    parts = ["runner", "run", args.job]
+    if args.out:
+        parts += ["--out", args.out]
+    if args.shard:
+        parts += ["--shard", f"{args.shard.index}/{args.shard.count}"]
+    if args.mock:
+        parts.append("--mock")
+    return shlex.join(parts)
+
+
+def _mock_config(args: argparse.Namespace) -> object:
+    from .mockserver import MockConfig
+
+    config = MockConfig(
+        latency_s=args.mock_latency, rpm_limit=args.mock_rpm, fault_rates=tuple(_fault_rates(args.mock_fault))
+    )
+    try:
+        config.validate()
+    except ValueError as e:
+        raise UsageError(f"--mock: {e}") from None
+    return config
+
+
+def _fault_rates(specs: list[str]) -> list[tuple[str, float]]:
+    rates = []
+    for f in specs:
+        kind, _, p = f.partition("=")
+        try:
+            rates.append((kind, float(p)))
+        except ValueError:
+            raise UsageError(f"--fault: expected KIND=PROBABILITY such as 429=0.1, got {f!r}") from None
+    return rates
+
+
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from .pricing import estimate
+    from .plan import estimate
+    from .policy import printable
     from .spec import load_spec
 
     spec = load_spec(args.job)
     est = estimate(spec, args.out, args.shard, args.concurrency)
+    est["warnings"] = [printable(w) for w in est["warnings"]]
     if args.json:
         print(json.dumps(est, indent=2))
     else:
@@ -218,22 +331,29 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _estimate_text(est: dict[str, Any]) -> str:
+    from .plan import usd
+
     rows = [f"{'model':<16}{'size':>6}{'items':>10}{'done':>10}{'remaining':>11}{'$/image':>10}{'cost $':>12}"]
     for r in est["by_model"]:
         rows.append(
             f"{r['model']:<16}{r['image_size']:>6}{r['count']:>10}{r['done']:>10}{r['remaining']:>11}"
-            f"{r['price_usd']:>10.3f}{r['cost_usd']:>12.2f}"
+            f"{r['price_usd']:>10.3f}{usd(r['cost_usd']):>12}"
         )
     rows.append(
-        f"{'total':<22}{est['items']:>10}{est['done']:>10}{est['remaining']:>11}{'':>10}{est['estimated_cost_usd']:>12.2f}"
+        f"{'total':<22}{est['items']:>10}{est['done']:>10}{est['remaining']:>11}{'':>10}{usd(est['estimated_cost_usd']):>12}"
     )
+    if est["input_images"]:
+        rows.append(
+            f"reference images: {est['input_images']} sent ({est['input_bytes'] / 2**20:.1f} MB), billed as input "
+            f"tokens: about {usd(est['estimated_input_cost_usd'])} more (pricing: MODEL: {{input_image: USD}})"
+        )
     rows.append(
         f"time: about {_duration(est['estimated_time_s'])} at concurrency {est['concurrency']}"
         + (f", {est['requests_per_minute']:g} requests/minute" if est["requests_per_minute"] else "")
         + f" (bound by {est['time_basis']})"
     )
     if est["spent_usd"]:
-        rows.append(f"already spent in {est['output_dir']}: ${est['spent_usd']:.2f}")
+        rows.append(f"already spent in {est['output_dir']}: {usd(est['spent_usd'])}")
     rows.extend(f"warning: {w}" for w in est["warnings"])
     return "\n".join(rows)
 
@@ -247,35 +367,35 @@ def _duration(seconds: float) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .remote import is_remote, local_view
-    from .report import format_text, summarize
+    from .output import is_remote, open_view
+    from .report import format_text, read_manifests, summarize
 
-    if is_remote(args.out):
-        if args.html:
-            raise UsageError("--html needs a local output dir: the gallery links to the image files")
-        with local_view(args.out) as (local, _):
-            summary = summarize(local)
-        summary["output_dir"] = args.out
-    else:
-        summary = summarize(Path(args.out))
-        if args.html:
-            from .gallery import write_html
+    if args.html and is_remote(args.out):
+        raise UsageError("--html needs a local output dir: the gallery links to the image files")
+    with open_view(args.out) as (local, _source):
+        manifests = read_manifests(local)
+        summary = summarize(manifests)
+    summary["output_dir"] = str(args.out)
+    if args.html:
+        from .gallery import write_html
 
-            shown = write_html(Path(args.out), Path(args.html))
-            _say(f"gallery: {args.html} ({shown} images)")
-    print(json.dumps(summary, indent=2) if args.json else format_text(summary))
+        title = summary.get("name") or Path(args.out).name
+        shown = write_html(Path(args.html), Path(args.out), list(manifests.latest.values()), summary, title=title)
+        _say(f"gallery: {args.html} ({shown} images)")
+    print(json.dumps(summary, indent=2, ensure_ascii=False) if args.json else format_text(summary))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export
-    from .remote import is_remote, local_view, write_remote
+    from .output import is_remote, open_view
+    from .output.remote import write_remote
 
-    if is_remote(args.out):
-        with local_view(args.out) as (local, sizes):
-            path = write_remote(args.out, "metadata.jsonl", export(local, sizes))
-    else:
-        path = export(Path(args.out))
+    with open_view(args.out) as (local, source):
+        if is_remote(args.out):
+            path = write_remote(str(args.out), "metadata.jsonl", export(local, getattr(source, "sizes", None)))
+        else:
+            path = str(export(Path(args.out)))
     _say(f'wrote {path}; load it with datasets.load_dataset("imagefolder", data_dir="{args.out}")')
     return 0
 
@@ -283,13 +403,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_mock_server(args: argparse.Namespace) -> int:
     from .mockserver import MockConfig, serve
 
-    rates = []
-    for f in args.fault:
-        kind, _, p = f.partition("=")
-        try:
-            rates.append((kind, float(p)))
-        except ValueError:
-            raise UsageError(f"--fault: expected KIND=PROBABILITY such as 429=0.1, got {f!r}") from None
+    rates = _fault_rates(args.fault)
     config = MockConfig(
         host=args.host,
         port=args.port,

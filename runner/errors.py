@@ -10,6 +10,8 @@ RunnerError            anything the CLI turns into a one-line message
 
 from __future__ import annotations
 
+import os
+
 
 class RunnerError(Exception):
     exit_code = 1
@@ -38,3 +40,23 @@ class OutputLocked(RunAborted):
 
 class OutputError(RunAborted):
     pass
+
+
+def write_details(exc: BaseException, context: str, secret: str | None = None) -> str:
+    """Write a bug's traceback where a person can find it (the temp dir, one file per process,
+    never through a link, the key scrubbed); returns its path."""
+    import tempfile
+    import time
+    import traceback
+
+    from .policy import safe_text
+
+    text = safe_text("".join(traceback.format_exception(exc)), secret, limit=200_000)
+    path = os.path.join(tempfile.gettempdir(), f"runner-error-{time.strftime('%Y%m%d')}-{os.getpid()}.log")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {context}\n{text}\n")
+    except OSError:
+        return "nowhere (the temp dir is not writable)"
+    return path

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .manifest import latest
+from .output.manifest import latest
 from .report import require_manifest, size_of
 
 METADATA = "metadata.jsonl"

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from .report import analyze, size_of
+from .record import Record
+from .report import size_of
 
 MAX_FAILED_ROWS = 2000  # the failures table lists this many; `runner report` has the counts of all
 MAX_OPTIONS = 500  # values offered per filter (the most frequent ones)
@@ -165,9 +166,11 @@ def _select(label: str, attrs: str, counts: dict[str, int]) -> str:
     return f"<label>{html.escape(label)} <select {attrs}>{''.join(options)}</select></label>"
 
 
-def write_html(out: Path, html_file: Path) -> int:
+def write_html(
+    html_file: Path, out: Path, records: list[Record], summary: dict[str, Any], *, title: str, quality: Any = None
+) -> int:
     """Write the gallery of `out` to `html_file` (atomically); returns the number of images shown."""
-    summary, last = analyze(out)
+    last = {r["item_id"]: r for r in records}
     out_abs = os.path.abspath(out)
     base = os.path.dirname(os.path.abspath(html_file))
     items: list[list[Any]] = []

@@ -110,10 +110,9 @@ def iter_items(spec: JobSpec, shard: Shard | None = None) -> Iterator[Item]:
         yield Item(*fields)
 
 
-def iter_keys(spec: JobSpec, shard: Shard | None = None) -> Iterator[int]:
-    """The ids (as integers) of iter_items, without building the items: for counting."""
-    for key, _ in _expand(spec, shard):
-        yield key
+def iter_keyed(spec: JobSpec, shard: Shard | None = None) -> Iterator[tuple[int, tuple[Any, ...]]]:
+    """(id as an integer, the Item's fields) of iter_items, without building the items: for planning."""
+    return _expand(spec, shard)
 
 
 def _expand(spec: JobSpec, shard: Shard | None) -> Iterator[tuple[int, tuple[Any, ...]]]:

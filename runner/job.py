@@ -4,28 +4,32 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
 
 from .client import Client, make_http_client
-from .errors import RunnerError, UsageError
-from .items import Item, Shard, iter_items, iter_keys
+from .deadline import Deadlines
+from .errors import RunnerError, UsageError, write_details
+from .imageinfo import is_whole_image
+from .items import Item, Shard
 from .limits import Budget
-from .manifest import ResumeState, scan
-from .policy import Backoff
-from .pool import Pool
+from .output import Store, open_store
+from .plan import Plan, budget_share, make_plan, pending, rpm_share
+from .policy import PERMANENT, ServerWaitOrBackoff, printable
+from .pool import Pool, RunStats
 from .pricing import PriceTable
-from .progress import Bar
-from .remote import open_output
+from .progress import Bar, Quiet, status_line
 from .spec import JobSpec, spec_summary
-from .writer import OutputDir
 
 Log = Callable[[str], None]
+_MIMES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
 
 
 @dataclass(frozen=True)
@@ -34,37 +38,48 @@ class RunOptions:
     base_url: str | None = None
     concurrency: int | None = None
     retry_failed: bool = False
-    progress: bool = True
+    progress: bool = True  # a tqdm bar when stderr is a terminal; status lines otherwise
+    status_every: float = 60.0  # seconds between status lines when there is no bar (0: none)
     mock: bool = False
+    mock_config: Any = None  # a runner.mock MockConfig for --mock (latency, faults, rpm)
     shard: Shard | None = None
     max_cost_usd: float | None = None
     verify: bool = False  # hash every done image instead of trusting size + mtime
     durable: bool = True
     grace_s: float = 30.0  # after Ctrl+C, how long in-flight requests may take before they are cancelled
     handle_signals: bool = False
+    notify_url: str | None = None
+    on_finish: str | None = None
     transport: httpx.AsyncBaseTransport | None = None
-    api_key: str | None = field(
-        default=None, repr=False
-    )  # given directly (tests, embedding); otherwise read from spec.api_key_env
+    api_key: str | None = field(default=None, repr=False)  # given directly (tests, embedding); else from api_key_env
 
 
 @dataclass
 class RunResult:
     out_dir: str
+    key_env: str = "NANOBANANA_API_KEY"
     items: int = 0
     skipped_done: int = 0
     skipped_failed: int = 0
     to_run: int = 0
-    ok: int = 0
-    failed: int = 0
-    retries: int = 0
-    requests: int = 0
-    spent_usd: float = 0.0
-    total_spent_usd: float = 0.0
-    failures_by_kind: dict[str, int] = field(default_factory=dict)
-    stop_reason: str | None = None
-    aborted: bool = False
-    interrupted: bool = False
+    spent_before_usd: float = 0.0
+    max_cost_usd: float | None = None
+    stats: RunStats = field(default_factory=RunStats)
+
+    # The run's counts live in stats, once; these read them.
+    ok = property(lambda self: self.stats.ok)
+    failed = property(lambda self: self.stats.failed)
+    retries = property(lambda self: self.stats.retries)
+    requests = property(lambda self: self.stats.requests)
+    spent_usd = property(lambda self: self.stats.spent_usd)
+    failures_by_kind = property(lambda self: dict(self.stats.failures_by_kind))
+    stop_reason = property(lambda self: self.stats.stop_reason)
+    interrupted = property(lambda self: self.stats.signalled)
+    aborted = property(lambda self: self.stats.abort and not self.stats.signalled)
+
+    @property
+    def total_spent_usd(self) -> float:
+        return self.spent_before_usd + self.stats.spent_usd
 
     @property
     def exit_code(self) -> int:
@@ -73,7 +88,7 @@ class RunResult:
         if self.aborted:
             return 3
         # 0 only when every item is ok: failures skipped from earlier runs count too.
-        return 1 if self.failed or self.skipped_failed else 0
+        return 1 if self.stats.failed or self.stats.interrupted or self.skipped_failed else 0
 
 
 def run_job(spec: JobSpec, options: RunOptions = RunOptions(), log: Log = print) -> RunResult:
@@ -85,7 +100,7 @@ async def run_job_async(spec: JobSpec, options: RunOptions = RunOptions(), log: 
     if options.mock:
         from .mockserver import MockConfig, MockGateway
 
-        with MockGateway(MockConfig()) as gateway:
+        with MockGateway(options.mock_config or MockConfig()) as gateway:
             return await _run(spec, options, log, gateway.base_url, "mock-key")
     key = (options.api_key or os.environ.get(spec.api_key_env) or "").strip()
     if not key:
@@ -101,110 +116,139 @@ async def run_job_async(spec: JobSpec, options: RunOptions = RunOptions(), log: 
 
 async def _run(spec: JobSpec, options: RunOptions, log: Log, base_url: str, key: str) -> RunResult:
     shard = options.shard
-    out = open_output(options.out or spec.output_dir, shard.label if shard else None, options.durable)
+    store = open_store(options.out or spec.output_dir, (shard.index, shard.count) if shard else None, options.durable)
     try:
-        out.open()
-        return await _run_locked(spec, options, log, base_url, key, out)
+        await anyio.to_thread.run_sync(store.open)
+        return await _run_open(spec, options, log, base_url, key, store)
     finally:
-        out.close()
+        store.close()
 
 
-async def _run_locked(
-    spec: JobSpec, options: RunOptions, log: Log, base_url: str, key: str, out: OutputDir
-) -> RunResult:
-    result = RunResult(out.display)
-    if out.repaired_bytes:
+async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str, key: str, store: Store) -> RunResult:
+    result = RunResult(store.display, key_env=spec.api_key_env)
+    if store.repaired_bytes:
         log(
-            f"repaired {out.manifest_path.name}: set aside a torn last line ({out.repaired_bytes} bytes) in {out.manifest_path.name}.torn"
+            f"repaired {store.manifest_name}: set aside a torn last line ({store.repaired_bytes} bytes) in {store.manifest_name}.torn"
         )
-    state = await anyio.to_thread.run_sync(scan, out.path, options.verify, out.image_sizes)
-    _plan(spec, options, state, result, out, log)
-    result.total_spent_usd = state.spent_usd
-    if result.to_run == 0:
+    if store.damaged_lines:
         log(
-            f"nothing to do: all {result.items} items are done in {out.display}"
-            if not result.skipped_failed
+            f"set aside {store.damaged_lines} damaged line(s) of {store.manifest_name} in {store.manifest_name}.torn; their items run again"
+        )
+    if store.removed_temps:
+        log(f"removed {store.removed_temps} temporary file(s) left by an earlier run that died")
+    state = await anyio.to_thread.run_sync(store.scan, options.verify)
+    orphans = await anyio.to_thread.run_sync(store.orphans, state)
+    prices = PriceTable(spec.pricing)
+    plan = await anyio.to_thread.run_sync(
+        lambda: make_plan(spec, state, prices, options.shard, options.retry_failed, orphans)
+    )
+    adopted = await anyio.to_thread.run_sync(_adoptable, store, plan.adopt)
+    result.items, result.skipped_done, result.skipped_failed = plan.items, plan.done, plan.skipped_failed
+    result.to_run = plan.to_run
+    result.spent_before_usd = state.spent_usd
+    _drift(spec, options, state, plan, store, log)
+    log(f"{spec.name}: " + "; ".join(_plan_parts(plan, state, adopted)))
+    if plan.to_run == 0:
+        log(
+            f"nothing to do: all {plan.items} items are done in {store.display}"
+            if not plan.skipped_failed
             else "nothing to run: the rest failed permanently before (--retry-failed retries them)"
         )
         return result
 
     concurrency = options.concurrency or spec.concurrency
-    rpm = options.shard.share(spec.requests_per_minute) if options.shard else spec.requests_per_minute
     max_cost = options.max_cost_usd if options.max_cost_usd is not None else spec.max_cost_usd
-    if max_cost is not None and options.shard:
-        # Shards cannot see each other's spending: each may spend its share of what is left.
-        max_cost = state.spent_usd + options.shard.share(max(0.0, max_cost - state.spent_usd))
+    result.max_cost_usd = max_cost
+    run_id = uuid.uuid4().hex[:12]
+    deadlines = Deadlines(tick_s=min(1.0, max(0.05, spec.timeout_s / 20)))
     http = make_http_client(base_url, key, spec.timeout_s, concurrency, options.transport)
-    bar = Bar(result.to_run, options.progress)
+    bar_mode = options.progress and sys.stderr.isatty()
+    shown: Bar | Quiet = Bar(plan.to_run) if bar_mode else Quiet(log)
+    client = Client(
+        http, key, spec.timeout_s, deadlines=deadlines, max_response_bytes=int(spec.max_response_mb * 2**20),
+        api_format=spec.api_format, inputs=spec.inputs,
+    )  # fmt: skip
     pool = Pool(
-        Client(http, key, spec.timeout_s),
-        out,
-        PriceTable(spec.pricing),
+        client,
+        store,
+        prices,
         concurrency=concurrency,
-        requests_per_minute=rpm,
+        requests_per_minute=rpm_share(spec, options.shard),
         max_attempts=spec.max_attempts,
-        budget=Budget(max_cost, state.spent_usd),
+        budget=Budget(budget_share(max_cost, state.spent_usd, options.shard), state.spent_usd),
         breaker_limit=spec.max_consecutive_failures,
-        progress=bar,
-        backoff=Backoff(spec.backoff_base_s, spec.backoff_max_s),
-        run_id=uuid.uuid4().hex[:12],
+        backoff=ServerWaitOrBackoff(spec.backoff_base_s, spec.backoff_max_s),
+        progress=shown if bar_mode else None,
+        run_id=run_id,
+        log=shown.write,
+        on_bug=lambda e, what: write_details(e, f"run {run_id}: {what}", key),
     )
+    pool.stats.total = plan.to_run
+    result.stats = pool.stats
+    skip = {item.item_id for item, _ in adopted}
     try:
         async with http, anyio.create_task_group() as tg:
             if options.handle_signals:
-                tg.start_soon(_watch_signals, pool, options.grace_s, tg.cancel_scope, bar.write)
-            await pool.run(_pending(spec, options, state))
+                tg.start_soon(_watch_signals, pool, options.grace_s, tg.cancel_scope, shown.write)
+            tg.start_soon(deadlines.run)
+            if not bar_mode and options.status_every > 0:
+                tg.start_soon(_status_lines, pool.stats, options.status_every, shown.write)
+            await pool.run(pending(spec, state, options.shard, options.retry_failed, skip), adopted)
             tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # A run-wide fault raised inside a task (disk full) ends the run as itself, not as a group.
         raise _runner_error(group) or group from None
     finally:
-        bar.close()
-    stats = pool.stats
-    result.ok, result.failed, result.retries, result.requests = stats.ok, stats.failed, stats.retries, stats.requests
-    result.spent_usd = stats.spent_usd
-    result.total_spent_usd = state.spent_usd + stats.spent_usd
-    result.failures_by_kind = dict(stats.failures_by_kind)
-    result.stop_reason = stats.stop_reason
-    result.interrupted = stats.interrupted
-    result.aborted = stats.abort and not stats.interrupted
+        shown.close()
     return result
 
 
-def _plan(spec: JobSpec, options: RunOptions, state: ResumeState, result: RunResult, out: OutputDir, log: Log) -> None:
-    """Count what is done, what will run, and what changed since the last run (spec drift)."""
-    seen_known = 0
-    for key in iter_keys(spec, options.shard):
-        result.items += 1
-        seen_known += state.known(key)
-        if key in state.done:
-            result.skipped_done += 1
-        elif not state.pending(key, options.retry_failed):
-            result.skipped_failed += 1
-    result.to_run = result.items - result.skipped_done - result.skipped_failed
-    previous = out.read_snapshot()
+def _adoptable(store: Store, candidates: list[tuple[Item, list[str]]]) -> list[tuple[Item, list[tuple[str, bytes]]]]:
+    """The candidates whose image files are whole: they were paid for, so they are recorded, not bought again."""
+    found = []
+    for item, paths in candidates:
+        files = []
+        for rel in sorted(paths, key=lambda p: (len(p), p)):  # the first image, then -1, -2, ...
+            data = store.read_image(rel)
+            if data is None or not is_whole_image(_MIMES[rel.rsplit(".", 1)[-1]], data):
+                break
+            files.append((rel, data))
+        if files and files[0][0].rsplit(".", 1)[0].endswith(item.item_id):
+            found.append((item, files))
+    return found
+
+
+def _drift(spec: JobSpec, options: RunOptions, state: Any, plan: Plan, store: Store, log: Log) -> None:
+    """Say how the spec changed since the output dir last ran it (spec drift); remember this one."""
+    previous = store.read_snapshot()
     summary = spec_summary(spec)
     if previous is not None and previous.get("fingerprint") != summary["fingerprint"]:
-        added = result.items - seen_known
-        gone = state.known_count(options.shard.owns if options.shard else None) - seen_known
-        log(
-            f"the spec changed since the last run in {out.display}: {added} new items, "
-            f"{gone} recorded items are no longer in the spec (their records stay); going on with the new spec"
-        )
-    out.write_snapshot(summary)
-    parts = [f"{result.items} items"]
-    if result.skipped_done:
-        parts.append(f"{result.skipped_done} already done (skipped)")
+        added = plan.items - plan.known_seen
+        gone = state.known_count(options.shard.owns if options.shard else None) - plan.known_seen
+        if added or gone:
+            log(
+                f"the spec changed since the last run in {store.display}: {added} new items, "
+                f"{gone} recorded items are no longer in the spec (their records stay); going on with the new spec"
+            )
+    store.write_snapshot(summary)
+
+
+def _plan_parts(plan: Plan, state: Any, adopted: list[Any]) -> list[str]:
+    parts = [f"{plan.items} items"]
+    if plan.done:
+        parts.append(f"{plan.done} already done (skipped)")
+    if adopted:
+        parts.append(f"{len(adopted)} found whole on disk without a record (recorded as recovered, not bought again)")
     if state.bad_images:
         parts.append(f"{len(state.bad_images)} recorded ok but image missing or corrupt (will redo)")
-    if result.skipped_failed:
-        parts.append(f"{result.skipped_failed} failed permanently before (skipped; --retry-failed retries them)")
+    if plan.skipped_failed:
+        parts.append(f"{plan.skipped_failed} failed permanently before (skipped; --retry-failed retries them)")
     if state.retryable:
         parts.append(f"{len(state.retryable)} failed with a retryable error before (will retry)")
     if state.bad_lines:
-        parts.append(f"{state.bad_lines} unreadable manifest lines ignored")
-    parts.append(f"{result.to_run} to run")
-    log(f"{spec.name}: " + "; ".join(parts))
+        parts.append(f"{state.bad_lines} damaged manifest lines ignored")
+    parts.append(f"{plan.to_run - len(adopted)} to run")
+    return parts
 
 
 def _runner_error(group: BaseExceptionGroup) -> RunnerError | None:
@@ -215,14 +259,16 @@ def _runner_error(group: BaseExceptionGroup) -> RunnerError | None:
     return None
 
 
-def _pending(spec: JobSpec, options: RunOptions, state: ResumeState) -> Iterator[Item]:
-    for item in iter_items(spec, options.shard):
-        if state.pending(int(item.item_id, 16), options.retry_failed):
-            yield item
+async def _status_lines(stats: RunStats, every: float, write: Log) -> None:
+    """A status line every `every` seconds, for logs (a timer, not a wait for an event)."""
+    while True:
+        await anyio.sleep(every)
+        write(status_line(stats))
 
 
 async def _watch_signals(pool: Pool, grace_s: float, scope: anyio.CancelScope, write: Log) -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # SIGHUP is a closed terminal or ssh session: the same as Ctrl+C, drained, not dropped.
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for _ in signals:
             break
         write(
@@ -242,16 +288,72 @@ async def _watch_signals(pool: Pool, grace_s: float, scope: anyio.CancelScope, w
             return
 
 
-def describe(result: RunResult) -> list[str]:
-    """The closing summary a person reads."""
+def summary_dict(result: RunResult) -> dict[str, Any]:
+    """The run's outcome as JSON (for --notify-url and --on-finish): no key, no prompts."""
+    s = result.stats
+    return {
+        "output_dir": result.out_dir, "exit_code": result.exit_code, "items": result.items,
+        "skipped_done": result.skipped_done, "skipped_failed": result.skipped_failed, "ok": s.ok,
+        "failed": s.failed, "interrupted": s.interrupted, "recovered": s.recovered, "retries": s.retries,
+        "retries_by_kind": dict(s.retries_by_kind), "requests": s.requests, "failures_by_kind": dict(s.failures_by_kind),
+        "spent_usd": round(s.spent_usd, 6), "total_spent_usd": round(result.total_spent_usd, 6),
+        "stop_reason": s.stop_reason,
+    }  # fmt: skip
+
+
+def describe(result: RunResult, command: str = "runner run JOB.yaml") -> list[str]:
+    """The closing summary a person reads, and what to do next."""
+    s = result.stats
     lines = [
-        f"{result.ok} ok, {result.failed} failed, {result.retries} retries, {result.requests} requests, "
-        f"${result.spent_usd:.2f} spent this run (${result.total_spent_usd:.2f} in all) -> {result.out_dir}"
+        f"{s.ok} ok, {s.failed} failed, {s.retries} retries, {s.requests} requests, "
+        f"${s.spent_usd:.2f} spent this run (${result.total_spent_usd:.2f} in all) -> {result.out_dir}"
     ]
-    if result.failures_by_kind:
-        lines.append("failures: " + ", ".join(f"{k}={v}" for k, v in sorted(result.failures_by_kind.items())))
-    if result.stop_reason:
-        lines.append(f"stopped: {result.stop_reason}")
-    if result.interrupted or result.aborted or result.failed:
-        lines.append("rerun the same command to resume; done items are skipped and never paid for twice")
+    if s.retries_by_kind:
+        lines.append("retried: " + ", ".join(f"{k}={v}" for k, v in sorted(s.retries_by_kind.items())))
+    if s.failures_by_kind:
+        lines.append("failures: " + ", ".join(f"{k}={v}" for k, v in sorted(s.failures_by_kind.items())))
+    if s.recovered:
+        lines.append(f"{s.recovered} items recovered from whole images on disk (not bought again)")
+    if s.stop_kind == "budget":
+        lines.append(
+            f"stopped: budget reached: ${result.total_spent_usd:.2f} spent of max_cost_usd {result.max_cost_usd:g}"
+        )
+    elif s.stop_reason and s.stop_kind != "interrupt":
+        lines.append(f"stopped: {printable(s.stop_reason)}")
+    lines += [f"next: {hint}" for hint in _next_steps(result, command)]
     return lines
+
+
+def _next_steps(result: RunResult, command: str) -> list[str]:
+    s = result.stats
+    if s.signalled:
+        cut = f"; {s.interrupted} cut short in a retry wait" if s.interrupted else ""
+        return [
+            f"interrupted: the requests in flight were recorded{cut}; rerun the same command to resume "
+            f"(`{command}`): done items are skipped and never paid for twice"
+        ]
+    if s.stop_kind == "budget":
+        return [
+            f"raise max_cost_usd in the spec or pass --max-cost (more than {result.max_cost_usd:g}), then `{command}` goes on"
+        ]
+    if s.stop_kind == "abort":
+        kind = (s.stop_reason or "").split(":", 1)[0]
+        hint = {
+            "auth": f"check the key in ${result.key_env}: the gateway refused it",
+            "no_balance": f"top up the balance of the key in ${result.key_env}",
+            "forbidden": f"the key in ${result.key_env} may not use this model: check `model` or the key",
+            "not_found": "check base_url (or --base-url): the gateway answered 404 or redirected",
+        }.get(kind, "see the reason above")
+        return [f"{hint}; then `{command}` resumes"]
+    if s.stop_kind == "breaker":
+        return [f"the service kept failing: wait a while, then `{command}` resumes"]
+    hints = []
+    permanent = sum(n for k, n in s.failures_by_kind.items() if k in PERMANENT) + result.skipped_failed
+    retryable = s.failed - sum(n for k, n in s.failures_by_kind.items() if k in PERMANENT) + s.interrupted
+    if retryable:
+        hints.append(f"{retryable} items failed with errors a retry may cure: `{command}` tries them again")
+    if permanent:
+        hints.append(
+            f"{permanent} items failed permanently (refused or no image): `{command} --retry-failed` tries them again"
+        )
+    return hints

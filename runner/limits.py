@@ -25,8 +25,12 @@ class RateLimiter:
         if slot > now:
             await anyio.sleep(slot - now)
 
-    def pause(self, seconds: float) -> None:
-        self._next = max(self._next, anyio.current_time() + seconds)
+    def pause(self, seconds: float) -> bool:
+        """Hold every request for `seconds`; True when this moved the pause later by a second or more."""
+        until = anyio.current_time() + seconds
+        later = until > self._next + 1.0
+        self._next = max(self._next, until)
+        return later
 
 
 class AdaptiveConcurrency:
@@ -47,38 +51,52 @@ class AdaptiveConcurrency:
     def limit(self) -> int:
         return int(self.limiter.total_tokens)
 
-    def rate_limited(self) -> None:
+    def rate_limited(self) -> str | None:
+        """A 429 came back; says so when the limit was lowered."""
         now = anyio.current_time()
         self._streak = 0
         if now - self._last_cut < self.cooldown_s:
-            return
+            return None
         self._last_cut = now
-        if self.limit > 1:
-            self.limiter.total_tokens = max(1, self.limit // 2)
+        if self.limit <= 1:
+            return None
+        before = self.limit
+        self.limiter.total_tokens = max(1, before // 2)
+        return f"rate limited (429): concurrency lowered from {before} to {self.limit}"
 
-    def succeeded(self) -> None:
+    def succeeded(self) -> str | None:
+        """A success came back; says so when the limit was raised."""
         if self.limit >= self.maximum:
-            return
+            return None
         self._streak += 1
-        if self._streak >= self.limit:
-            self._streak = 0
-            self.limiter.total_tokens = self.limit + 1
+        if self._streak < self.limit:
+            return None
+        self._streak = 0
+        self.limiter.total_tokens = self.limit + 1
+        return f"{self.limit - 1} successes in a row: concurrency raised to {self.limit} (of {self.maximum})"
 
 
 class Budget:
-    """Stops new items once spent + in-flight estimates would pass `max_usd`."""
+    """Stops new items once spent + what the items in flight may cost would pass `max_usd`.
+
+    An answer may hold several images, each billed: an item reserves its price times the
+    most images an answer has held so far in this run (at least one)."""
 
     def __init__(self, max_usd: float | None, spent_before: float) -> None:
         self.max_usd = max_usd
         self.spent = spent_before
         self.in_flight = 0.0
+        self.images_per_answer = 1
 
-    def reserve(self, estimate: float) -> bool:
-        if self.max_usd is not None and self.spent + self.in_flight + estimate > self.max_usd + 1e-9:
-            return False
-        self.in_flight += estimate
-        return True
+    def reserve(self, price: float) -> float | None:
+        """The amount reserved for an item of this price per image, or None when it does not fit."""
+        amount = price * self.images_per_answer
+        if self.max_usd is not None and self.spent + self.in_flight + amount > self.max_usd + 1e-9:
+            return None
+        self.in_flight += amount
+        return amount
 
-    def settle(self, estimate: float, actual: float) -> None:
-        self.in_flight -= estimate
+    def settle(self, reserved: float, actual: float, images: int) -> None:
+        self.in_flight -= reserved
         self.spent += actual
+        self.images_per_answer = max(self.images_per_answer, images)

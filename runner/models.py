@@ -40,6 +40,7 @@ class ModelInfo:
     tokens: dict[str, int]  # output tokens per image, by size
     price_usd: dict[str, float]  # list price per image, by size
     latency_s: float  # typical seconds per image, for time estimates
+    input_image_usd: float  # a reference image, billed as input tokens (inferred: tokens per image x input price)
 
 
 MODELS: dict[str, ModelInfo] = {
@@ -52,6 +53,7 @@ MODELS: dict[str, ModelInfo] = {
         tokens={"1K": 1290},
         price_usd={"1K": 0.039},
         latency_s=8.0,
+        input_image_usd=0.0001,  # ~258 tokens at $0.30 / M
     ),
     "nanobanana_pro": ModelInfo(
         id="nanobanana_pro",
@@ -62,6 +64,7 @@ MODELS: dict[str, ModelInfo] = {
         tokens={"1K": 1120, "2K": 1120, "4K": 2000},
         price_usd={"1K": 0.134, "2K": 0.134, "4K": 0.24},
         latency_s=18.0,
+        input_image_usd=0.0011,  # ~560 tokens at $2 / M
     ),
     "nanobanana_2": ModelInfo(
         id="nanobanana_2",
@@ -72,6 +75,7 @@ MODELS: dict[str, ModelInfo] = {
         tokens={"512": 747, "1K": 1120, "2K": 1680, "4K": 2520},
         price_usd={"512": 0.045, "1K": 0.067, "2K": 0.101, "4K": 0.151},
         latency_s=20.0,
+        input_image_usd=0.0003,  # ~560 tokens at $0.50 / M
     ),
 }
 

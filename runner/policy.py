@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import random
 import re
 import time
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
+
+from tenacity import RetryCallState, wait_random_exponential
 
 
 class Action(Enum):
@@ -33,7 +36,11 @@ POLICY: dict[str, Rule] = {
     "server_error": Rule(Action.RETRY, True, "500, 502, 503, 504 and other 5xx (overloaded, empty_response)"),
     "timeout": Rule(Action.RETRY, True, "no complete answer within timeout_s"),
     "connection": Rule(Action.RETRY, True, "connection refused, dropped or cut off mid-body"),
-    "invalid_response": Rule(Action.RETRY, True, "200 whose body is not the expected JSON, or whose image is corrupt"),
+    "invalid_response": Rule(
+        Action.RETRY,
+        True,
+        "malformed HTTP, a body that is not the expected JSON, or a corrupt image (too big: no retry)",
+    ),
     "bad_request": Rule(Action.FAIL, True, "400, 413, 422: the request itself is wrong; retrying cannot help"),
     "prompt_blocked": Rule(Action.FAIL, False, "400 prompt_blocked: the prompt was refused"),
     "content_filter": Rule(Action.FAIL, False, "200 with finish_reason content_filter: the image was blocked"),
@@ -42,10 +49,14 @@ POLICY: dict[str, Rule] = {
     "no_balance": Rule(Action.ABORT, True, "402: no balance left on the key"),
     "forbidden": Rule(Action.ABORT, True, "403: the key may not use this model"),
     "not_found": Rule(Action.ABORT, True, "404 or a redirect: wrong base_url"),
+    "internal": Rule(
+        Action.FAIL, True, "a bug in runner while handling this item (details in the log); rerun retries it"
+    ),
 }
 
-# Only these stay failed on a rerun (until --retry-failed); an item cut short by an abort is retried.
-PERMANENT = frozenset(k for k, r in POLICY.items() if r.action is Action.FAIL)
+# Only these stay failed on a rerun (until --retry-failed); an item cut short by an abort is retried,
+# and so is one a bug stopped (the next version may not have it).
+PERMANENT = frozenset(k for k, r in POLICY.items() if r.action is Action.FAIL and k != "internal")
 MAX_MESSAGE = 300
 MAX_SERVER_WAIT_S = 300.0  # never wait longer than this on a server's say-so
 _SECRETISH = re.compile(r"(sk-[A-Za-z0-9_\-]{4,}|Bearer\s+\S+)")
@@ -58,10 +69,12 @@ class Failure:
     message: str
     retry_after: float | None = None  # seconds the server asked us to wait
     request_id: str | None = None
+    final: bool = False  # retrying in this run cannot help (an answer over max_response_mb)
 
     @property
     def action(self) -> Action:
-        return POLICY[self.kind].action
+        rule = POLICY[self.kind].action
+        return Action.FAIL if self.final and rule is Action.RETRY else rule
 
     def as_record(self) -> dict[str, Any]:
         return {"kind": self.kind, "status": self.status, "message": self.message}
@@ -108,12 +121,9 @@ def _error_fields(body: bytes) -> tuple[str, Any, Any, float | None]:
     if not isinstance(err, dict):
         return text[:MAX_MESSAGE], None, None, _retry_delay(text)
     message = err.get("message")
-    return (
-        (str(message) if message is not None else text[:MAX_MESSAGE]),
-        err.get("code"),
-        err.get("type"),
-        _retry_delay(text),
-    )
+    message = str(message) if message is not None else text[:MAX_MESSAGE]
+    # LiteLLM relays Google's 429 as JSON inside error.message, its quotes escaped in the body.
+    return message, err.get("code"), err.get("type"), _retry_delay(text) or _retry_delay(message)
 
 
 def _retry_delay(text: str) -> float | None:
@@ -143,26 +153,72 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 
 def clean_message(message: str, api_key: str | None) -> str:
-    """Trim a server message and take out anything that could be the key."""
-    if api_key:
-        message = message.replace(api_key, "[key]")
-    message = _SECRETISH.sub("[key]", message)
-    message = " ".join(message.split())
+    """A server message made fit for a manifest line and a terminal: one line, trimmed, no
+    control characters, no lone surrogates, nothing that could be the key."""
+    message = " ".join(safe_text(message, api_key, keep_newlines=False).split())
     return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 1] + "…"
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with full jitter, capped; a server's own wait wins when it gives one."""
+# C0 and C1 controls, DEL, and the bidi overrides that make a terminal show one thing and mean another.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_CONTROL_NL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+MAX_TEXT = 20_000  # characters of a server's free text kept on a manifest line
 
-    base_s: float = 1.0
-    cap_s: float = 60.0
 
-    def wait(self, attempt: int, failure: Failure | None) -> float:
-        if failure is not None and failure.retry_after is not None:
-            # A little jitter after the hint, so a crowd of workers does not return at one instant.
+def safe_text(text: str, api_key: str | None, *, keep_newlines: bool = True, limit: int = MAX_TEXT) -> str:
+    """Server text made storable and printable: lone surrogates replaced (they cannot be
+    encoded as UTF-8), control characters removed (escape sequences would reach a terminal),
+    the key and anything key-like scrubbed, the length capped."""
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    # Encoding through UTF-16 pairs up valid surrogate pairs and replaces lone ones.
+    text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if api_key:
+        text = text.replace(api_key, "[key]")
+    text = _SECRETISH.sub("[key]", text)
+    return (_CONTROL if keep_newlines else _CONTROL_NL).sub("", text)
+
+
+def safe_json(value: Any, api_key: str | None, depth: int = 0) -> Any:
+    """A JSON value from a server (usage, say) made safe to store: every string through
+    safe_text, non-finite numbers dropped, depth and size bounded."""
+    if isinstance(value, str):
+        return safe_text(value, api_key, limit=1000)
+    if isinstance(value, bool) or value is None or isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if depth >= 4:
+        return None
+    if isinstance(value, dict):
+        items = list(value.items())[:50]
+        return {safe_text(str(k), api_key, limit=100): safe_json(v, api_key, depth + 1) for k, v in items}
+    if isinstance(value, list):
+        return [safe_json(v, api_key, depth + 1) for v in value[:50]]
+    return None
+
+
+def printable(text: str) -> str:
+    """Text from a manifest or a server, fit for a terminal: controls shown as escapes, never acted on."""
+    text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class ServerWaitOrBackoff(wait_random_exponential):
+    """tenacity's exponential backoff with full jitter, capped; but a server's own wait
+    (Retry-After, retryDelay) wins when the last answer gave one, with a little jitter so a
+    crowd of workers does not come back at one instant."""
+
+    def __init__(self, base_s: float = 1.0, cap_s: float = 60.0) -> None:
+        super().__init__(multiplier=base_s, max=cap_s)
+        self.base_s = base_s
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        outcome = retry_state.outcome
+        failure = outcome.result() if outcome is not None and not outcome.failed else None
+        if isinstance(failure, Failure) and failure.retry_after is not None:
             return failure.retry_after + random.uniform(0, min(1.0, self.base_s))
-        return random.uniform(0, min(self.cap_s, self.base_s * 2 ** (attempt - 1)))
+        return float(super().__call__(retry_state))
 
 
 class CircuitBreaker:

@@ -1,10 +1,11 @@
-"""The worker pool: bounded streams in, limited requests out, one writer task for the manifest."""
+"""The worker pool: bounded streams in, limited requests out, one writer task that commits images and lines."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -12,33 +13,74 @@ from typing import Any, Protocol
 import anyio
 import anyio.to_thread
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
-from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt
+from anyio.streams.memory import MemoryObjectReceiveStream
+from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt
 
-from .client import Client, Outcome, Success
+from .answer import Outcome, Success
+from .client import Client
+from .errors import RunnerError
+from .imageinfo import dimensions
 from .items import Item
 from .limits import AdaptiveConcurrency, Budget, RateLimiter
-from .policy import POLICY, Action, Backoff, CircuitBreaker, Failure
+from .output import Store, image_relpath
+from .policy import POLICY, Action, CircuitBreaker, Failure, ServerWaitOrBackoff
 from .pricing import PriceTable
-from .writer import OutputDir, image_relpath
+from .record import ErrorRec, ImageFile, Record, encode, make_record
 
-_CANCELLED = Failure("connection", None, "cancelled before an answer came")  # a sentinel, never recorded
+Log = Callable[[str], None]
+OnBug = Callable[[BaseException, str], str]  # (exception, what was being done) -> where the details went
 
 
 class Progress(Protocol):
-    def record(self, rec: dict[str, Any], spent_usd: float) -> None: ...
-    def retry(self) -> None: ...
+    def update(self, stats: RunStats) -> None: ...
 
 
 @dataclass
-class PoolStats:
+class RunStats:
+    """What one run did, counted once: the bar, the status lines and the summary all read it."""
+
+    total: int = 0  # items this run set out to do
     ok: int = 0
     failed: int = 0
+    interrupted: int = 0  # failed while a stop cut their retries short: they run next time
+    recovered: int = 0  # adopted from whole images on disk
     retries: int = 0
     requests: int = 0
     spent_usd: float = 0.0
     failures_by_kind: Counter[str] = field(default_factory=Counter)
+    retries_by_kind: Counter[str] = field(default_factory=Counter)
     stop_reason: str | None = None  # why new items stopped starting (abort, budget, interrupt)
+    stop_kind: str | None = None  # budget | abort | breaker | interrupt
     abort: bool = False
+    signalled: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.failed + self.interrupted
+
+
+@dataclass
+class _ItemRun:
+    """One item on its way through attempts."""
+
+    item: Item
+    attempts: int = 0
+    latency: float = 0.0
+    last: Outcome | None = None
+    retried: Counter[str] = field(default_factory=Counter)
+    interrupted: bool = False
+
+
+@dataclass
+class _Finished:
+    item: Item
+    outcome: Outcome
+    attempts: int
+    latency: float
+    elapsed: float
+    cost: float
+    retried: Counter[str]
     interrupted: bool = False
 
 
@@ -46,7 +88,7 @@ class Pool:
     def __init__(
         self,
         client: Client,
-        out: OutputDir,
+        store: Store,
         prices: PriceTable,
         *,
         concurrency: int,
@@ -54,35 +96,40 @@ class Pool:
         max_attempts: int,
         budget: Budget,
         breaker_limit: int,
+        backoff: ServerWaitOrBackoff | None = None,
         progress: Progress | None = None,
-        backoff: Backoff | None = None,
         run_id: str = "",
+        log: Log = print,
+        on_bug: OnBug | None = None,
     ) -> None:
         self.client = client
-        self.out = out
+        self.store = store
         self.prices = prices
         self.concurrency = AdaptiveConcurrency(concurrency)
         self.rate = RateLimiter(requests_per_minute)
         self.max_attempts = max_attempts
         self.budget = budget
         self.breaker = CircuitBreaker(breaker_limit)
+        self.backoff = backoff or ServerWaitOrBackoff()
         self.progress = progress
-        self.backoff = backoff or Backoff()
         self.run_id = run_id
-        self.stats = PoolStats()
+        self.log = log
+        self.on_bug = on_bug or (lambda e, what: "nowhere")
+        self.stats = RunStats()
         self.workers = concurrency
         self._stopping = anyio.Event()
         self._request_scopes: set[anyio.CancelScope] = set()
         self._requests_cancelled = False
+        self._stored_inputs: set[str] = set()
 
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    def stop(self, reason: str, abort: bool = False) -> None:
+    def stop(self, reason: str, kind: str, abort: bool = False) -> None:
         """Start no new items; the ones in flight finish and are recorded."""
         if not self._stopping.is_set():
-            self.stats.stop_reason, self.stats.abort = reason, abort
+            self.stats.stop_reason, self.stats.stop_kind, self.stats.abort = reason, kind, abort
             self._stopping.set()
 
     def cancel_requests(self) -> None:
@@ -91,23 +138,28 @@ class Pool:
         Only the HTTP requests are cancelled: images already received are still saved and
         recorded, and the writer drains, so nothing that was paid for and is in hand is lost."""
         self._requests_cancelled = True
-        self.stop("interrupted")
+        self.stop("interrupted", "interrupt")
         for scope in list(self._request_scopes):
             scope.cancel()
 
     def interrupt(self) -> None:
-        self.stats.interrupted = True
-        self.stop("interrupted")
+        self.stats.signalled = True
+        self.stop("interrupted", "interrupt")
 
-    async def run(self, items: Iterable[Item]) -> PoolStats:
+    async def run(
+        self, items: Iterable[Item], adopted: Iterable[tuple[Item, list[tuple[str, bytes]]]] = ()
+    ) -> RunStats:
+        """Send every item; `adopted` are items whose images are already on disk (recorded, not sent)."""
         item_send, item_recv = anyio.create_memory_object_stream[Item](self.workers)
-        rec_send, rec_recv = anyio.create_memory_object_stream[dict[str, Any]](self.workers * 2)
+        done_send, done_recv = anyio.create_memory_object_stream[_Finished | Record](self.workers * 2)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._feed, items, item_send)
-            async with item_recv, rec_send:
+            async with item_recv, done_send:
                 for _ in range(self.workers):
-                    tg.start_soon(self._work, item_recv.clone(), rec_send.clone())
-            tg.start_soon(self._write, rec_recv)
+                    tg.start_soon(self._work, item_recv.clone(), done_send.clone())
+                for item, files in adopted:
+                    await done_send.send(self._recovered(item, files))
+            tg.start_soon(self._write, done_recv)
         return self.stats
 
     async def _feed(self, items: Iterable[Item], send: ObjectSendStream[Item]) -> None:
@@ -117,162 +169,228 @@ class Pool:
                     break
                 await send.send(item)
 
-    async def _work(self, recv: ObjectReceiveStream[Item], send: ObjectSendStream[dict[str, Any]]) -> None:
+    def _retrying(self) -> AsyncRetrying:
+        """One tenacity controller per worker: attempts, backoff (the server's wait first), a
+        stop (Ctrl+C, abort, budget) ends the retries, and the last outcome is returned as is."""
+        return AsyncRetrying(
+            stop=stop_after_attempt(self.max_attempts) | (lambda _state: self.stopping),
+            wait=self.backoff,
+            retry=retry_if_result(lambda o: isinstance(o, Failure) and o.action is Action.RETRY),
+            sleep=self._sleep,
+            retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
+        )
+
+    async def _work(self, recv: ObjectReceiveStream[Item], send: ObjectSendStream[_Finished | Record]) -> None:
+        retrying = self._retrying()
         async with recv, send:
             async for item in recv:
                 if self.stopping:
                     continue
-                estimate = self.prices.item(item)  # the price of one image
-                if not self.budget.reserve(estimate):
-                    self.stop(
-                        f"budget reached: ${self.budget.spent:.2f} spent of max_cost_usd {self.budget.max_usd:g}", True
-                    )
+                price = self.prices.item(item)
+                reserved = self.budget.reserve(price)
+                if reserved is None:
+                    spent = f"${self.budget.spent:.2f} spent of max_cost_usd {self.budget.max_usd:g}"
+                    self.stop(f"budget reached: {spent}", "budget", True)
                     continue
                 started = time.monotonic()
-                outcome, attempts, latency = await self._attempts(item)
-                if outcome is _CANCELLED:  # never answered: nothing to record, the next run sends it
-                    self.budget.settle(estimate, 0.0)
-                    continue
-                self._judge(outcome)  # before anything else awaits: an abort stops new items at once
-                record = await self._record(item, estimate, outcome, attempts, latency, time.monotonic() - started)
-                self.budget.settle(estimate, record["cost_usd"])
-                await send.send(record)
-
-    async def _attempts(self, item: Item) -> tuple[Outcome, int, float]:
-        attempts = 0
-        latency = 0.0
-        last: Outcome | None = None
-
-        async def once() -> Outcome:
-            nonlocal attempts, latency, last
-            if last is not None:
-                if self.stopping:  # stopped during the backoff: keep the failure we have
-                    return last
-                self._count_retry()
-            if self._requests_cancelled:
-                return last or _CANCELLED
-            with anyio.CancelScope() as scope:
-                self._request_scopes.add(scope)
+                run = _ItemRun(item)
                 try:
-                    async with self.concurrency.limiter:
-                        await self.rate.acquire()
-                        attempts += 1
-                        self.stats.requests += 1
-                        t0 = time.monotonic()
-                        outcome = await self.client.generate(item)
-                        latency = time.monotonic() - t0
-                finally:
-                    self._request_scopes.discard(scope)
-            if scope.cancelled_caught:
-                return last or _CANCELLED
-            if isinstance(outcome, Failure) and outcome.kind == "rate_limited":
-                self.concurrency.rate_limited()
-                if outcome.retry_after is not None:
-                    self.rate.pause(outcome.retry_after)
-            elif isinstance(outcome, Success):
-                self.concurrency.succeeded()
-            last = outcome
-            return outcome
+                    outcome: Outcome | None = await retrying(self._attempt, run)
+                except (RunnerError, anyio.get_cancelled_exc_class()):
+                    raise
+                except Exception as e:  # a bug: this item fails as `internal`, the run goes on
+                    where = self.on_bug(e, f"item {item.item_id}")
+                    outcome = Failure("internal", None, f"internal error: {type(e).__name__} (details in {where})")
+                if outcome is None:  # never answered (requests cancelled): nothing to record, the next run sends it
+                    self.budget.settle(reserved, 0.0, 1)
+                    continue
+                images = len(outcome.images) if isinstance(outcome, Success) else 0
+                cost = price * images  # billed per image generated; failures are not billed
+                self.budget.settle(reserved, cost, images)
+                self._judge(outcome)  # before anything else awaits: an abort stops new items at once
+                elapsed = time.monotonic() - started
+                finished = _Finished(
+                    item, outcome, run.attempts, run.latency, elapsed, cost, run.retried, run.interrupted
+                )
+                await send.send(finished)
 
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.max_attempts),
-            wait=self._wait,
-            retry=retry_if_result(self._should_retry),
-            sleep=self._sleep,
-            retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
-        )
-        outcome: Outcome = await retrying(once)
-        return outcome, attempts, latency
-
-    def _should_retry(self, outcome: Outcome) -> bool:
-        # After a stop (Ctrl+C, abort), a retryable failure is recorded and left for the next run.
-        return isinstance(outcome, Failure) and outcome.action is Action.RETRY and not self.stopping
-
-    def _wait(self, state: RetryCallState) -> float:
-        result = state.outcome.result() if state.outcome else None
-        return self.backoff.wait(state.attempt_number, result if isinstance(result, Failure) else None)
+    async def _attempt(self, run: _ItemRun) -> Outcome | None:
+        if run.last is not None:
+            if self.stopping:  # stopped during the backoff: keep the failure we have
+                run.interrupted = True
+                return run.last
+            if isinstance(run.last, Failure):
+                run.retried[run.last.kind] += 1
+                self.stats.retries += 1
+                self.stats.retries_by_kind[run.last.kind] += 1
+                if self.progress:
+                    self.progress.update(self.stats)
+        if self._requests_cancelled:
+            return run.last
+        with anyio.CancelScope() as scope:
+            self._request_scopes.add(scope)
+            try:
+                async with self.concurrency.limiter:
+                    await self.rate.acquire()
+                    run.attempts += 1
+                    self.stats.requests += 1
+                    t0 = time.monotonic()
+                    outcome = await self.client.generate(run.item)
+                    run.latency = time.monotonic() - t0
+            finally:
+                self._request_scopes.discard(scope)
+        if scope.cancelled_caught:
+            return run.last
+        if isinstance(outcome, Failure) and outcome.kind == "rate_limited":
+            if (said := self.concurrency.rate_limited()) is not None:
+                self.log(said + "; set requests_per_minute to stay under the limit")
+            if outcome.retry_after is not None and self.rate.pause(outcome.retry_after):
+                self.log(f"the server asked to wait {outcome.retry_after:g}s: pausing every request until then")
+        elif isinstance(outcome, Success) and (said := self.concurrency.succeeded()) is not None:
+            self.log(said)
+        run.last = outcome
+        return outcome
 
     async def _sleep(self, seconds: float) -> None:
         """A backoff that a stop (Ctrl+C, abort, budget) cuts short."""
         with anyio.move_on_after(seconds):
             await self._stopping.wait()
 
-    def _count_retry(self) -> None:
-        self.stats.retries += 1
-        if self.progress:
-            self.progress.retry()
-
     def _judge(self, outcome: Outcome) -> None:
         if isinstance(outcome, Success):
             self.breaker.success()
             return
-        if outcome.action is Action.ABORT:
-            self.stop(f"{outcome.kind}: {outcome.message} ({POLICY[outcome.kind].what})", True)
+        if outcome.action is Action.ABORT and not outcome.final:
+            self.stop(f"{outcome.kind}: {outcome.message} ({POLICY[outcome.kind].what})", "abort", True)
         elif self.breaker.failure(outcome.kind):
             self.stop(
                 f"circuit breaker: {self.breaker.count} items in a row failed with {outcome.kind} "
                 f"(last: {outcome.message}); max_consecutive_failures is {self.breaker.limit}",
+                "breaker",
                 True,
             )
 
-    async def _record(
-        self, item: Item, price: float, outcome: Outcome, attempts: int, latency: float, elapsed: float
-    ) -> dict[str, Any]:
-        rec: dict[str, Any] = {
-            **item.record_fields(),
-            "status": "ok" if isinstance(outcome, Success) else "failed",
-            "attempts": attempts,
-            "request_id": outcome.request_id,
-            "usage": outcome.usage if isinstance(outcome, Success) else None,
-            "cost_usd": 0.0,
-            "latency_s": round(latency, 3),
-            "elapsed_s": round(elapsed, 3),
-        }
-        if isinstance(outcome, Success):
-            saved = await anyio.to_thread.run_sync(self._save_images, item, outcome)
-            first = saved[0]
-            rec.update(first)
-            if len(saved) > 1:
-                rec["extra_images"] = saved[1:]
-            if outcome.text:
-                rec["text"] = outcome.text
-            # Billed per image generated (list prices are per image; failures are not billed).
-            rec["cost_usd"] = round(price * len(saved), 6)
-        else:
-            rec["error"] = outcome.as_record()
-        rec["finished_at"] = datetime.now(UTC).isoformat(timespec="milliseconds")
-        rec["run_id"] = self.run_id
-        return rec
-
-    def _save_images(self, item: Item, outcome: Success) -> list[dict[str, Any]]:
-        saved = []
-        for i, image in enumerate(outcome.images):
-            rel = image_relpath(item.item_id, image.mime, i)
-            sha, mtime_ns = self.out.save_image(rel, image.data)
-            saved.append(
-                {"image_path": rel, "mime": image.mime, "bytes": len(image.data), "sha256": sha, "mtime_ns": mtime_ns}
-            )
-        return saved
-
-    async def _write(self, recv: ObjectReceiveStream[dict[str, Any]]) -> None:
+    # -- the writer -------------------------------------------------------------------------
+    async def _write(self, recv: MemoryObjectReceiveStream[_Finished | Record]) -> None:
         async with recv:
-            async for rec in recv:
-                batch = [rec]
+            async for first in recv:
+                batch = [first]
                 while len(batch) < 256:  # group commit: whatever else is ready goes in the same fsync
                     try:
                         batch.append(recv.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
-                await anyio.to_thread.run_sync(self.out.append, batch)
-                for r in batch:
-                    self._count(r)
+                records = await anyio.to_thread.run_sync(self._commit, batch)
+                for rec in records:
+                    self._count(rec)
+                if self.progress:
+                    self.progress.update(self.stats)
 
-    def _count(self, rec: dict[str, Any]) -> None:
-        if rec["status"] == "ok":
-            self.stats.ok += 1
+    def _commit(self, batch: list[_Finished | Record]) -> list[Record]:
+        """In one thread hop: save the batch's images, make their folders durable once, then
+        append their lines in one write. A record that cannot be built or encoded becomes an
+        `internal` failure of its item alone; a fault of the output dir (disk full) ends the run."""
+        records: list[Record] = []
+        for entry in batch:
+            if isinstance(entry, dict):  # an adopted image, already a record
+                records.append(entry)
+                continue
+            try:
+                records.append(self._record(entry))
+            except RunnerError:
+                raise
+            except Exception as e:
+                records.append(self._bug_record(entry.item.record_fields(), e, entry.attempts))
+        self.store.sync()
+        lines = []
+        for i, rec in enumerate(records):
+            try:
+                lines.append(encode(rec))
+            except ValueError as e:  # a lone surrogate or NaN that slipped past: that record only
+                fields = {k: rec.get(k) for k in _ITEM_FIELDS}
+                records[i] = rec = self._bug_record(fields, e, rec.get("attempts", 0))
+                lines.append(encode(rec))
+        self.store.append(records, lines)
+        return records
+
+    def _record(self, f: _Finished) -> Record:
+        outcome = f.outcome
+        images: list[ImageFile] = []
+        error: ErrorRec | None = None
+        if isinstance(outcome, Success):
+            for i, image in enumerate(outcome.images):
+                rel = image_relpath(f.item.item_id, image.mime, i)
+                sha, mtime_ns = self.store.save_image(rel, image.data)
+                size = dimensions(image.data, image.mime)
+                images.append({"image_path": rel, "mime": image.mime, "bytes": len(image.data), "sha256": sha,
+                               "mtime_ns": mtime_ns, "width": size[0] if size else None,
+                               "height": size[1] if size else None})  # fmt: skip
+            for ref in f.item.inputs:
+                if ref.stored is not None and ref.path is not None and ref.stored not in self._stored_inputs:
+                    self.store.save_input(ref.stored, ref.path, ref.size)
+                    self._stored_inputs.add(ref.stored)
         else:
-            self.stats.failed += 1
-            self.stats.failures_by_kind[rec["error"]["kind"]] += 1
-        self.stats.spent_usd += rec["cost_usd"]
-        if self.progress:
-            self.progress.record(rec, self.stats.spent_usd)
+            error = {"kind": outcome.kind, "status": outcome.status, "message": outcome.message}
+        return make_record(
+            f.item.record_fields(),
+            status="ok" if images else "failed",
+            attempts=f.attempts,
+            request_id=outcome.request_id,
+            usage=outcome.usage if isinstance(outcome, Success) else None,
+            cost_usd=f.cost,
+            latency_s=f.latency,
+            elapsed_s=f.elapsed,
+            finished_at=_now(),
+            run_id=self.run_id,
+            images=images,
+            text=outcome.text if isinstance(outcome, Success) else "",
+            error=error,
+            retried=dict(f.retried),
+            interrupted=f.interrupted,
+        )
+
+    def _bug_record(self, fields: dict[str, Any], e: Exception, attempts: int) -> Record:
+        where = self.on_bug(e, f"recording item {fields.get('item_id')}")
+        message = f"internal error: {type(e).__name__} (details in {where})"
+        error: ErrorRec = {"kind": "internal", "status": None, "message": message}
+        return make_record(
+            fields, status="failed", attempts=attempts, request_id=None, usage=None, cost_usd=0.0,
+            latency_s=0.0, elapsed_s=0.0, finished_at=_now(), run_id=self.run_id, error=error,
+        )  # fmt: skip
+
+    def _recovered(self, item: Item, files: list[tuple[str, bytes]]) -> Record:
+        """The record of an item whose images were saved whole before a crash took its line."""
+        images: list[ImageFile] = []
+        for rel, data in files:
+            mime = _MIMES[rel.rsplit(".", 1)[-1]]
+            size = dimensions(data, mime)
+            images.append({"image_path": rel, "mime": mime, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                           "mtime_ns": None, "width": size[0] if size else None,
+                           "height": size[1] if size else None})  # fmt: skip
+        return make_record(
+            item.record_fields(), status="ok", attempts=0, request_id=None, usage=None,
+            cost_usd=self.prices.item(item) * len(images), latency_s=0.0, elapsed_s=0.0, finished_at=_now(),
+            run_id=self.run_id, images=images, recovered=True,
+        )  # fmt: skip
+
+    def _count(self, rec: Record) -> None:
+        s = self.stats
+        if rec["status"] == "ok":
+            s.ok += 1
+            s.recovered += rec.get("recovered", False)
+        elif rec.get("interrupted"):
+            s.interrupted += 1
+        else:
+            s.failed += 1
+            s.failures_by_kind[rec["error"]["kind"]] += 1
+        s.spent_usd += rec["cost_usd"]
+
+
+_MIMES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
+
+
+_ITEM_FIELDS = ("item_id", "prompt_id", "prompt", "model", "image_config", "repeat", "vars")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")

@@ -64,8 +64,8 @@ class Record(TypedDict):
     request_id: str | None
     usage: dict[str, Any] | None
     cost_usd: float
-    latency_s: float
-    elapsed_s: float
+    latency_s: float | None
+    elapsed_s: float | None
     finished_at: str
     run_id: str
     inputs: NotRequired[list[InputRec]]
@@ -92,8 +92,8 @@ class Record(TypedDict):
 _STR, _INT, _NUM, _OPT = (str,), (int,), (int, float), (type(None),)
 _TYPES: dict[str, tuple[type, ...]] = {
     "prompt_id": _STR, "prompt": _STR, "model": _STR, "repeat": _INT, "attempts": _INT,
-    "request_id": _STR + _OPT, "usage": (dict, type(None)), "cost_usd": _NUM, "latency_s": _NUM,
-    "elapsed_s": _NUM, "finished_at": _STR, "run_id": _STR, "vars": (dict, type(None)),
+    "request_id": _STR + _OPT, "usage": (dict, type(None)), "cost_usd": _NUM, "latency_s": _NUM + _OPT,
+    "elapsed_s": _NUM + _OPT, "finished_at": _STR, "run_id": _STR, "vars": (dict, type(None)),
     "inputs": (list,), "params": (dict,), "retried": (dict,), "image_path": _STR, "mime": _STR,
     "bytes": _INT, "sha256": _STR, "mtime_ns": _INT + _OPT, "width": _INT + _OPT,
     "height": _INT + _OPT, "extra_images": (list,), "text": _STR, "recovered": (bool,),
@@ -201,3 +201,53 @@ def encode(rec: Record | dict[str, Any]) -> bytes:
     surrogate, NaN): what a server sends is made safe before it reaches a record (policy.safe),
     and the writer turns a record that still fails into a failure of that item alone."""
     return json.dumps(rec, ensure_ascii=False, allow_nan=False).encode("utf-8") + b"\n"
+
+
+def make_record(
+    item_fields: dict[str, Any],
+    *,
+    status: Literal["ok", "failed"],
+    attempts: int,
+    request_id: str | None,
+    usage: dict[str, Any] | None,
+    cost_usd: float,
+    latency_s: float,
+    elapsed_s: float,
+    finished_at: str,
+    run_id: str,
+    images: list[ImageFile] | None = None,
+    text: str = "",
+    error: ErrorRec | None = None,
+    retried: dict[str, int] | None = None,
+    interrupted: bool = False,
+    recovered: bool = False,
+) -> Record:
+    """The one place a manifest line is put together: the item's part (Item.record_fields),
+    then what became of it."""
+    rec: dict[str, Any] = {
+        **item_fields,
+        "status": status,
+        "attempts": attempts,
+        "request_id": request_id,
+        "usage": usage,
+        "cost_usd": round(cost_usd, 6),
+        "latency_s": round(latency_s, 3),
+        "elapsed_s": round(elapsed_s, 3),
+    }
+    if retried:
+        rec["retried"] = dict(retried)
+    if images:
+        rec.update(images[0])
+        if len(images) > 1:
+            rec["extra_images"] = images[1:]
+    if text:
+        rec["text"] = text
+    if recovered:
+        rec["recovered"] = True
+    if error is not None:
+        rec["error"] = error
+        if interrupted:
+            rec["interrupted"] = True
+    rec["finished_at"] = finished_at
+    rec["run_id"] = run_id
+    return cast(Record, rec)

@@ -1,18 +1,24 @@
-"""What a run produced, summed up from its manifest: counts, failures, cost, latency, throughput."""
+"""What a run produced, summed up from its manifests: counts, failures, retries, cost, latency, throughput."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .manifest import iter_records, manifest_paths, supersedes
 from .models import MODELS, effective_size
+from .output.manifest import iter_records, manifest_paths
+from .plan import money, usd
+from .policy import printable
+from .record import Record, supersedes
 
 MAX_EXAMPLES = 3  # distinct messages kept per failure kind
+MAX_INPUTS_SHOWN = 50
 
 
 def require_manifest(out: Path) -> None:
@@ -35,18 +41,13 @@ def percentile(values: list[float], p: float) -> float | None:
     return ordered[min(rank, len(ordered)) - 1]
 
 
-def size_of(rec: dict[str, Any]) -> str:
+def size_of(rec: Record) -> str:
     """The image size a record was produced (and billed) at; the sent value for an unknown model."""
-    config = rec.get("image_config") if isinstance(rec.get("image_config"), dict) else {}
-    sent = config.get("image_size")
+    sent = rec["image_config"].get("image_size") if "image_config" in rec else None
     model = rec.get("model")
     if isinstance(model, str) and model in MODELS:
         return effective_size(model, sent if isinstance(sent, str) else None)
     return str(sent) if sent is not None else "?"
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _when(value: Any) -> datetime | None:
@@ -59,110 +60,150 @@ def _when(value: Any) -> datetime | None:
     return stamp if stamp.tzinfo is not None else None  # naive and aware stamps cannot be compared
 
 
-def analyze(out: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """(summary, latest record per item_id) in one pass over every manifest of `out`."""
-    require_manifest(out)
-    bad: list[int] = []
-    last: dict[str, dict[str, Any]] = {}
-    cost = 0.0
-    retries = requests = lines = 0
-    runs: set[str] = set()
+@dataclass
+class Manifests:
+    """One pass over every manifest line of an output dir: the record that counts per item,
+    and what every line adds (cost, attempts, retries: each line stands for requests made)."""
+
+    out: Path
+    latest: dict[str, Record] = field(default_factory=dict)
+    lines: int = 0
+    damaged: int = 0
+    cost: float = 0.0
+    requests: int = 0
+    retries_by_kind: Counter[str] = field(default_factory=Counter)
+    cost_by_line: dict[tuple[str, str], float] = field(default_factory=dict)
+    runs: dict[str, list[float]] = field(default_factory=dict)  # run_id -> [first start, last end] (epoch s)
     first: datetime | None = None
-    final: datetime | None = None
-    stamps = 0
-    cost_by_line: dict[tuple[str, str], float] = {}
+    last: datetime | None = None
+
+
+def read_manifests(out: Path) -> Manifests:
+    require_manifest(out)
+    m = Manifests(out)
+    bad: list[int] = []
     for rec in iter_records(out, bad):
-        lines += 1
-        if supersedes(rec, last.get(rec["item_id"])):
-            last[rec["item_id"]] = rec
-        spent = _number(rec.get("cost_usd")) or 0.0
-        cost += spent
+        m.lines += 1
+        if supersedes(rec, m.latest.get(rec["item_id"])):
+            m.latest[rec["item_id"]] = rec
+        spent = float(rec.get("cost_usd") or 0.0)
+        m.cost += spent
         key = (str(rec.get("model")), size_of(rec))
-        cost_by_line[key] = cost_by_line.get(key, 0.0) + spent
-        attempts = rec.get("attempts")
-        if isinstance(attempts, int) and not isinstance(attempts, bool) and attempts > 0:
-            requests += attempts
-            retries += attempts - 1
-        if isinstance(rec.get("run_id"), str):
-            runs.add(rec["run_id"])
+        m.cost_by_line[key] = m.cost_by_line.get(key, 0.0) + spent
+        attempts = max(0, rec.get("attempts", 0))
+        m.requests += attempts
+        retried = {str(k): v for k, v in rec.get("retried", {}).items() if isinstance(v, int) and v > 0}
+        m.retries_by_kind.update(retried)
+        unexplained = attempts - 1 - sum(retried.values())
+        if unexplained > 0:  # lines of older versions say how many retries, not why
+            m.retries_by_kind["unknown"] += unexplained
         stamp = _when(rec.get("finished_at"))
         if stamp is not None:
-            stamps += 1
-            first = stamp if first is None or stamp < first else first
-            final = stamp if final is None or stamp > final else final
+            m.first = stamp if m.first is None or stamp < m.first else m.first
+            m.last = stamp if m.last is None or stamp > m.last else m.last
+            end = stamp.timestamp()
+            start = end - max(0.0, float(rec.get("elapsed_s") or 0.0))
+            span = m.runs.setdefault(rec.get("run_id") or "", [start, end])
+            span[0], span[1] = min(span[0], start), max(span[1], end)
+    m.damaged = len(bad)
+    return m
 
-    ok = failed = 0
+
+def _busy_seconds(spans: list[list[float]]) -> float:
+    """How long items were in flight: the union of each run's first start to last finish."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def summarize(source: Manifests | Path) -> dict[str, Any]:
+    """The report of an output dir: what `runner report --json` prints.
+
+    Item counts, failures and latency come from the latest record of each item; cost, requests
+    and retries from every line, since each line stands for attempts that were made (and paid).
+    Latency percentiles are nearest-rank (always an observed value)."""
+    m = source if isinstance(source, Manifests) else read_manifests(source)
+    ok = failed = interrupted = recovered = 0
     kinds: Counter[str] = Counter()
     examples: dict[str, list[str]] = {}
     latencies: list[float] = []
     per_line: dict[tuple[str, str], dict[str, Any]] = {}
     var_counts: dict[str, Counter[str]] = {}
-    for rec in last.values():
+    inputs: Counter[str] = Counter()
+    for rec in m.latest.values():
         key = (str(rec.get("model")), size_of(rec))
         line = per_line.setdefault(key, {"model": key[0], "image_size": key[1], "ok": 0, "failed": 0})
-        if rec.get("status") == "ok":
+        if rec["status"] == "ok":
             ok += 1
             line["ok"] += 1
-            latency = _number(rec.get("latency_s"))
-            if latency is not None:
-                latencies.append(latency)
+            recovered += rec.get("recovered", False)
+            latency = rec.get("latency_s")
+            if rec.get("attempts") and latency is not None:
+                latencies.append(float(latency))
         else:
             failed += 1
             line["failed"] += 1
-            error = rec.get("error") if isinstance(rec.get("error"), dict) else {}
-            kind = str(error.get("kind") or "unknown")
-            kinds[kind] += 1
-            message = error.get("message")
-            shown = examples.setdefault(kind, [])
-            if isinstance(message, str) and len(shown) < MAX_EXAMPLES and message not in shown:
+            interrupted += rec.get("interrupted", False)
+            error = rec["error"]
+            kinds[error["kind"]] += 1
+            shown = examples.setdefault(error["kind"], [])
+            message = str(error.get("message", ""))
+            if len(shown) < MAX_EXAMPLES and message not in shown:
                 shown.append(message)
-        if isinstance(rec.get("vars"), dict):
-            for name, value in rec["vars"].items():
-                var_counts.setdefault(str(name), Counter())[str(value)] += 1
-    for key in cost_by_line.keys() - per_line.keys():  # spent on items whose latest line moved elsewhere
+        for name, value in (rec.get("vars") or {}).items():
+            var_counts.setdefault(str(name), Counter())[str(value)] += 1
+        for ref in rec.get("inputs", []):
+            inputs[str(ref.get("path") or ref.get("url") or "?")] += 1
+    for key in m.cost_by_line.keys() - per_line.keys():  # spent on items whose latest line moved elsewhere
         per_line[key] = {"model": key[0], "image_size": key[1], "ok": 0, "failed": 0}
     for key, line in per_line.items():
-        line["cost_usd"] = round(cost_by_line.get(key, 0.0), 6)
-
-    span_h = (final - first).total_seconds() / 3600 if first is not None and final is not None else 0.0
-    summary: dict[str, Any] = {
-        "output_dir": str(out),
-        "items": len(last),
+        line["cost_usd"] = money(m.cost_by_line.get(key, 0.0))
+    busy_h = _busy_seconds(list(m.runs.values())) / 3600
+    retries = sum(m.retries_by_kind.values())
+    return {
+        "output_dir": str(m.out),
+        "name": _job_name(m.out),
+        "items": len(m.latest),
         "ok": ok,
         "failed": failed,
+        "interrupted": interrupted,
+        "recovered": recovered,
         "failures_by_kind": dict(kinds.most_common()),
         "failure_examples": {k: examples[k] for k in kinds},
-        "cost_usd": round(cost, 6),
+        "cost_usd": money(m.cost),
         "latency_s": {
             "p50": percentile(latencies, 50),
             "p95": percentile(latencies, 95),
-            "max": max(latencies) if latencies else None,
+            "max": max(latencies, default=None),
         },
         "percentiles": "nearest-rank over the latest ok record of each item",
-        "requests": requests,
+        "requests": m.requests,
         "retries": retries,
-        "throughput_per_hour": round(ok / span_h, 2) if stamps >= 2 and span_h > 0 else None,
+        "retries_by_kind": dict(m.retries_by_kind.most_common()),
+        "throughput_per_hour": round(ok / busy_h, 1) if busy_h > 0 and ok else None,
+        "busy_s": round(busy_h * 3600, 1),
         "by_model": [per_line[k] for k in sorted(per_line)],
-        "runs": len(runs),
-        "lines": lines,
-        "bad_lines": len(bad),
+        "runs": len(m.runs),
+        "first_finished_at": m.first.isoformat() if m.first else None,
+        "last_finished_at": m.last.isoformat() if m.last else None,
+        "lines": m.lines,
+        "bad_lines": m.damaged,
         "vars": {name: dict(counts.most_common()) for name, counts in sorted(var_counts.items())},
+        "inputs": dict(inputs.most_common(MAX_INPUTS_SHOWN)),
+        "distinct_inputs": len(inputs),
     }
-    return summary, last
 
 
-def summarize(out: Path) -> dict[str, Any]:
-    """The report of an output dir (see analyze): what `runner report --json` prints.
-
-    Item counts, failures and latency come from the latest record of each item; cost, requests
-    and retries from every line, since each line stands for attempts that were made (and paid).
-    Latency percentiles are nearest-rank (always an observed value).
-    """
-    return analyze(out)[0]
-
-
-def _money(value: float) -> str:
-    return f"${value:,.2f}" if value >= 100 else f"${value:.3f}"  # per-image prices need the 3rd digit
+def _job_name(out: Path) -> str | None:
+    try:
+        snapshot = json.loads((out / "spec.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = snapshot.get("name") if isinstance(snapshot, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def _seconds(value: float | None) -> str:
@@ -170,29 +211,32 @@ def _seconds(value: float | None) -> str:
 
 
 def format_text(summary: dict[str, Any]) -> str:
-    """A compact human-readable table of a summary."""
+    """A compact human-readable table of a summary (every server-made string made printable)."""
     lat = summary.get("latency_s") or {}
+    items = f"{summary['items']}  (ok {summary['ok']}, failed {summary['failed']}"
+    items += f", of which {summary['interrupted']} interrupted" if summary.get("interrupted") else ""
+    items += f"; {summary['recovered']} recovered from disk" if summary.get("recovered") else ""
     rows: list[tuple[str, str]] = [
-        ("items", f"{summary['items']}  (ok {summary['ok']}, failed {summary['failed']})"),
-        ("cost", _money(summary["cost_usd"])),
+        ("items", items + ")"),
+        ("cost", usd(summary["cost_usd"])),
         ("requests", f"{summary['requests']}  ({summary['retries']} retries)"),
         ("latency", f"p50 {_seconds(lat.get('p50'))}  p95 {_seconds(lat.get('p95'))}  max {_seconds(lat.get('max'))}"),
     ]
+    if summary.get("retries_by_kind"):
+        rows.append(("retried", ", ".join(f"{k} {n}" for k, n in summary["retries_by_kind"].items())))
     if summary.get("throughput_per_hour") is not None:
-        rows.append(("throughput", f"{summary['throughput_per_hour']:,.1f} images/hour"))
+        rows.append(("throughput", f"{summary['throughput_per_hour']:,.1f} images/hour in flight"))
     rows.append(("runs", str(summary["runs"])))
     if summary.get("bad_lines"):
-        rows.append(("bad lines", f"{summary['bad_lines']} unreadable manifest line(s) skipped"))
+        rows.append(("bad lines", f"{summary['bad_lines']} unreadable manifest line(s) skipped (damaged or cut off)"))
     width = max(len(k) for k, _ in rows)
-    text = [f"report: {summary.get('output_dir', '')}"]
-    text += [f"  {k.ljust(width)}  {v}" for k, v in rows]
+    title = f"report: {summary.get('name') or ''} {summary.get('output_dir', '')}".replace("  ", " ")
+    text = [title] + [f"  {k.ljust(width)}  {v}" for k, v in rows]
 
     by_model = summary.get("by_model") or []
     if by_model:
         table = [("model", "size", "ok", "failed", "cost")]
-        table += [
-            (m["model"], m["image_size"], str(m["ok"]), str(m["failed"]), _money(m["cost_usd"])) for m in by_model
-        ]
+        table += [(m["model"], m["image_size"], str(m["ok"]), str(m["failed"]), usd(m["cost_usd"])) for m in by_model]
         widths = [max(len(r[i]) for r in table) for i in range(5)]
         text.append("")
         for r in table:
@@ -206,7 +250,7 @@ def format_text(summary: dict[str, Any]) -> str:
         for kind, count in summary["failures_by_kind"].items():
             text.append(f"  {kind}: {count}")
             for message in summary.get("failure_examples", {}).get(kind, []):
-                text.append(f"    e.g. {message[:160]}")
+                text.append(f"    e.g. {' '.join(str(message).split())[:160]}")
 
     if summary.get("vars"):
         text += ["", "vars:"]
@@ -214,4 +258,7 @@ def format_text(summary: dict[str, Any]) -> str:
         shown = ", ".join(f"{v} ({n})" for v, n in list(counts.items())[:8])
         more = f", … {len(counts) - 8} more" if len(counts) > 8 else ""
         text.append(f"  {name}: {shown}{more}")
-    return "\n".join(text)
+    if summary.get("inputs"):
+        text += ["", f"reference images ({summary['distinct_inputs']} distinct):"]
+        text += [f"  {ref}: {n} items" for ref, n in list(summary["inputs"].items())[:8]]
+    return printable("\n".join(text))

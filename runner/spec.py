@@ -418,8 +418,11 @@ def _pricing(c: Checker, raw: Any) -> tuple[tuple[str, tuple[tuple[str, float], 
         table = []
         for size, price in prices.items():
             size = str(size)
-            if size not in sizes:
-                raise c.fail(f"pricing.{model}.{size}", f"{model} has no size {size!r} (sizes: {' '.join(sizes)})")
+            if size not in (*sizes, "input_image"):
+                known = " ".join(sizes)
+                raise c.fail(
+                    f"pricing.{model}.{size}", f"{model} has no size {size!r} (sizes: {known}; or input_image)"
+                )
             table.append((size, c.number(price, f"pricing.{model}.{size}", 0)))
         out.append((model, tuple(table)))
     return tuple(out)

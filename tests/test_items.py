@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from runner.items import Shard, item_id, iter_items
-from runner.pricing import estimate
+from runner.plan import estimate
 from runner.spec import ImageConfig, load_spec
 
 from .conftest import run_cli

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import anyio
 import pytest
+from tenacity import AsyncRetrying, RetryCallState
 
 from runner.limits import AdaptiveConcurrency, RateLimiter
 from runner.policy import (
     POLICY,
     Action,
-    Backoff,
+    ServerWaitOrBackoff,
     CircuitBreaker,
     Failure,
     classify_status,
@@ -152,8 +153,16 @@ def test_retry_hints_from_header_date_and_google_body() -> None:
     assert classify_status(429, body, {}, None).retry_after == 13.0
     assert classify_status(429, body, {"retry-after": "2"}, None).retry_after == 2.0
     hinted = Failure("rate_limited", 429, "x", retry_after=5.0)
-    assert 5.0 <= Backoff(base_s=1, cap_s=60).wait(1, hinted) <= 6.0
-    assert all(0 <= Backoff(base_s=1, cap_s=8).wait(a, None) <= 8 for a in range(1, 30))
+    assert 5.0 <= ServerWaitOrBackoff(base_s=1, cap_s=60)(_state(1, hinted)) <= 6.0
+    assert all(0 <= ServerWaitOrBackoff(base_s=1, cap_s=8)(_state(a, None)) <= 8 for a in range(1, 30))
+
+
+def _state(attempt: int, result: Failure | None) -> RetryCallState:
+    """tenacity's view of a call after `attempt` attempts, the last one returning `result`."""
+    state = RetryCallState(AsyncRetrying(), None, (), {})
+    state.attempt_number = attempt
+    state.set_result(result)
+    return state
 
 
 def test_messages_never_carry_the_key() -> None:

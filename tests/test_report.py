@@ -143,7 +143,8 @@ def test_summarize_exact_numbers(out: Path) -> None:
     assert s["latency_s"] == {"p50": 20.0, "p95": 40.0, "max": 40.0}
     assert s["requests"] == 1 + 5 + 1 + 1 + 5 + 2 + 1
     assert s["retries"] == 0 + 4 + 0 + 0 + 4 + 1 + 0
-    assert s["throughput_per_hour"] == 2.0  # 4 ok images from 08:00 to 10:00
+    # 4 ok images over the time items were in flight: run1 07:59:49-08:50, run2 08:59:39-10:00 (issue 11)
+    assert s["throughput_per_hour"] == 2.2
     assert s["runs"] == 2
     assert s["bad_lines"] == 1
     assert s["vars"] == {"style": {"ink": 2}, "subject": {"cat": 1, "<b>dog</b>": 1}}

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from runner.manifest import index_path, index_valid, rebuild_index, scan
+from runner.output.files import Jail
+from runner.output.manifest import index_name, index_valid, rebuild_index, scan
 
 from .conftest import MockGateway, StartGateway, cli_env, latest, read_manifest, run_cli, start_cli, write_spec
 
@@ -126,7 +127,9 @@ def test_torn_last_line_is_set_aside_and_repaired(tmp_path: Path, mock: MockGate
     assert proc.returncode == 0, proc.stderr
     assert "torn last line" in proc.stderr
     assert (tmp_path / "out" / "manifest.jsonl.torn").read_bytes() == torn + b"\n"
-    assert mock.stats()["requests"] == 4  # only the item whose record was torn is redone
+    # the item whose record was torn has its whole image on disk: recorded again, not bought again
+    assert mock.stats()["requests"] == 3
+    assert [r["prompt"] for r in read_manifest(tmp_path / "out") if r.get("recovered")] == ["c"]
     assert_all_ok_and_intact(tmp_path / "out", 3)
 
 
@@ -219,14 +222,14 @@ def test_the_resume_index_agrees_with_the_manifest_and_is_rebuilt_when_stale(tmp
     manifest = out / "manifest.jsonl"
     assert index_valid(manifest)
     from_index = scan(out)
-    index_path(manifest).unlink()
+    (out / index_name(manifest.name)).unlink()
     from_json = scan(out)
     assert (from_index.done, from_index.permanent, from_index.spent_usd) == (
         from_json.done, from_json.permanent, from_json.spent_usd,
     ) and len(from_index.done) == 3  # fmt: skip
     # a stale index (here: missing its last line) is never trusted; the next run rebuilds it
-    rebuild_index(manifest)
-    idx = index_path(manifest)
+    rebuild_index(Jail(out), manifest.name, durable=False)
+    idx = out / index_name(manifest.name)
     idx.write_bytes(b"".join(idx.read_bytes().splitlines(keepends=True)[:-1]))
     assert not index_valid(manifest)
     assert run_cli("run", str(path), "--no-progress").returncode == 1  # the 400 is still failed

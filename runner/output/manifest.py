@@ -1,19 +1,22 @@
-"""Read what a run wrote: manifest lines, repaired tails, and the compact resume state."""
+"""Read what a run wrote: manifest lines, repaired tails, damaged lines set aside, and the compact resume state."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .policy import PERMANENT
+from ..errors import OutputError
+from ..policy import PERMANENT
+from ..record import Record, parse_line, supersedes
+from .files import Jail, open_regular, output_error
 
 MANIFEST = "manifest.jsonl"
-TORN_SUFFIX = ".torn"  # manifest.jsonl.torn: cut-off lines set aside by repair
+TORN_SUFFIX = ".torn"  # manifest.jsonl.torn: cut-off and damaged lines set aside
 
 
 def manifest_name(shard_label: str | None) -> str:
@@ -21,15 +24,63 @@ def manifest_name(shard_label: str | None) -> str:
 
 
 def manifest_paths(out: Path) -> list[Path]:
-    """Every manifest in an output dir: the plain one and one per shard."""
-    return sorted(p for p in out.glob("manifest*.jsonl") if p.is_file())
+    """Every manifest in an output dir: the plain one and one per shard (and remote parts).
+
+    A link or a non-regular file under a manifest's name is an error, not something to read."""
+    try:
+        entries = list(os.scandir(out))
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise output_error(e, str(out)) from None
+    found = []
+    for entry in entries:
+        if not (entry.name.startswith("manifest") and entry.name.endswith(".jsonl")):
+            continue
+        if not entry.is_file(follow_symlinks=False):
+            raise OutputError(
+                f"{entry.path} is a symbolic link or not a regular file; runner reads and writes only its own "
+                "files in an output dir: remove it"
+            )
+        found.append(Path(entry.path))
+    return sorted(found)
 
 
-def repair(path: Path) -> int:
+def _lines(path: Path) -> Iterator[bytes]:
+    with os.fdopen(open_regular(path), "rb") as f:
+        yield from f
+
+
+def iter_records(out: Path, bad: list[int] | None = None) -> Iterator[Record]:
+    """Every valid manifest line in file order; damaged ones (any shape) are counted in `bad`."""
+    for path in manifest_paths(out):
+        yield from _records(path, bad)
+
+
+def _records(path: Path, bad: list[int] | None = None) -> Iterator[Record]:
+    for line in _lines(path):
+        rec = parse_line(line)
+        if rec is not None:
+            yield rec
+        elif line.strip() and bad is not None:
+            bad.append(1)
+
+
+def latest(out: Path, bad: list[int] | None = None) -> dict[str, Record]:
+    """item_id -> the record that counts. Holds every record: for reports, not resume."""
+    last: dict[str, Record] = {}
+    for rec in iter_records(out, bad):
+        if supersedes(rec, last.get(rec["item_id"])):
+            last[rec["item_id"]] = rec
+    return last
+
+
+def repair(jail: Jail, name: str) -> int:
     """Cut a torn last line (a kill mid-write) off the manifest and keep it aside; bytes moved."""
-    if not path.exists():
+    if jail.lstat(name) is None:
         return 0
-    with path.open("rb+") as f:
+    fd = jail.open(name, os.O_RDWR)
+    with os.fdopen(fd, "rb+") as f:
         size = f.seek(0, os.SEEK_END)
         if size == 0:
             return 0
@@ -50,33 +101,20 @@ def repair(path: Path) -> int:
             pos = start
         f.seek(cut)
         tail = f.read()
-        with path.with_name(path.name + TORN_SUFFIX).open("ab") as aside:
-            aside.write(tail + b"\n")
-            aside.flush()
-            os.fsync(aside.fileno())
+        set_aside(jail, name, [tail])
         f.truncate(cut)
         f.flush()
         os.fsync(f.fileno())
         return len(tail)
 
 
-def iter_records(out: Path, bad: list[int] | None = None) -> Iterator[dict[str, Any]]:
-    """Every parseable manifest line in file order; unparseable ones are counted in `bad`."""
-    for path in manifest_paths(out):
-        yield from _records(path, bad)
-
-
-def _records(path: Path, bad: list[int] | None = None) -> Iterator[dict[str, Any]]:
-    with path.open("rb") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                rec = None
-            if isinstance(rec, dict) and isinstance(rec.get("item_id"), str):
-                yield rec
-            elif line.strip() and bad is not None:
-                bad.append(1)
+def set_aside(jail: Jail, name: str, lines: list[bytes]) -> None:
+    """Append lines to `<manifest>.torn`, durably: they are evidence, never silently lost."""
+    fd = jail.open(name + TORN_SUFFIX, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    with os.fdopen(fd, "ab") as aside:
+        aside.write(b"".join(line.rstrip(b"\n") + b"\n" for line in lines))
+        aside.flush()
+        os.fsync(aside.fileno())
 
 
 # The resume index: beside each manifest, `.manifest.jsonl.idx` holds one tab-separated line
@@ -86,27 +124,28 @@ def _records(path: Path, bad: list[int] | None = None) -> Iterator[dict[str, Any
 _INDEX_FIELDS = ("item_id", "status", "kind", "image_path", "bytes", "mtime_ns", "sha256", "cost_usd")
 
 
-def index_path(manifest: Path) -> Path:
-    return manifest.with_name(f".{manifest.name}.idx")
+def index_name(manifest: str) -> str:
+    return f".{manifest}.idx"
 
 
-def index_lines(records: list[dict[str, Any]], start: int, lengths: list[int]) -> bytes:
+def index_lines(records: list[Record], start: int, lengths: list[int]) -> bytes:
     """Index lines for records whose manifest lines of `lengths` bytes begin at offset `start`."""
     out = []
     end = start
     for rec, length in zip(records, lengths, strict=True):
         end += length
-        kind = (rec.get("error") or {}).get("kind") or ""
+        kind = rec["error"]["kind"] if "error" in rec else ""
         fields = (rec["item_id"], rec["status"], kind, rec.get("image_path") or "", rec.get("bytes") or "",
                   rec.get("mtime_ns") or "", rec.get("sha256") or "", float(rec.get("cost_usd") or 0), end)  # fmt: skip
-        out.append("\t".join(map(str, fields)))
+        out.append("\t".join(map(str, fields)).replace("\n", " "))
     return ("\n".join(out) + "\n").encode() if out else b""
 
 
 def index_valid(manifest: Path) -> bool:
+    """Is the index beside `manifest` complete? A missing, stale or non-regular index is not."""
     try:
         size = manifest.stat().st_size
-        with index_path(manifest).open("rb") as f:
+        with os.fdopen(open_regular(manifest.with_name(index_name(manifest.name))), "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
             tail = f.read().rstrip(b"\n").rsplit(b"\n", 1)[-1]
     except OSError:
@@ -114,25 +153,50 @@ def index_valid(manifest: Path) -> bool:
     return tail.rsplit(b"\t", 1)[-1] == str(size).encode() if tail else size == 0
 
 
-def rebuild_index(manifest: Path) -> None:
-    """Write the manifest's index afresh (after a crash, a repair or an older runner)."""
-    idx = index_path(manifest)
-    tmp = idx.with_name(idx.name + ".tmp")
+def rebuild_index(jail: Jail, name: str, durable: bool) -> int:
+    """Write the manifest's index afresh (after a crash, a repair or an older runner).
+
+    Lines that are not valid records (hand-edited, damaged) are set aside in `.torn` and
+    the manifest is rewritten without them, so no later run trips on them; returns how many.
+    Streams: memory stays flat whatever the manifest's size."""
+    damaged = _write_index(jail, name)
+    if damaged:
+        set_aside(jail, name, damaged)
+        with (
+            os.fdopen(jail.open(name, os.O_RDONLY), "rb") as src,
+            jail.atomic(name, durable) as fd,
+            os.fdopen(os.dup(fd), "wb") as dst,
+        ):
+            for line in src:
+                if parse_line(line) is not None:
+                    dst.write(line)
+        if durable:
+            jail.sync_dir("")
+        _write_index(jail, name)
+    return len(damaged)
+
+
+def _write_index(jail: Jail, name: str) -> list[bytes]:
+    """Index every valid line of the manifest; return the damaged lines (the index is then moot)."""
+    damaged: list[bytes] = []
     offset = 0
-    with manifest.open("rb") as src, tmp.open("wb") as dst:
+    with (
+        os.fdopen(jail.open(name, os.O_RDONLY), "rb") as src,
+        jail.atomic(index_name(name), False) as fd,
+        os.fdopen(os.dup(fd), "wb") as dst,
+    ):
         for line in src:
             start, offset = offset, offset + len(line)
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("item_id"), str):
+            rec = parse_line(line)
+            if rec is not None:
                 dst.write(index_lines([rec], start, [len(line)]))
-    os.replace(tmp, idx)
+            elif line.strip():
+                damaged.append(line)
+    return damaged
 
 
 def _index_rows(manifest: Path) -> Iterator[dict[str, Any]]:
-    with index_path(manifest).open(encoding="utf-8") as f:
+    with os.fdopen(open_regular(manifest.with_name(index_name(manifest.name))), encoding="utf-8") as f:
         for line in f:
             item_id, status, kind, rel, size, mtime, sha, cost, _ = line.split("\t")
             yield {
@@ -142,45 +206,30 @@ def _index_rows(manifest: Path) -> Iterator[dict[str, Any]]:
             }  # fmt: skip
 
 
-def supersedes(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
-    """Does `new` replace `old` as the record that counts for an item?
-
-    The later line does, except that a failure never replaces an ok: an ok item is not sent
-    again unless its image went bad, so a failure read after an ok comes from another
-    manifest (shards, remote parts) whose lines are not in time order with this one."""
-    return old is None or new.get("status") == "ok" or old.get("status") != "ok"
-
-
-def latest(out: Path) -> dict[str, dict[str, Any]]:
-    """item_id -> the record that counts. Holds every record: for reports, not resume."""
-    last: dict[str, dict[str, Any]] = {}
-    for rec in iter_records(out):
-        if supersedes(rec, last.get(rec["item_id"])):
-            last[rec["item_id"]] = rec
-    return last
-
-
 def image_intact(out: Path, rec: dict[str, Any], full: bool = False) -> bool:
     """Is the record's image there and whole? Size and mtime as recorded are trusted (like rsync);
-    otherwise, or with `full`, the sha256 decides."""
+    otherwise, or with `full`, the sha256 decides. A link is never an intact image."""
     rel = rec.get("image_path")
     if not isinstance(rel, str):
         return False
     path = f"{out}{os.sep}{rel}"  # a plain string: a Path per image made resume twice as slow
     try:
-        st = os.stat(path)
+        st = os.stat(path, follow_symlinks=False)
     except OSError:
         return False
-    if st.st_size != rec.get("bytes"):
+    if not stat.S_ISREG(st.st_mode) or st.st_size != rec.get("bytes"):
         return False
     if not full and st.st_mtime_ns == rec.get("mtime_ns"):
         return True
-    return sha256_file(Path(path)) == rec.get("sha256")
+    try:
+        return sha256_file(path) == rec.get("sha256")
+    except OSError:
+        return False
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path | str) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
@@ -220,14 +269,9 @@ def scan(out: Path, full_verify: bool = False, image_sizes: dict[str, int] | Non
     bad: list[int] = []
     rows = (rec for p in manifest_paths(out) for rec in (_index_rows(p) if index_valid(p) else _records(p, bad)))
     for rec in rows:
-        cost = rec.get("cost_usd")
-        if isinstance(cost, (int, float)):
-            state.spent_usd += cost
-        try:
-            key = int(rec["item_id"], 16)
-        except ValueError:
-            continue
-        if key in state.done:  # an ok with an intact image stands (see supersedes)
+        state.spent_usd += rec["cost_usd"] if isinstance(rec.get("cost_usd"), (int, float)) else 0.0
+        key = int(rec["item_id"], 16)
+        if key in state.done:  # an ok with an intact image stands (see record.supersedes)
             continue
         if state.known(key):  # a later record supersedes an earlier one
             for s in (state.done, state.retryable, state.permanent, state.bad_images):

@@ -1,0 +1,278 @@
+"""A local output dir: one writer per manifest under flock, images made durable before their lines."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Any
+
+from ..errors import OutputError, OutputLocked
+from ..record import Record
+from .files import Jail, output_error
+from .manifest import (
+    TORN_SUFFIX,
+    ResumeState,
+    index_lines,
+    index_name,
+    index_valid,
+    manifest_name,
+    rebuild_index,
+    repair,
+    scan,
+)
+
+SPEC_SNAPSHOT = "spec.json"
+_TEMP = re.compile(r"^\..+\.(\d+)\.tmp$")  # .<name>.<pid>.tmp, as Jail.atomic names them
+_IMAGE = re.compile(r"^([0-9a-f]{20})(?:-(\d+))?\.(png|jpg|webp|gif)$")
+
+
+class LocalStore:
+    """The output directory of one run (one shard): lock, images, inputs, manifest.
+
+    Durability: an image is written to a temp file, fsynced and renamed into place; its
+    folder is fsynced (once per batch, by `sync`) before its manifest line is written;
+    manifest lines are written in batches, each fsynced. With `durable=False` the fsyncs
+    are skipped: a killed process still loses nothing (the kernel has the bytes), a power
+    cut may. Nothing is ever written through a symlink (see files.Jail)."""
+
+    remote = False
+
+    def __init__(self, path: Path, shard: tuple[int, int] | None = None, durable: bool = True) -> None:
+        self.path = path
+        self.display = str(path)
+        self.durable = durable
+        self.shard = shard
+        self.shard_label = f"{shard[0]}-of-{shard[1]}" if shard else None
+        self.manifest_name = manifest_name(self.shard_label)
+        self.manifest_path = path / self.manifest_name
+        self.jail = Jail(path)
+        self._lock_fds: list[int] = []
+        self._manifest: int | None = None
+        self._index: int | None = None
+        self._offset = 0
+        self._unsynced: set[str] = set()
+        self.repaired_bytes = 0
+        self.damaged_lines = 0
+        self.removed_temps = 0
+
+    # -- life cycle -------------------------------------------------------------------------
+    def open(self) -> None:
+        try:
+            self.jail.dir_fd("images", create=True)
+            self._lock()
+            self._check_own_files()
+            self.repaired_bytes = repair(self.jail, self.manifest_name)
+            if self.jail.lstat(self.manifest_name) is not None and not index_valid(self.manifest_path):
+                self.damaged_lines = rebuild_index(self.jail, self.manifest_name, self.durable)
+            self._manifest = self.jail.open(self.manifest_name, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            self._offset = os.fstat(self._manifest).st_size
+            self._index = self.jail.open(index_name(self.manifest_name), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        except OSError as e:
+            self.close()
+            raise output_error(e, self.display) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for fd in (self._manifest, self._index):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._manifest = self._index = None
+        while self._lock_fds:
+            os.close(self._lock_fds.pop())
+        self.jail.close()
+
+    def _lock(self) -> None:
+        """One writer per manifest. flock is released by the kernel when the process dies, so a
+        crash never leaves a lock stuck. Shards share `.lock` (an unsharded run takes it alone,
+        so it never runs beside shards) and each holds its own shard's lock alone; shards of
+        different N at once would overlap, so each N holds `.lock.of-N` and refuses others."""
+        if self.shard is None:
+            self._take(".lock", fcntl.LOCK_EX, "another runner (or --shard runs)")
+            return
+        self._take(".lock", fcntl.LOCK_SH, "an unsharded runner")
+        count = self.shard[1]
+        self._take(f".lock.of-{count}", fcntl.LOCK_SH, "")
+        for entry in os.scandir(self.jail.dir_fd("")):
+            m = re.fullmatch(r"\.lock\.of-(\d+)", entry.name)
+            if m and int(m.group(1)) != count and self._held(entry.name):
+                raise OutputLocked(
+                    f"{self.display} is in use by shards of --shard K/{m.group(1)}; shards of different N on one "
+                    f"output dir would buy the same items twice: use /{m.group(1)}, or wait for them to finish"
+                )
+        self._take(f".lock.shard-{self.shard_label}", fcntl.LOCK_EX, f"another runner of shard {self.shard_label}")
+
+    def _check_own_files(self) -> None:
+        """Where runner's own files belong, anything but a regular file is refused, not used."""
+        for name in (
+            self.manifest_name,
+            self.manifest_name + TORN_SUFFIX,
+            index_name(self.manifest_name),
+            SPEC_SNAPSHOT,
+        ):
+            st = self.jail.lstat(name)
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+                raise OutputError(
+                    f"{self.jail.path(name)} is {what}; runner never reads or writes through anything but its own "
+                    "files in an output dir: remove it"
+                )
+
+    def _held(self, name: str) -> bool:
+        fd = self.jail.open(name, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def _take(self, name: str, mode: int, who: str) -> None:
+        fd = self.jail.open(name, os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            os.close(fd)
+            pid = f" (pid {holder})" if holder.isdigit() else ""
+            raise OutputLocked(
+                f"{self.display} is in use by {who}{pid}; wait for it to finish or choose another --out"
+            ) from None
+        if mode == fcntl.LOCK_EX:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fds.append(fd)
+
+    # -- resume -----------------------------------------------------------------------------
+    def scan(self, verify: bool) -> ResumeState:
+        return scan(self.path, verify)
+
+    def orphans(self, state: ResumeState) -> dict[int, list[str]]:
+        """Image files named by an item id that has no ok record (a kill between saving an image
+        and writing its line leaves them): adoption candidates, {id: [paths]}. Temp files of
+        dead processes are removed on the way, and a link among the image folders is refused."""
+        found: dict[int, list[str]] = {}
+        try:
+            images = self.jail.dir_fd("images")
+            for folder in os.scandir(images):
+                if not folder.is_dir(follow_symlinks=False):
+                    if folder.is_symlink():
+                        raise OSError(errno.ELOOP, "a symbolic link", f"{self.display}/images/{folder.name}")
+                    continue
+                rel = f"images/{folder.name}"
+                fd = self.jail.dir_fd(rel)
+                for entry in os.scandir(fd):
+                    name = entry.name
+                    if name.startswith("."):
+                        self._remove_temp(fd, name)
+                    elif (
+                        (m := _IMAGE.match(name))
+                        and (key := int(m.group(1), 16)) not in state.done
+                        and key not in state.bad_images
+                        and entry.is_file(follow_symlinks=False)
+                    ):
+                        found.setdefault(key, []).append(f"{rel}/{name}")
+            for entry in os.scandir(self.jail.dir_fd("")):
+                if entry.name.startswith("."):
+                    self._remove_temp(self.jail.dir_fd(""), entry.name)
+        except OSError as e:
+            raise output_error(e, self.display) from None
+        return found
+
+    def _remove_temp(self, dir_fd: int, name: str) -> None:
+        m = _TEMP.match(name)
+        if m is None or _alive(int(m.group(1))):
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=dir_fd)
+            self.removed_temps += 1
+
+    def read_image(self, rel: str) -> bytes | None:
+        try:
+            return self.jail.read(rel)
+        except OSError:
+            return None
+
+    # -- writing ----------------------------------------------------------------------------
+    def save_image(self, rel: str, data: bytes) -> tuple[str, int | None]:
+        """Write one image atomically; (sha256, mtime_ns). Durable once `sync` has run."""
+        try:
+            st = self.jail.write_atomic(rel, data, self.durable)
+        except OSError as e:
+            raise output_error(e, self.display) from None
+        self._unsynced.add(rel.rpartition("/")[0])
+        return hashlib.sha256(data).hexdigest(), st.st_mtime_ns
+
+    def save_input(self, rel: str, source: str, size: int) -> None:
+        """Keep a copy of a reference image (content-addressed: each file once)."""
+        st = self.jail.lstat(rel)
+        if st is not None and st.st_size == size:
+            return
+        try:
+            data = Path(source).read_bytes()
+        except OSError as e:
+            raise OutputError(f"cannot read reference image {source}: {e.strerror or e}") from None
+        self.save_image(rel, data)
+
+    def sync(self) -> None:
+        """Make the images saved since the last call durable: one fsync per folder, not per image."""
+        try:
+            if self.durable:
+                for folder in sorted(self._unsynced):
+                    self.jail.sync_dir(folder)
+        except OSError as e:
+            raise output_error(e, self.display) from None
+        self._unsynced.clear()
+
+    def append(self, records: list[Record], lines: list[bytes]) -> None:
+        """Append manifest lines as one write, then fsync: a batch commit.
+
+        The resume index follows, unsynced: it is a cache that a crash can leave behind,
+        and the next run rebuilds it from the manifest then."""
+        assert self._manifest is not None and self._index is not None, "open() first"
+        payload = b"".join(lines)
+        try:
+            written = os.write(self._manifest, payload)
+            if written != len(payload):
+                raise OSError(errno.ENOSPC, "short write", str(self.manifest_path))
+            if self.durable:
+                os.fsync(self._manifest)
+            os.write(self._index, index_lines(records, self._offset, [len(line) for line in lines]))
+            self._offset += written
+        except OSError as e:
+            raise output_error(e, self.display) from None
+
+    def read_snapshot(self) -> dict[str, Any] | None:
+        try:
+            obj = json.loads(self.jail.read(SPEC_SNAPSHOT, 1 << 20))
+        except (OSError, ValueError):
+            return None
+        return obj if isinstance(obj, dict) else None
+
+    def write_snapshot(self, summary: dict[str, Any]) -> None:
+        try:
+            self.jail.write_atomic(SPEC_SNAPSHOT, json.dumps(summary, indent=2).encode(), self.durable)
+        except OSError as e:
+            raise output_error(e, self.display) from None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,179 @@
+"""Output dirs at an fsspec URL (s3://...): images and manifest parts written as immutable objects.
+
+Object stores cannot append, lock or fsync, so a remote output dir works like this:
+- each image is one object, written whole (an object appears complete or not at all);
+- each batch of manifest lines is a new object `manifest[.shard-K-of-N].part-<run>-<seq>.jsonl`,
+  written after its images, so every `manifest*.jsonl` object is complete and `ok` lines
+  point at images that exist;
+- a run, `estimate`, `report` and `export` first copy the manifests to a temporary local dir
+  and list the image sizes; resume trusts an image whose size matches its record.
+There is no lock: give each concurrent writer its own --shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+from ..errors import OutputError, UsageError
+from ..record import Record
+from .manifest import ResumeState, manifest_name, scan
+
+SPEC_SNAPSHOT = "spec.json"
+HINT = "remote output dirs need runner's optional s3 extra: pip install -e '.[s3]' in its checkout (fsspec and s3fs)"
+_IMAGE = re.compile(r"^images/[0-9a-f]{2}/([0-9a-f]{20})(?:-\d+)?\.(png|jpg|webp|gif)$")
+
+
+def is_remote(target: str | Path) -> bool:
+    text = str(target)
+    return "://" in text and not text.startswith("file://")
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    try:
+        import fsspec
+    except ImportError:
+        raise UsageError(f"{url}: {HINT}") from None
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e:
+        raise UsageError(f"{url}: {e}; {HINT}") from None
+    return fs, root.rstrip("/")
+
+
+def pull(fs: Any, root: str, dest: Path) -> dict[str, int]:
+    """Copy manifests and the spec snapshot to `dest`; return {image path: size}."""
+    for remote in [*fs.glob(f"{root}/manifest*.jsonl"), f"{root}/{SPEC_SNAPSHOT}"]:
+        if remote.endswith(SPEC_SNAPSHOT) and not fs.exists(remote):
+            continue
+        fs.get_file(remote, str(dest / remote.rsplit("/", 1)[-1]))
+    found: dict[str, Any] = {}
+    for folder in ("images", "inputs"):
+        with suppress(FileNotFoundError):
+            found.update(fs.find(f"{root}/{folder}", detail=True))
+    return {name[len(root) + 1 :]: int(info["size"]) for name, info in found.items()}
+
+
+class RemoteSource:
+    """Image bytes of a remote output dir, for report, export and adoption."""
+
+    def __init__(self, fs: Any, root: str, sizes: dict[str, int]) -> None:
+        self.fs, self.root, self.sizes = fs, root, sizes
+
+    def size(self, rel: str) -> int | None:
+        return self.sizes.get(rel)
+
+    def read(self, rel: str) -> bytes:
+        return bytes(self.fs.cat_file(f"{self.root}/{rel}"))
+
+
+@contextmanager
+def remote_view(url: str) -> Iterator[tuple[Path, RemoteSource]]:
+    """A temporary local copy of a remote output dir's manifests, and its images."""
+    fs, root = filesystem(url)
+    with tempfile.TemporaryDirectory(prefix="runner-remote-") as tmp:
+        try:
+            sizes = pull(fs, root, Path(tmp))
+        except OSError as e:
+            raise OutputError(f"cannot read output dir {url}: {e}") from None
+        yield Path(tmp), RemoteSource(fs, root, sizes)
+
+
+def write_remote(url: str, name: str, local: Path) -> str:
+    """Upload one file into a remote output dir (used by export)."""
+    fs, root = filesystem(url)
+    fs.put_file(str(local), f"{root}/{name}")
+    return f"{url.rstrip('/')}/{name}"
+
+
+class RemoteStore:
+    """An output dir whose images and manifest parts go to an fsspec URL."""
+
+    remote = True
+    repaired_bytes = damaged_lines = removed_temps = 0
+
+    def __init__(self, url: str, shard: tuple[int, int] | None = None, durable: bool = True) -> None:
+        self.fs, self.root = filesystem(url)
+        self._tmp = tempfile.TemporaryDirectory(prefix="runner-remote-")
+        self.path = Path(self._tmp.name)
+        self.display = url
+        self.shard = shard
+        label = f"{shard[0]}-of-{shard[1]}" if shard else None
+        self.manifest_name = manifest_name(label)
+        # Parts sort by name in time order: later runs' lines come later (see record.supersedes).
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        self._part = self.manifest_name.removesuffix(".jsonl") + f".part-{stamp}-{uuid.uuid4().hex[:8]}"
+        self._seq = 0
+        self.source = RemoteSource(self.fs, self.root, {})
+
+    def open(self) -> None:
+        try:
+            self.source.sizes = pull(self.fs, self.root, self.path)
+        except OSError as e:
+            raise OutputError(f"cannot read output dir {self.display}: {e}") from None
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+    def scan(self, verify: bool) -> ResumeState:
+        return scan(self.path, image_sizes=self.source.sizes)
+
+    def orphans(self, state: ResumeState) -> dict[int, list[str]]:
+        found: dict[int, list[str]] = {}
+        for rel in self.source.sizes:
+            m = _IMAGE.match(rel)
+            if m and (key := int(m.group(1), 16)) not in state.done and key not in state.bad_images:
+                found.setdefault(key, []).append(rel)
+        return found
+
+    def read_image(self, rel: str) -> bytes | None:
+        try:
+            return self.source.read(rel)
+        except OSError:
+            return None
+
+    def save_image(self, rel: str, data: bytes) -> tuple[str, int | None]:
+        self._put(rel, data)
+        return hashlib.sha256(data).hexdigest(), None
+
+    def save_input(self, rel: str, source: str, size: int) -> None:
+        if self.source.sizes.get(rel) == size:
+            return
+        try:
+            data = Path(source).read_bytes()
+        except OSError as e:
+            raise OutputError(f"cannot read reference image {source}: {e.strerror or e}") from None
+        self._put(rel, data)
+        self.source.sizes[rel] = size
+
+    def sync(self) -> None:
+        """Objects are whole when written: nothing to make durable."""
+
+    def append(self, records: list[Record], lines: list[bytes]) -> None:
+        self._seq += 1
+        self._put(f"{self._part}-{self._seq:06d}.jsonl", b"".join(lines))
+
+    def read_snapshot(self) -> dict[str, Any] | None:
+        try:
+            obj = json.loads((self.path / SPEC_SNAPSHOT).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return obj if isinstance(obj, dict) else None
+
+    def write_snapshot(self, summary: dict[str, Any]) -> None:
+        self._put(SPEC_SNAPSHOT, json.dumps(summary, indent=2).encode())
+
+    def _put(self, name: str, data: bytes) -> None:
+        """One whole object: it appears complete or not at all."""
+        try:
+            self.fs.pipe_file(f"{self.root}/{name}", data)
+        except OSError as e:
+            raise OutputError(f"cannot write to output dir {self.display}: {e}") from None

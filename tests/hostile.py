@@ -150,12 +150,12 @@ async def _gzip(ex: Exchange) -> bool:
     return False
 
 
-def _malformed(head: str, body: bytes = b"") -> Scenario:
-    """A head written as given (CRLF line ends added), then the body."""
+def _malformed(start: str, body: bytes = b"") -> Scenario:
+    """A status line and headers written as given (CRLF line ends added; {n}: the body's length), then the body."""
 
     async def answer(ex: Exchange) -> bool:
         payload = body or completion(json.dumps(image_md(ex.prompt)))
-        text = head.replace("{n}", str(len(payload))).replace("{m}", str(len(payload) + 7))
+        text = start.replace("{n}", str(len(payload))).replace("{m}", str(len(payload) + 7))
         await ex.send(text.replace("\n", "\r\n").encode("latin-1") + b"\r\n\r\n" + payload)
         return False
 

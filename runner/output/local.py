@@ -191,7 +191,8 @@ class LocalStore:
 
     def _remove_temp(self, dir_fd: int, name: str) -> None:
         m = _TEMP.match(name)
-        if m is None or _alive(int(m.group(1))):
+        legacy = name == f".{self.manifest_name}.idx.tmp"  # older runners named the index's temp without a pid
+        if not legacy and (m is None or _alive(int(m.group(1)))):
             return
         with contextlib.suppress(OSError):
             os.unlink(name, dir_fd=dir_fd)

@@ -1,283 +1,380 @@
-"""A single self-contained HTML gallery of an output dir: thumbnails, filters, and the failures."""
+"""The HTML gallery of a run: one offline page to judge up to 100,000 images, failures and references included."""
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import os
+import re
+import tempfile
+from base64 import b64encode
+from collections.abc import Iterable
+from functools import cache
+from importlib.resources import files
+from itertools import chain
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote
+from typing import Any, TypeGuard
+from urllib.parse import quote, urlsplit
 
+from .models import MODELS, effective_size
 from .record import Record
-from .report import size_of
 
-MAX_FAILED_ROWS = 2000  # the failures table lists this many; `runner report` has the counts of all
-MAX_OPTIONS = 500  # values offered per filter (the most frequent ones)
+MAX_OPTIONS = 1000  # values a filter offers (the most frequent); the page says when there are more
+FLAGS = ("duplicate", "near-duplicate", "wrong shape", "uniform")  # bits 1, 2, 4, 8 of an item's flags
+_BUILTIN_KEYS = ("status", "error", "model", "aspect_ratio", "size", "flag", "dup", "near")
 
-# Images are not embedded: each card points at its file, relative to the HTML file, and the page
-# renders cards from a compact JSON list in batches as you scroll, so 100k items stay usable.
-_CSS = """
-*{box-sizing:border-box}
-body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;padding:16px 20px;color:#1d1d1f;background:#f6f6f7}
-h1{font-size:20px;margin:0 0 6px}h2{font-size:16px;margin:28px 0 8px}
-.stats{color:#555;margin:0 0 12px}.stats strong{color:#1d1d1f}
-.filters{display:flex;flex-wrap:wrap;gap:10px 16px;align-items:center;margin:10px 0 14px}
-.filters label{display:flex;gap:6px;align-items:center;font-weight:600}
-.filters select{max-width:260px;font:inherit;padding:2px 4px}
-#count{color:#555}
-#grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(220px,1fr));gap:12px}
-.card{margin:0;background:#fff;border:1px solid #ddd;border-radius:8px;overflow:hidden;display:flex;flex-direction:column}
-.card a{display:block;background:#e9e9ec}
-.card img{display:block;width:100%;height:200px;object-fit:contain}
-.card.broken img{height:60px}
-.card.broken a::after{content:"image missing";display:block;padding:4px 8px;color:#b00020;font-size:12px}
-.card figcaption{padding:8px 10px;display:flex;flex-direction:column;gap:4px}
-.prompt{margin:0;max-height:7.2em;overflow:auto;white-space:pre-wrap;word-break:break-word}
-.meta{color:#555;font-size:12px}
-.vars{display:flex;flex-wrap:wrap;gap:4px}
-.vars span{background:#eef1f8;border-radius:4px;padding:0 5px;font-size:12px}
-#more{margin:16px auto;display:block;font:inherit;padding:6px 14px}
-table{border-collapse:collapse;background:#fff;width:100%}
-th,td{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top;font-size:13px}
-td.msg,td.prompt-cell{max-width:480px;word-break:break-word}
-code{font-size:12px}
-"""
+# Text from records is hostile: C0/C1 controls and lone surrogates become U+FFFD before anything is
+# written (a lone surrogate cannot even be encoded). Bidi controls stay, and are isolated by the page.
+_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 
-_JS = """
-(function () {
-  "use strict";
-  var data = JSON.parse(document.getElementById("gallery-data").textContent);
-  var items = data.items; // [src, prompt, prompt_id, model, aspect_ratio, image_size, cost_usd, vars|null, item_id]
-  var grid = document.getElementById("grid");
-  var more = document.getElementById("more");
-  var count = document.getElementById("count");
-  var selects = Array.prototype.slice.call(document.querySelectorAll("select[data-filter]"));
-  var BATCH = 240, matched = items, shown = 0;
 
-  function onLoad() { this.setAttribute("data-loaded", "1"); }
-  function onError() { this.setAttribute("data-loaded", "0"); this.closest(".card").classList.add("broken"); }
-  function el(tag, cls, text) {
-    var e = document.createElement(tag);
-    if (cls) e.className = cls;
-    if (text !== undefined && text !== null) e.textContent = String(text);
-    return e;
-  }
-  function card(it) {
-    var fig = el("figure", "card");
-    fig.title = it[8];
-    var link = el("a");
-    link.href = it[0];
-    link.target = "_blank";
-    link.rel = "noopener";
-    var img = document.createElement("img");
-    img.onload = onLoad;
-    img.onerror = onError;
-    img.loading = "lazy";
-    img.decoding = "async";
-    img.alt = it[1];
-    img.src = it[0];
-    link.appendChild(img);
-    fig.appendChild(link);
-    var cap = el("figcaption");
-    cap.appendChild(el("p", "prompt", it[1]));
-    var size = it[4] + (it[5] ? " \\u00b7 " + it[5] : "");
-    cap.appendChild(el("div", "meta", it[2] + " \\u00b7 " + it[3] + " \\u00b7 " + size + " \\u00b7 $" + Number(it[6]).toFixed(3)));
-    if (it[7]) {
-      var vars = el("div", "vars");
-      Object.keys(it[7]).forEach(function (k) { vars.appendChild(el("span", null, k + ": " + it[7][k])); });
-      cap.appendChild(vars);
-    }
-    fig.appendChild(cap);
-    return fig;
-  }
-  function renderMore() {
-    var frag = document.createDocumentFragment();
-    var end = Math.min(matched.length, shown + BATCH);
-    for (; shown < end; shown++) frag.appendChild(card(matched[shown]));
-    grid.appendChild(frag);
-    more.hidden = shown >= matched.length;
-    count.textContent = "showing " + shown + " of " + matched.length +
-      (matched.length === items.length ? "" : " matching (" + items.length + " in all)");
-  }
-  function apply() {
-    var want = selects.filter(function (s) { return s.value !== ""; }).map(function (s) {
-      return [s.getAttribute("data-filter"), s.getAttribute("data-var"), s.value];
-    });
-    matched = want.length === 0 ? items : items.filter(function (it) {
-      return want.every(function (w) {
-        if (w[0] === "model") return it[3] === w[2];
-        return !!it[7] && Object.prototype.hasOwnProperty.call(it[7], w[1]) && it[7][w[1]] === w[2];
-      });
-    });
-    grid.textContent = "";
-    shown = 0;
-    renderMore();
-  }
-  function key(s) { return s.getAttribute("data-filter") === "model" ? "model" : s.getAttribute("data-var"); }
-  function remember() { // the filters live in the URL's #fragment, so a filtered view can be bookmarked
-    var q = new URLSearchParams();
-    selects.forEach(function (s) { if (s.value !== "") q.set(key(s), s.value); });
-    try { history.replaceState(null, "", "#" + q.toString()); } catch (e) { /* some file: URLs refuse */ }
-  }
-  var initial = new URLSearchParams(location.hash.slice(1));
-  selects.forEach(function (s) {
-    var v = initial.get(key(s));
-    if (v !== null && Array.prototype.some.call(s.options, function (o) { return o.value === v; })) s.value = v;
-    s.addEventListener("change", function () { remember(); apply(); });
-  });
-  more.addEventListener("click", renderMore);
-  if ("IntersectionObserver" in window) {
-    new IntersectionObserver(function (entries) {
-      if (entries.some(function (e) { return e.isIntersecting; }) && !more.hidden) renderMore();
-    }, { rootMargin: "800px" }).observe(more);
-  }
-  apply();
-})();
-"""
+def _clean(value: Any) -> str:
+    return _UNSAFE.sub("\ufffd", value if isinstance(value, str) else "" if value is None else str(value))
+
+
+def _static(name: str) -> str:
+    return files("runner").joinpath("static", name).read_text(encoding="utf-8")
 
 
 def _json_for_script(value: Any) -> str:
     """JSON that is safe inside <script>: no `</script>`, `<!--` or line separators can break out."""
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
         text = text.replace(char, escaped)
     return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
-def _src(out_abs: str, image_path: str, base: str) -> str:
-    """The image's URL relative to the HTML file's folder (a file: URL across Windows drives)."""
-    target = os.path.join(out_abs, image_path)
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode() + "'"
+
+
+@cache
+def _size(model: str, image_size: str | None) -> str:
+    """The size an image was produced (and billed) at; the sent value for a model this version does not know."""
+    if model in MODELS:
+        return effective_size(model, image_size)
+    return image_size if image_size is not None else "default"
+
+
+def _base_url(out_dir: Path, html_file: Path) -> str:
+    """The output dir as a URL prefix relative to the HTML file (a file: URL across Windows drives)."""
+    out_abs = os.path.abspath(out_dir)
     try:
-        rel = os.path.relpath(target, base)
+        rel = os.path.relpath(out_abs, os.path.dirname(os.path.abspath(html_file)))
     except ValueError:
-        return Path(target).as_uri()
-    return quote(rel.replace(os.sep, "/"))
+        return Path(out_abs).as_uri().rstrip("/") + "/"
+    return quote(rel.replace(os.sep, "/")).rstrip("/") + "/"
 
 
-def _text(value: Any) -> str:
-    return "" if value is None else str(value)
+def _inside(path: Any) -> TypeGuard[str]:
+    """A path that stays inside the output dir (what record.py checks for image paths, for inputs too)."""
+    return (
+        isinstance(path, str)
+        and bool(path)
+        and not path.startswith(("/", "\\"))
+        and "\\" not in path
+        and not _UNSAFE.search(path)
+        and ".." not in path.split("/")
+    )
 
 
-def _select(label: str, attrs: str, counts: dict[str, int]) -> str:
-    shown = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_OPTIONS]
-    options = [f'<option value="">all ({sum(counts.values())})</option>']
-    options += [f'<option value="{html.escape(v)}">{html.escape(v)} ({n})</option>' for v, n in shown]
-    return f"<label>{html.escape(label)} <select {attrs}>{''.join(options)}</select></label>"
+def _web_url(url: Any) -> str | None:
+    """An http(s) URL with a host, else None: nothing else may reach an src or href."""
+    if not isinstance(url, str) or _UNSAFE.search(url) or any(c.isspace() for c in url):
+        return None
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    return url if parts.scheme.lower() in ("http", "https") and parts.netloc else None
+
+
+class _Table:
+    """Distinct texts, each cleaned and sent once; items refer to them by index."""
+
+    def __init__(self, *preset: str) -> None:
+        self.values: list[str] = list(preset)
+        self.counts: list[int] = [0] * len(preset)
+        self._by_clean: dict[str, int] = {v: i for i, v in enumerate(preset)}
+        self._by_raw: dict[Any, int] = dict(self._by_clean)
+
+    def add(self, raw: Any) -> int:
+        if not isinstance(raw, str):  # a hand-edited line may hold a list where text belongs
+            raw = json.dumps(raw) if isinstance(raw, (list, dict)) else str(raw)
+        i = self._by_raw.get(raw)
+        if i is None:  # cleaned once per distinct value; two raw values may clean to one text
+            text = _clean(raw)
+            i = self._by_clean.get(text)
+            if i is None:
+                i = self._by_clean[text] = len(self.values)
+                self.values.append(text)
+                self.counts.append(0)
+            self._by_raw[raw] = i
+        self.counts[i] += 1
+        return i
+
+
+class _Facet:
+    """One filter: an option index per item (-1: the item has no value here)."""
+
+    def __init__(self, key: str, label: str, *preset: str, by_count: bool = True) -> None:
+        self.key, self.label, self.by_count = key, label, by_count
+        self.table = _Table(*preset)
+        self.v: list[int] = []
+
+    def add(self, raw: Any, n: int) -> None:
+        """Item n has value `raw` (None: no value)."""
+        if len(self.v) < n:  # a variable first seen at item n, or missing from the items before
+            self.v.extend([-1] * (n - len(self.v)))
+        self.v.append(-1 if raw is None else self.table.add(raw))
+
+    def data(self, n: int, hidden: bool = False) -> dict[str, Any]:
+        self.v.extend([-1] * (n - len(self.v)))
+        values, counts = self.table.values, self.table.counts
+        order = list(range(len(values)))
+        if self.by_count:
+            order.sort(key=lambda i: (-counts[i], values[i]))
+        return {"key": self.key, "label": self.label, "opts": values, "order": order[:MAX_OPTIONS],
+                "counts": counts, "hidden": hidden, "v": self.v}  # fmt: skip
+
+
+def _var_key(name: str) -> str:
+    """The filter's key in the URL: the variable's name, unless a built-in filter has it."""
+    return name if name not in _BUILTIN_KEYS and not name.startswith("var.") else "var." + name
+
+
+def _refs(inputs: list[Any], base: str) -> tuple[list[tuple[str | None, str]], bool]:
+    """A record's reference images as (src or None, label), and whether any src is a web URL."""
+    refs: list[tuple[str | None, str]] = []
+    web = False
+    for inp in inputs:
+        stored = inp.get("stored")
+        if _inside(stored):
+            src: str | None = base + quote(stored)
+        else:
+            src = _web_url(inp.get("url"))
+            web = web or src is not None
+        refs.append((src, _clean(inp.get("path") or inp.get("url") or stored or "?")))
+    return refs, web
+
+
+def _quality_index(quality: dict[str, Any] | None) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """item_id -> its duplicate group, its near-duplicate group, its shape / uniform flag bits."""
+    q = quality or {}
+    dup = {iid: g for g, group in enumerate(q.get("duplicates") or []) for iid in group}
+    near = {iid: g for g, group in enumerate(q.get("near_duplicates") or []) for iid in group}
+    bits: dict[str, int] = {}
+    for bit, key in ((4, "size_mismatches"), (8, "uniform")):
+        for iid in q.get(key) or []:
+            bits[iid] = bits.get(iid, 0) | bit
+    return dup, near, bits
+
+
+def _items(records: Iterable[Record], quality: dict[str, Any] | None, base: str) -> tuple[dict[str, Any], int, bool]:
+    """The data island: one column per field, each repeated text sent once. Returns (data, ok items, web refs)."""
+    in_dup, in_near, bits = _quality_index(quality)
+    status, error = _Facet("status", "status", "ok", "failed", by_count=False), _Facet("error", "error")
+    model, aspect, size = _Facet("model", "model"), _Facet("aspect_ratio", "aspect ratio"), _Facet("size", "size")
+    dup = _Facet("dup", "duplicate group", by_count=False)
+    near = _Facet("near", "near-duplicate group", by_count=False)
+    var_facets: dict[str, _Facet] = {}
+    prompts, prompt_ids, exts, messages, retried = _Table(), _Table(), _Table(), _Table(), _Table()
+    input_sets: dict[Any, int] = {}
+    inputs: list[list[tuple[str | None, str]]] = []
+    ids: list[str] = []
+    col: dict[str, list[Any]] = {k: [] for k in ("p", "pid", "img", "w", "h", "c", "a", "e", "in", "r", "fl")}
+    p, pid, img, w, h, c, a, e, in_, r, fl = col.values()
+    extra: dict[str, list[str]] = {}
+    any_web = False
+    for n, rec in enumerate(records):
+        iid = rec["item_id"]
+        ids.append(iid)
+        config = rec.get("image_config") or {}
+        model.add(rec["model"], n)
+        aspect.add(config.get("aspect_ratio"), n)
+        sent = config.get("image_size")
+        size.add(_size(rec["model"], sent if isinstance(sent, str) else None), n)
+        p.append(prompts.add(rec["prompt"]))
+        pid.append(prompt_ids.add(rec["prompt_id"]))
+        c.append(round(rec.get("cost_usd") or 0, 6))
+        a.append(rec.get("attempts", 1))
+        tried = rec.get("retried")
+        r.append(retried.add(", ".join(f"{k} ×{v}" for k, v in tried.items())) if tried else -1)
+        for name, value in (rec.get("vars") or {}).items():
+            facet = var_facets.get(name)
+            if facet is None:
+                facet = var_facets[name] = _Facet(_clean(_var_key(name)), _clean(name))
+            facet.add(value, n)
+        if rec["status"] == "ok":
+            status.add("ok", n)
+            error.add(None, n)
+            path = rec["image_path"]
+            stem = f"images/{iid[:2]}/{iid}."
+            ext = path[len(stem) :]
+            # the usual path goes as the index of its extension: 40 bytes an item fewer
+            usual = path.startswith(stem) and ext.isascii() and ext.isalnum()
+            img.append(exts.add(ext) if usual else base + quote(path))
+            w.append(rec.get("width") or 0)
+            h.append(rec.get("height") or 0)
+            e.append(0)
+            more = [base + quote(x["image_path"]) for x in rec.get("extra_images") or []]
+            if more:
+                extra[str(n)] = more
+        else:
+            status.add("failed", n)
+            err = rec["error"]
+            error.add(err["kind"], n)
+            img.append(None)
+            w.append(0)
+            h.append(0)
+            e.append([err.get("status"), messages.add(err.get("message")), int(bool(rec.get("interrupted")))])
+        refs = rec.get("inputs")
+        if refs:
+            key = tuple((x.get("stored"), x.get("url"), x.get("path")) for x in refs)
+            k = input_sets.get(key)
+            if k is None:
+                shown, web = _refs(refs, base)
+                any_web = any_web or web
+                k = input_sets[key] = len(inputs)
+                inputs.append(shown)
+            in_.append(k)
+        else:
+            in_.append(-1)
+        g, m = in_dup.get(iid), in_near.get(iid)
+        dup.add(None if g is None else str(g + 1), n)
+        near.add(None if m is None else str(m + 1), n)
+        fl.append((0 if g is None else 1) | (0 if m is None else 2) | bits.get(iid, 0))
+
+    count = len(ids)
+    facets = [status.data(count), error.data(count), model.data(count), aspect.data(count), size.data(count)]
+    facets += [var_facets[k].data(count) for k in sorted(var_facets)]
+    if quality is not None:
+        keys = ("duplicates", "near_duplicates", "size_mismatches", "uniform")
+        given = [
+            (name, bit)
+            for name, bit, key in zip(FLAGS, (1, 2, 4, 8), keys, strict=True)
+            if quality.get(key) is not None
+        ]
+        opts = [name for name, _ in given] + ["none of these"]
+        facets.append({"key": "flag", "label": "flags", "opts": opts, "bits": [bit for _, bit in given] + [0],
+                       "order": list(range(len(opts))), "v": fl})  # fmt: skip
+        facets += [dup.data(count, hidden=True), near.data(count, hidden=True)]
+    data = {
+        "base": base,
+        "id": ids,
+        **col,
+        "facets": facets,
+        "prompts": prompts.values,
+        "pids": prompt_ids.values,
+        "exts": exts.values,
+        "msgs": messages.values,
+        "retried": retried.values,
+        "inputs": inputs,
+        "extra": extra,
+    }
+    return data, status.table.counts[0], any_web
+
+
+def _money(value: float) -> str:
+    return f"${value:,.2f}" if value >= 100 else f"${value:.3f}"  # the rule `runner report` uses
+
+
+def _kinds(counts: Any) -> str:
+    if not isinstance(counts, dict) or not counts:
+        return ""
+    return " (" + ", ".join(f"<bdi>{html.escape(_clean(k))}</bdi> {int(n)}" for k, n in counts.items()) + ")"
+
+
+def _header(title: str, out_dir: Path, summary: dict[str, Any], quality: dict[str, Any] | None) -> str:
+    esc = html.escape
+    lat = summary.get("latency_s") or {}
+    p50, p95 = (("-" if lat.get(k) is None else f"{lat[k]:.1f}s") for k in ("p50", "p95"))
+    stats = (
+        f"<strong>{int(summary.get('ok', 0)):,}</strong> ok · <strong>{int(summary.get('failed', 0)):,}</strong> failed"
+        f"{_kinds(summary.get('failures_by_kind'))} · {int(summary.get('retries', 0)):,} retries"
+        f"{_kinds(summary.get('retries_by_kind'))} · {int(summary.get('requests', 0)):,} requests"
+        f" · cost <strong>{_money(float(summary.get('cost_usd', 0.0)))}</strong> · latency p50 {p50}, p95 {p95}"
+    )
+    lines = [
+        f'<h1 dir="auto">{esc(_clean(title))}</h1>',
+        f'<p class="outdir"><bdi>{esc(_clean(str(out_dir)))}</bdi></p>',
+        f'<p class="stats">{stats}</p>',
+    ]
+    if quality is not None:
+        dups = quality.get("duplicates") or []
+        parts = [f"duplicates: {_groups(dups)}"]
+        near = quality.get("near_duplicates")
+        parts.append("near-duplicates: " + ("not computed (needs the images extra)" if near is None else _groups(near)))
+        parts.append(f"wrong shape: {len(quality.get('size_mismatches') or []):,}")
+        uniform = quality.get("uniform")
+        parts.append("uniform: not checked" if uniform is None else f"uniform: {len(uniform):,}")
+        lines.append(f'<p class="quality">{" · ".join(parts)}</p>')
+    return "\n".join(lines)
+
+
+def _groups(groups: list[list[str]]) -> str:
+    n = len(groups)
+    return f"{n:,} group{'' if n == 1 else 's'} ({sum(len(g) for g in groups):,} items)"
 
 
 def write_html(
-    html_file: Path, out: Path, records: list[Record], summary: dict[str, Any], *, title: str, quality: Any = None
+    html_file: Path,
+    out_dir: Path,
+    records: Iterable[Record],
+    summary: dict[str, Any],
+    *,
+    title: str,
+    quality: dict[str, Any] | None = None,
 ) -> int:
-    """Write the gallery of `out` to `html_file` (atomically); returns the number of images shown."""
-    last = {r["item_id"]: r for r in records}
-    out_abs = os.path.abspath(out)
-    base = os.path.dirname(os.path.abspath(html_file))
-    items: list[list[Any]] = []
-    models: dict[str, int] = {}
-    var_values: dict[str, dict[str, int]] = {}
-    failed: list[dict[str, Any]] = []
-    for rec in last.values():
-        if rec.get("status") != "ok":
-            failed.append(rec)
-            continue
-        if not isinstance(rec.get("image_path"), str):
-            continue
-        config = rec.get("image_config") if isinstance(rec.get("image_config"), dict) else {}
-        model = _text(rec.get("model"))
-        models[model] = models.get(model, 0) + 1
-        vars_ = None
-        if isinstance(rec.get("vars"), dict) and rec["vars"]:
-            vars_ = {str(k): _text(v) for k, v in rec["vars"].items()}
-            for k, v in vars_.items():
-                counts = var_values.setdefault(k, {})
-                counts[v] = counts.get(v, 0) + 1
-        cost = rec.get("cost_usd")
-        items.append(
-            [
-                _src(out_abs, rec["image_path"], base),
-                _text(rec.get("prompt")),
-                _text(rec.get("prompt_id")),
-                model,
-                _text(config.get("aspect_ratio")),
-                size_of(rec),
-                cost if isinstance(cost, (int, float)) else 0,
-                vars_,
-                _text(rec.get("item_id")),
-            ]
-        )
+    """Write the gallery of `out_dir` to `html_file` (atomically); returns the number of output images shown.
 
-    filters = [_select("model", 'data-filter="model"', models)]
-    filters += [
-        _select(name, f'data-filter="var" data-var="{html.escape(name)}"', var_values[name])
-        for name in sorted(var_values)
-    ]
-    page = _page(out, summary, items, filters, failed)
-    html_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = html_file.with_name(f".{html_file.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(page.encode("utf-8", "replace"))  # "replace": a lone surrogate must not stop it
-        os.replace(tmp, html_file)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return len(items)
-
-
-def _page(
-    out: Path, summary: dict[str, Any], items: list[list[Any]], filters: list[str], failed: list[dict[str, Any]]
-) -> str:
-    esc = html.escape
-    lat = summary["latency_s"]
-    p50 = "-" if lat["p50"] is None else f"{lat['p50']:.1f}s"
-    p95 = "-" if lat["p95"] is None else f"{lat['p95']:.1f}s"
-    kinds = ", ".join(f"{esc(k)} {n}" for k, n in summary["failures_by_kind"].items())
-    stats = (
-        f"<strong>{summary['ok']}</strong> ok · <strong>{summary['failed']}</strong> failed{f' ({kinds})' if kinds else ''}"
-        f" · cost <strong>${summary['cost_usd']:.2f}</strong> · latency p50 {p50}, p95 {p95}"
-        f" · {summary['requests']} requests ({summary['retries']} retries)"
-    )
-    rows = []
-    for rec in failed[:MAX_FAILED_ROWS]:
-        error = rec.get("error") if isinstance(rec.get("error"), dict) else {}
-        rows.append(
-            "<tr>"
-            f"<td><code>{esc(_text(rec.get('item_id')))}</code></td>"
-            f"<td>{esc(_text(rec.get('prompt_id')))}</td>"
-            f"<td>{esc(_text(rec.get('model')))}</td>"
-            f"<td>{esc(_text(error.get('kind')))}</td>"
-            f"<td>{esc(_text(error.get('status')))}</td>"
-            f'<td class="msg">{esc(_text(error.get("message")))}</td>'
-            f"<td>{esc(_text(rec.get('attempts')))}</td>"
-            f'<td class="prompt-cell">{esc(_text(rec.get("prompt")))}</td>'
-            "</tr>"
-        )
-    if len(failed) > MAX_FAILED_ROWS:
-        rows.append(f'<tr><td colspan="8">… and {len(failed) - MAX_FAILED_ROWS} more (runner report)</td></tr>')
-    failures = (
-        "<table><thead><tr><th>item_id</th><th>prompt_id</th><th>model</th><th>kind</th><th>status</th>"
-        f"<th>message</th><th>attempts</th><th>prompt</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
-        if rows
-        else "<p>none</p>"
-    )
+    `records` is the latest record of each item (ok and failed), `summary` what `runner report`
+    sums up, `quality` its duplicate / shape / uniform findings (None: no flags). Images are not
+    embedded: cards point at the files, relative to the HTML file, and the page renders them
+    from a compact JSON island in pages as you scroll.
+    """
+    data, shown, any_url = _items(records, quality, _base_url(out_dir, html_file))
+    css, js = _static("gallery.css"), _static("gallery.js")
+    # Only this page's own script and style run: even text that escaped escaping could not execute.
     csp = (
-        "default-src 'none'; img-src 'self' file: data: blob:; style-src 'unsafe-inline'; "
-        "script-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+        f"default-src 'none'; img-src 'self' file: data: blob:{' http: https:' if any_url else ''}; "
+        f"style-src {_csp_hash(css)}; script-src {_csp_hash(js)}; base-uri 'none'; form-action 'none'"
     )
-    return (
+    clean_title = _clean(title)
+    head = (
         "<!doctype html>\n"
         '<html lang="en"><head><meta charset="utf-8">\n'
         f'<meta http-equiv="Content-Security-Policy" content="{csp}">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>runner gallery: {esc(out.name or str(out))}</title>\n"
-        f"<style>{_CSS}</style></head>\n<body>\n"
-        f"<h1>{esc(str(out))}</h1>\n"
-        f'<p class="stats">{stats}</p>\n'
-        f'<div class="filters">{"".join(filters)}<span id="count">{len(items)} images</span></div>\n'
-        "<noscript><p>The thumbnails need JavaScript; the failures below do not.</p></noscript>\n"
-        '<div id="grid"></div>\n'
+        f"<title>\u2068{html.escape(clean_title)}\u2069 · gallery</title>\n"
+        f"<style>{css}</style></head>\n<body>\n<header>\n{_header(clean_title, out_dir, summary, quality)}\n</header>\n"
+        '<nav id="filters" class="filters" aria-label="filters"><span id="count"></span></nav>\n'
+        "<noscript><p>The gallery needs JavaScript; <code>runner report</code> prints the same figures.</p></noscript>\n"
+        '<main id="grid"></main>\n'
         '<button id="more" type="button" hidden>show more</button>\n'
-        f'<h2 id="failed">Failed items ({len(failed)})</h2>\n{failures}\n'
-        f'<script type="application/json" id="gallery-data">{_json_for_script({"items": items})}</script>\n'
-        f"<script>{_JS}</script>\n"
-        "</body></html>\n"
+        '<script type="application/json" id="gallery-data">{'
     )
+    # the island goes out a column at a time: a 100,000-item page is never held as one string
+    columns = (("," if i else "") + json.dumps(k) + ":" + _json_for_script(v) for i, (k, v) in enumerate(data.items()))
+    tail = f"}}</script>\n<script>{js}</script>\n</body></html>\n"
+    _write_atomic(html_file, chain([head], columns, [tail]))
+    return shown
+
+
+def _write_atomic(path: Path, chunks: Iterable[str]) -> None:
+    """Write beside `path` and rename over it; the temp file is created new (O_EXCL), never through a symlink."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk.encode("utf-8", "replace"))  # "replace": the page is written whatever the text
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), 0o644)  # mkstemp makes it 0600; a gallery is for sharing
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
-import shutil
 import struct
-import subprocess
 import zlib
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import pytest
 
@@ -23,7 +17,6 @@ from runner.gallery import write_html
 from runner.report import format_text, percentile, summarize
 
 EVIL = "<img src=x onerror=alert(1)><script>alert(2)</script>"
-CHROMIUM = "/usr/bin/chromium"
 
 
 def png(width: int = 4, height: int = 3, rgb: tuple[int, int, int] = (200, 40, 40)) -> bytes:
@@ -192,8 +185,6 @@ def test_no_manifest_is_a_usage_error(tmp_path: Path) -> None:
         summarize(tmp_path / "missing")
     with pytest.raises(UsageError):
         export(tmp_path)
-    with pytest.raises(UsageError):
-        write_html(tmp_path, tmp_path / "g.html")
 
 
 def test_format_text(out: Path) -> None:
@@ -245,100 +236,3 @@ def test_export_skips_missing_images_and_renames_clashing_vars(tmp_path: Path) -
     assert rows[0]["prompt"] == "A red fox in fresh snow" and rows[0]["var_prompt"] == "p"
     assert rows[0]["var_model"] == "m"
     assert var_columns({"a", "var_a", "file_name"}) == {"a": "a", "file_name": "var_file_name", "var_a": "var_a"}
-
-
-# --- gallery: static checks --------------------------------------------------------------------
-
-
-def gallery_data(page: str) -> dict[str, Any]:
-    m = re.search(r'<script type="application/json" id="gallery-data">(.*?)</script>', page, re.S)
-    assert m, "no embedded data"
-    return json.loads(m.group(1))
-
-
-def test_gallery_static(out: Path, tmp_path: Path) -> None:
-    html_file = tmp_path / "site" / "gallery.html"
-    assert write_html(out, html_file) == 4
-    page = html_file.read_text(encoding="utf-8")
-    assert "<script>alert" not in page and "<img src=x" not in page and "<b>" not in page
-    assert "&lt;img src=x onerror=alert(1)&gt;&lt;script&gt;alert(2)&lt;/script&gt;" in page  # failed item
-    assert "&lt;b&gt;blocked&lt;/b&gt; by filter" in page
-    assert "\\u003cscript\\u003ealert(2)\\u003c/script\\u003e" in page  # in the JSON for the cards
-    assert page.count("</script>") == 2  # the data and the code: nothing broke out
-    assert "http://" not in page and "https://" not in page and "//cdn" not in page
-    assert 'loading = "lazy"' in page and "data-loaded" in page
-    assert 'data-var="subject"' in page and "&lt;b&gt;dog&lt;/b&gt; (1)" in page  # the filter options
-    items = gallery_data(page)["items"]
-    assert [it[1] for it in items] == ["a cat in ink style", "A red fox in fresh snow", EVIL, "A red fox in fresh snow"]
-    for it in items:
-        rel = os.path.relpath(out / f"images/{it[8][:2]}/{it[8]}.png", html_file.parent)
-        assert it[0] == quote(rel) and it[0].startswith("../out%20dir%231/images/")
-        assert (html_file.parent / rel).is_file()
-    assert not [p for p in html_file.parent.iterdir() if p.name.endswith(".tmp")]
-
-
-# --- gallery: a real browser -------------------------------------------------------------------
-
-
-class DomScan(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.imgs: list[dict[str, str | None]] = []
-        self.scripts = 0
-        self.bolds = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag == "img":
-            self.imgs.append(dict(attrs))
-        elif tag == "script":
-            self.scripts += 1
-        elif tag == "b" and not any(k == "class" for k, _ in attrs):
-            self.bolds += 1
-
-
-def dump_dom(url: str, profile: Path) -> str:
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium)")
-    cmd = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", url,
-    ]  # fmt: skip
-    env = {**os.environ, "HOME": str(profile)}
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, check=False)
-    except subprocess.TimeoutExpired:
-        pytest.fail("chromium did not finish within 60 s")
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
-    assert "<html" in done.stdout, f"chromium printed no DOM (exit {done.returncode}): {done.stderr[-2000:]}"
-    return done.stdout
-
-
-def test_gallery_in_headless_chromium(out: Path, tmp_path: Path) -> None:
-    html_file = tmp_path / "site" / "gallery.html"
-    assert write_html(out, html_file) == 4
-    dom = dump_dom(html_file.as_uri(), tmp_path / "profile")
-    scan = DomScan()
-    scan.feed(dom)
-    cards = [img for img in scan.imgs if (img.get("src") or "").endswith(".png")]
-    assert len(cards) == 4 and len(scan.imgs) == 4  # no <img> came out of a prompt
-    assert all(img.get("data-loaded") == "1" for img in cards), cards
-    assert scan.scripts == 2 and scan.bolds == 0  # no <script> or <b> element made from untrusted text
-    # the prompt shows as text: on its card and in the failures table
-    shown = "&lt;img src=x onerror=alert(1)&gt;&lt;script&gt;alert(2)&lt;/script&gt;"
-    assert f'<p class="prompt">{shown}</p>' in dom
-    assert f'<td class="prompt-cell">{shown}</td>' in dom
-    assert "subject: &lt;b&gt;dog&lt;/b&gt;" in dom
-    assert "showing 4 of 4" in dom
-
-
-def test_gallery_filter_in_headless_chromium(out: Path, tmp_path: Path) -> None:
-    html_file = tmp_path / "gallery.html"
-    write_html(out, html_file)
-    dom = dump_dom(html_file.as_uri() + "#style=ink&subject=cat", tmp_path / "profile")
-    scan = DomScan()
-    scan.feed(dom)
-    assert len(scan.imgs) == 1 and scan.imgs[0].get("data-loaded") == "1"
-    assert item_id(1) in (scan.imgs[0].get("src") or "")
-    assert "showing 1 of 1 matching (4 in all)" in dom

@@ -13,7 +13,6 @@ import pytest
 
 from runner.errors import UsageError
 from runner.export import export, var_columns
-from runner.gallery import write_html
 from runner.report import format_text, percentile, summarize
 
 EVIL = "<img src=x onerror=alert(1)><script>alert(2)</script>"

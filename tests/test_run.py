@@ -159,7 +159,8 @@ def test_report_and_export_read_what_the_run_wrote(tmp_path: Path, mock: MockGat
     assert rep["cost_usd"] == round(2 * 0.134, 6)
     assert rep["latency_s"]["p50"] is not None
     html = (tmp_path / "g.html").read_text()
-    assert all(r["image_path"] in html for r in read_manifest(tmp_path / "out") if r["status"] == "ok")
+    # the gallery derives each image's path from its item id (a compact data island)
+    assert all(r["item_id"] in html for r in read_manifest(tmp_path / "out") if r["status"] == "ok")
     assert run_cli("export", str(tmp_path / "out")).returncode == 0
     meta = [json.loads(x) for x in (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()]
     assert sorted(m["prompt"] for m in meta) == ["also fine", "fine"]

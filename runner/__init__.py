@@ -16,7 +16,11 @@ _EXPORTS = {
     "RunnerError": "errors", "SpecError": "errors", "UsageError": "errors", "RunAborted": "errors",
     "OutputError": "errors", "OutputLocked": "errors",
 }  # fmt: skip
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Item", "JobSpec", "OutputError", "OutputLocked", "PriceTable", "Record", "RunAborted", "RunOptions",
+    "RunResult", "RunnerError", "Shard", "SpecError", "UsageError", "estimate", "iter_items", "load_spec",
+    "run_job", "run_job_async",
+]  # fmt: skip
 
 if TYPE_CHECKING:
     from .errors import OutputError, OutputLocked, RunAborted, RunnerError, SpecError, UsageError

@@ -24,7 +24,11 @@ def describe(value: Any) -> str:
         return f"{str(value).lower()} (YAML reads yes/no/on/off/true/false unquoted as true/false: put it in quotes)"
     if isinstance(value, (int, float)):
         return f"the number {value!r} (put it in quotes if it is text)"
-    return {dict: "a mapping", list: "a list", str: "a string"}.get(type(value), repr(value))
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return "a string" if isinstance(value, str) else repr(value)
 
 
 def check_url(url: str) -> str | None:

@@ -122,7 +122,8 @@ class Client:
             content = await self._body(item)
         except InputError as e:
             return Failure("bad_request", None, self._msg(str(e)), final=True)
-        status, body, headers = 0, b"", None
+        status, headers = 0, None
+        body: bytes | bytearray = b""
         try:
             with self.deadlines.limit(self.timeout_s) as scope:
                 async with self.http.stream("POST", self.url, content=content, headers=_HEADERS) as resp:

@@ -14,7 +14,8 @@ import anyio
 import anyio.to_thread
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from anyio.streams.memory import MemoryObjectReceiveStream
-from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt
+from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt
+from tenacity.stop import stop_base
 
 from .answer import Outcome, Success
 from .client import Client
@@ -173,7 +174,7 @@ class Pool:
         """One tenacity controller per worker: attempts, backoff (the server's wait first), a
         stop (Ctrl+C, abort, budget) ends the retries, and the last outcome is returned as is."""
         return AsyncRetrying(
-            stop=stop_after_attempt(self.max_attempts) | (lambda _state: self.stopping),
+            stop=stop_after_attempt(self.max_attempts) | _StopWhen(lambda: self.stopping),
             wait=self.backoff,
             retry=retry_if_result(lambda o: isinstance(o, Failure) and o.action is Action.RETRY),
             sleep=self._sleep,
@@ -387,6 +388,16 @@ class Pool:
 
 
 _MIMES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
+
+
+class _StopWhen(stop_base):
+    """tenacity's stop condition for "the run is stopping" (Ctrl+C, abort, budget)."""
+
+    def __init__(self, stopping: Callable[[], bool]) -> None:
+        self.stopping = stopping
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.stopping()
 
 
 _ITEM_FIELDS = ("item_id", "prompt_id", "prompt", "model", "image_config", "repeat", "vars")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -13,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from runner import cli
 from runner.mockserver import MockConfig, MockGateway
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,17 +77,36 @@ def cli_env(key: str | None = KEY, **extra: str) -> dict[str, str]:
 
 
 def run_cli(
-    *args: str, key: str | None = KEY, timeout: float = 120, env: dict[str, str] | None = None
+    *args: str, key: str | None = KEY, timeout: float | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run `python -m runner ARGS` as a user would, and capture what it prints."""
-    return subprocess.run(
-        [sys.executable, "-m", "runner", *args],
-        capture_output=True,
-        text=True,
-        env=cli_env(key, **(env or {})),
-        timeout=timeout,
-        check=False,
-    )
+    """Run the CLI with ARGS as a user would, and capture what it prints.
+
+    In this process (`cli.main`, with its own environment and captured output: a spawn per call
+    made the suite slow), unless a `timeout` is given: a call that must be shown not to hang
+    runs as `python -m runner` in a subprocess that the timeout can kill."""
+    if timeout is not None or os.environ.get("RUNNER_TEST_SUBPROCESS"):
+        return subprocess.run(
+            [sys.executable, "-m", "runner", *args],
+            capture_output=True,
+            text=True,
+            env=cli_env(key, **(env or {})),
+            timeout=timeout or 120,
+            check=False,
+        )
+    out, err = io.StringIO(), io.StringIO()
+    saved, wanted = dict(os.environ), cli_env(key, **(env or {}))
+    os.environ.clear()
+    os.environ.update(wanted)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(list(args))
+            except SystemExit as e:  # --help, and argparse's own usage errors
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(["runner", *args], code, out.getvalue(), err.getvalue())
 
 
 def start_cli(*args: str, key: str | None = KEY) -> subprocess.Popen[str]:

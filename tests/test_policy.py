@@ -14,9 +14,9 @@ from runner.limits import AdaptiveConcurrency, RateLimiter
 from runner.policy import (
     POLICY,
     Action,
-    ServerWaitOrBackoff,
     CircuitBreaker,
     Failure,
+    ServerWaitOrBackoff,
     classify_status,
     clean_message,
     parse_retry_after,

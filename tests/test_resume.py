@@ -55,7 +55,7 @@ def test_sigkill_at_random_moments_loses_nothing_paid_for(tmp_path: Path, gatewa
         # Kill once this run has recorded a few items (an event, not a time: a loaded machine is slow),
         # at whatever moment of the next requests that happens to be.
         target = ok_lines(out) + rng.randint(2, 8)
-        wait_for(lambda target=target: ok_lines(out) >= target or proc.poll() is not None, timeout=60)
+        wait_for(lambda t=target, p=proc: ok_lines(out) >= t or p.poll() is not None, timeout=60)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         proc.stdout.close()  # type: ignore[union-attr]

@@ -26,7 +26,9 @@ def output_error(e: OSError, where: str) -> OutputError:
         why = "it is a symbolic link (or not a folder); runner never follows links inside its output dir: remove it"
     else:
         why = e.strerror or str(e)
-    return OutputError(f"cannot write to output dir {where}: {why} ({name}); the run stopped, what was written is intact")
+    return OutputError(
+        f"cannot write to output dir {where}: {why} ({name}); the run stopped, what was written is intact"
+    )
 
 
 class Jail:

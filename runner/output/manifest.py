@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,7 +206,7 @@ def _index_rows(manifest: Path) -> Iterator[dict[str, Any]]:
             }  # fmt: skip
 
 
-def image_intact(out: Path, rec: dict[str, Any], full: bool = False) -> bool:
+def image_intact(out: Path, rec: Mapping[str, Any], full: bool = False) -> bool:
     """Is the record's image there and whole? Size and mtime as recorded are trusted (like rsync);
     otherwise, or with `full`, the sha256 decides. A link is never an intact image."""
     rel = rec.get("image_path")

@@ -43,7 +43,9 @@ def filesystem(url: str) -> tuple[Any, str]:
     except ImportError:
         raise UsageError(f"{url}: {HINT}") from None
     try:
-        fs, root = fsspec.core.url_to_fs(url)
+        # A fresh instance: fsspec's cache would keep credentials and endpoints from an earlier
+        # environment in a long-lived process.
+        fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True)
     except (ImportError, ValueError) as e:
         raise UsageError(f"{url}: {e}; {HINT}") from None
     return fs, root.rstrip("/")
@@ -82,8 +84,8 @@ def remote_view(url: str) -> Iterator[tuple[Path, RemoteSource]]:
     with tempfile.TemporaryDirectory(prefix="runner-remote-") as tmp:
         try:
             sizes = pull(fs, root, Path(tmp))
-        except OSError as e:
-            raise OutputError(f"cannot read output dir {url}: {e}") from None
+        except Exception as e:  # fsspec backends raise their own kinds (botocore's, say)
+            raise OutputError(f"cannot read output dir {url}: {type(e).__name__}: {e}") from None
         yield Path(tmp), RemoteSource(fs, root, sizes)
 
 
@@ -117,8 +119,8 @@ class RemoteStore:
     def open(self) -> None:
         try:
             self.source.sizes = pull(self.fs, self.root, self.path)
-        except OSError as e:
-            raise OutputError(f"cannot read output dir {self.display}: {e}") from None
+        except Exception as e:  # fsspec backends raise their own kinds (botocore's, say)
+            raise OutputError(f"cannot read output dir {self.display}: {type(e).__name__}: {e}") from None
 
     def close(self) -> None:
         self._tmp.cleanup()
@@ -175,5 +177,5 @@ class RemoteStore:
         """One whole object: it appears complete or not at all."""
         try:
             self.fs.pipe_file(f"{self.root}/{name}", data)
-        except OSError as e:
-            raise OutputError(f"cannot write to output dir {self.display}: {e}") from None
+        except Exception as e:  # fsspec backends raise their own kinds (botocore's, say)
+            raise OutputError(f"cannot write to output dir {self.display}: {type(e).__name__}: {e}") from None

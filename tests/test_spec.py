@@ -64,6 +64,20 @@ BAD = [
     ("name: x\nmodel: nanobanana_pro\nprompts: [{id: t, template: 'a {subject}', vars: {subject: [cat], mood: [calm]}}]\n", "prompts[0].vars.mood: variable 'mood' is not used in the template"),
     ("name: x\nmodel: nanobanana_pro\nprompts: [{id: t, template: 'a {s} {m}', vars: {s: [a, b], m: [c]}, combine: zip}]\n", "prompts[0].combine: zip needs lists of equal length (s=2, m=1)"),
     ("name: x\nmodel: nanobanana_pro\nprompts: [{id: t, template: 'a {s}', vars: {s: []}}]\n", "prompts[0].vars.s: the list of values is empty"),
+    # issue 11: say what YAML did, and where
+    ("name: x\nmodel: nanobanana_pro\nprompts:\n  - A cat: the sequel\n", "prompts[0]: YAML read this prompt as a mapping ('A cat': 'the sequel') because of the ': ' in it; put the whole prompt in quotes"),
+    ("name: x\nmodel: nanobanana_pro\nprompts: [yes, no]\n", "prompts[0]: expected a mapping, got true (YAML reads yes/no/on/off/true/false unquoted as true/false: put it in quotes)"),
+    ("name: x\nmodel: nanobanana\nmodel: nanobanana_pro\nprompts: [a]\n", "line 3, column 1: key 'model' is given twice (first on line 2)"),
+    ("name: x\nmodel: nanobanana_pro\nimage_configs: [{aspect_ratio: '1:1', image_size: 2K}]\nprompts: [{prompt: a, model: nanobanana}]\n", "prompts[0].model: nanobanana takes no image_size (it always makes ~1K images), but this prompt inherits the top-level image_configs[0]"),
+    # issue 10: hostile values
+    ("name: x\nmodel: nanobanana_pro\nprompts: [a]\nmax_cost_usd: .nan\n", "max_cost_usd: expected a finite number"),
+    ("name: x\nmodel: nanobanana_pro\nprompts: [a]\nbase_url: 'http://u:p@h/v1'\n", "base_url: the URL holds a user name or password"),
+    # issue 14: reference images and params
+    ("name: x\nmodel: nanobanana_pro\nprompts: [{prompt: a, images: [nope.png]}]\n", "prompts[0].images[0]: file not found"),
+    ("name: x\nmodel: nanobanana_pro\nprompts: [{prompt: a, images: ['ftp://h/x.png']}]\n", "only local files and http(s) URLs"),
+    ("name: x\nmodel: nanobanana_pro\nparams: {seed: 0}\nprompts: [a]\n", "params.seed: seed + repeat (0..0) must stay a non-zero 32-bit integer"),
+    ("name: x\nmodel: nanobanana_pro\nparams: {temperature: 3}\nprompts: [a]\n", "params.temperature: must be at most 2"),
+    ("name: x\nmodel: nanobanana_pro\napi_format: openai\nprompts: [a]\n", "api_format: expected one of nanobanana, openai-compatible"),
 ]  # fmt: skip
 
 
@@ -120,3 +134,11 @@ def test_help_texts_carry_examples() -> None:
         proc = run_cli(cmd, "--help")
         assert proc.returncode == 0
         assert "example" in proc.stdout
+
+
+def test_sample_larger_than_the_combinations_warns(tmp_path: Path) -> None:
+    text = "name: x\nmodel: nanobanana_pro\nprompts: [{id: t, template: 'a {s}', vars: {s: [a, b]}, sample: 10}]\n"
+    path = spec_file(tmp_path, text)
+    assert load_spec(path).warnings == ("prompts[0]: sample 10 is more than the 2 combinations: every one is used",)
+    proc = run_cli("estimate", str(path))
+    assert proc.returncode == 0 and "warning: prompts[0]: sample 10 is more than the 2 combinations" in proc.stdout

@@ -28,6 +28,9 @@ from .conftest import ROOT, latest, run_cli, write_spec
 from .fake_gemini import API_KEY as GEMINI_KEY
 from .fake_gemini import FakeGemini, Seen, png
 
+# One worker runs the whole module (with --dist loadgroup): a proxy per worker would cost its start-up each.
+pytestmark = pytest.mark.xdist_group("litellm")
+
 MODELS = {"nanobanana_pro": "gemini-3-pro-image-preview", "nanobanana": "gemini-2.5-flash-image"}
 START_TIMEOUT_S = 180.0  # start-up takes ~12 s idle; a loaded 2-core CI machine can take several times that
 

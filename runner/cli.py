@@ -281,7 +281,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_mock_server(args: argparse.Namespace) -> int:
-    from .mockserver import MockConfig, serve
+    from .mock import MockConfig, serve
 
     rates = []
     for f in args.fault:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from runner.mockserver import MockConfig, MockGateway
+from runner.mock import MockConfig, MockGateway
 
 ROOT = Path(__file__).resolve().parent.parent
 StartGateway = Callable[..., MockGateway]

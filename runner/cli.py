@@ -292,7 +292,7 @@ def _rerun_command(args: argparse.Namespace) -> str:
 
 
 def _mock_config(args: argparse.Namespace) -> object:
-    from .mockserver import MockConfig
+    from .mock import MockConfig
 
     config = MockConfig(
         latency_s=args.mock_latency, rpm_limit=args.mock_rpm, fault_rates=tuple(_fault_rates(args.mock_fault))
@@ -401,7 +401,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_mock_server(args: argparse.Namespace) -> int:
-    from .mockserver import MockConfig, serve
+    from .mock import MockConfig, serve
 
     rates = _fault_rates(args.fault)
     config = MockConfig(

@@ -98,7 +98,7 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions(), log: Log = print)
 
 async def run_job_async(spec: JobSpec, options: RunOptions = RunOptions(), log: Log = print) -> RunResult:
     if options.mock:
-        from .mockserver import MockConfig, MockGateway
+        from .mock import MockConfig, MockGateway
 
         with MockGateway(options.mock_config or MockConfig()) as gateway:
             return await _run(spec, options, log, gateway.base_url, "mock-key")

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from runner import cli
-from runner.mockserver import MockConfig, MockGateway
+from runner.mock import MockConfig, MockGateway
 
 ROOT = Path(__file__).resolve().parent.parent
 StartGateway = Callable[..., MockGateway]

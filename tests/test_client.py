@@ -9,7 +9,7 @@ import zlib
 import pytest
 
 from runner.answer import Success, _cut_images, parse_completion
-from runner.mockimages import render_image
+from runner.mock import render_image
 from runner.policy import Failure
 
 

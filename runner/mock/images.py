@@ -1,4 +1,4 @@
-"""What the mock gateway sends back: deterministic images (stdlib PNG, JPEG/WebP via Pillow) and JSON bodies."""
+"""The mock gateway's images: deterministic PNGs (stdlib), JPEG/WebP via Pillow, and a cache of finished data URIs."""
 
 from __future__ import annotations
 
@@ -7,19 +7,13 @@ import base64
 import hashlib
 import io
 import itertools
-import json
-import math
-import random
-import string
 import struct
 import threading
-import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Hashable
-from typing import Any
+from collections.abc import Callable, Hashable, Mapping
 
-from .models import MODELS, pixel_size
+from ..models import pixel_size
 
 MIME_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -76,12 +70,19 @@ def _pattern(width: int, height: int, seed: bytes) -> list[tuple[bytes, int]]:
     return runs
 
 
+def _uniform(width: int, height: int, seed: bytes) -> list[tuple[bytes, int]]:
+    """One colour, seeded: a single run of identical rows."""
+    return [(hashlib.sha256(seed).digest()[:3] * width, height)]
+
+
 def _chunk(kind: bytes, data: bytes) -> bytes:
     crc = zlib.crc32(data, zlib.crc32(kind))
     return b"".join((struct.pack(">I", len(data)), kind, data, struct.pack(">I", crc)))
 
 
-def _encode_png(width: int, height: int, runs: list[tuple[bytes, int]], pad_bytes: int) -> bytes:
+def _encode_png(
+    width: int, height: int, runs: list[tuple[bytes, int]], pad_bytes: int, text: Mapping[str, str]
+) -> bytes:
     # A row equal to the one above is written with the Up filter: all zeros, which deflate
     # swallows at memory speed, so even a 4K image takes a few tens of milliseconds.
     same = b"\x02" + bytes(width * 3)
@@ -97,6 +98,7 @@ def _encode_png(width: int, height: int, runs: list[tuple[bytes, int]], pad_byte
     parts.append(compressor.flush())
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     chunks = [PNG_SIGNATURE, _chunk(b"IHDR", ihdr)]
+    chunks += [_chunk(b"tEXt", key.encode("latin-1") + b"\0" + value.encode("latin-1")) for key, value in text.items()]
     if pad_bytes > 0:
         chunks.append(_chunk(PAD_CHUNK, bytes(pad_bytes)))
     chunks += [_chunk(b"IDAT", b"".join(parts)), _chunk(b"IEND", b"")]
@@ -126,14 +128,24 @@ def _encode_pillow(width: int, height: int, raw: bytes, mime: str, pad_bytes: in
     return out.getvalue()
 
 
-def render_image(width: int, height: int, seed: bytes, mime: str = "png", pad_bytes: int = 0) -> bytes:
-    """A valid image of exactly width x height whose pixels depend only on `seed`."""
+def render_image(
+    width: int,
+    height: int,
+    seed: bytes,
+    mime: str = "png",
+    pad_bytes: int = 0,
+    *,
+    uniform: bool = False,
+    text: Mapping[str, str] | None = None,
+) -> bytes:
+    """A valid image of exactly width x height whose pixels depend only on `seed` (one colour if `uniform`);
+    `text` becomes PNG tEXt chunks (latin-1 keys and values), ignored for the other formats."""
     if mime not in MIME_TYPES:
         raise ValueError(f"unsupported mime {mime!r}; expected one of {', '.join(MIME_TYPES)}")
     width, height = max(1, width), max(1, height)
-    runs = _pattern(width, height, seed)
+    runs = (_uniform if uniform else _pattern)(width, height, seed)
     if mime == "png":
-        return _encode_png(width, height, runs, pad_bytes)
+        return _encode_png(width, height, runs, pad_bytes, text or {})
     return _encode_pillow(width, height, b"".join(row * count for row, count in runs), mime, pad_bytes)
 
 
@@ -177,19 +189,14 @@ class ImageCache:
                 _, dropped = self._items.popitem(last=False)
                 self._size -= len(dropped)
 
-    async def render(self, key: Hashable, width: int, height: int, seed: bytes, mime: str, pad_bytes: int) -> bytes:
-        """The data URI kept under `key`, rendered and kept first if missing."""
-        uri = self.get(key)
-        if uri is None:
-
-            def make() -> bytes:
-                return data_uri(mime, render_image(width, height, seed, mime, pad_bytes))
-
-            # Big images are encoded off the loop (zlib releases the GIL), small ones inline.
-            big = width * height > 500_000 or pad_bytes > 1 << 20
-            uri = await asyncio.get_running_loop().run_in_executor(None, make) if big else make()
-            self.put(key, uri)
-        return uri
+    async def render(self, key: Hashable, make: Callable[[], bytes], big: bool) -> bytes:
+        """The value kept under `key`, made and kept first if missing; a `big` one is made off the loop."""
+        value = self.get(key)
+        if value is None:
+            # zlib releases the GIL: big images are encoded in a worker thread, small ones inline.
+            value = await asyncio.get_running_loop().run_in_executor(None, make) if big else make()
+            self.put(key, value)
+        return value
 
     def clear(self) -> None:
         with self._lock:
@@ -198,86 +205,3 @@ class ImageCache:
 
     def __len__(self) -> int:
         return len(self._items)
-
-
-# -- JSON bodies -------------------------------------------------------------------------------
-def error_body(message: str, type_: str, code: Any, param: str | None = None, **extra: Any) -> dict:
-    return {"error": {"message": message, "type": type_, "code": code, "param": param, **extra}}
-
-
-AUTH_ERROR = error_body("Invalid token", "authentication_error", "invalid_api_key")
-# Fault kind -> (status, body) for the faults that are a plain JSON error.
-FAULT_ERRORS: dict[str, tuple[int, dict]] = {
-    "500": (500, error_body("Internal server error", "server_error", 500)),
-    "500_empty": (500, error_body("empty response from upstream", "server_error", "empty_response")),
-    "502": (502, error_body("Bad gateway: upstream connection failed", "server_error", 502)),
-    "503": (503, error_body("The model is overloaded. Please try again later.", "server_error", 503)),
-    "504": (504, error_body("Gateway timeout: upstream did not answer in time", "server_error", 504)),
-    "400": (400, error_body("Request contains an invalid argument.", "invalid_request_error", "invalid_request")),
-    "prompt_blocked": (
-        400,
-        error_body("request blocked by Gemini API: PROHIBITED_CONTENT", "prompt_blocked", "prompt_blocked"),
-    ),
-    "401": (401, AUTH_ERROR),
-    "402": (402, error_body("insufficient balance, please top up", "permission_error", "insufficient_balance")),
-    "403": (403, error_body("this key may not use this model", "permission_error", "access_denied")),
-    "413": (413, error_body("Request body too large", "request_too_large", "request_too_large")),
-}
-HTML_502 = (
-    b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
-    b"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
-)
-NOT_JSON = b'{"id": "chatcmpl-'
-REFUSAL = "I can't create that image because it may go against the safety policy."
-TEXT_ONLY = "Here is a description of the scene instead of an image: a quiet composition in soft light."
-_SLOT = "\x00content\x00"
-
-
-def relayed_error(rng: random.Random) -> dict:
-    """An upstream error passed through: numeric code, empty type, a request id in the message."""
-    request_id = f"{time.strftime('%Y%m%d%H%M%S')}{rng.randrange(10**12):012d}"
-    message = f"Request contains an invalid argument. (request id: {request_id})"
-    return {"error": {"message": message, "type": "", "code": 400}}
-
-
-def rate_limited(wait: float | None, mode: str) -> tuple[tuple[tuple[str, str], ...], dict]:
-    """Headers and body of a 429 announcing `wait` seconds per `mode` (header|body|both|none)."""
-    seconds = max(1, math.ceil(wait or 0))
-    headers = (("Retry-After", str(seconds)),) if mode in ("header", "both") and wait is not None else ()
-    if mode in ("body", "both") and wait is not None:
-        message = f"You exceeded your current quota, please check your plan. Please retry in {wait:.1f}s."
-        details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{seconds}s"}]
-        return headers, error_body(message, "rate_limit_error", "rate_limit_exceeded", details=details)
-    return headers, error_body("Rate limit reached for requests", "rate_limit_error", "rate_limit_exceeded")
-
-
-def image_tokens(model: str, size: str, digest: bytes) -> int:
-    """Billed output tokens of one image; Pro adds 100-300 thinking tokens, fixed per request."""
-    return MODELS[model].tokens[size] + (100 + digest[0] % 201 if model == "nanobanana_pro" else 0)
-
-
-def image_content(*uris: bytes, text: str = "") -> bytes:
-    """The message content as a JSON string literal: text and Markdown images joined by newlines."""
-    images = [b"![image](" + uri + b")" for uri in uris]
-    parts = [json.dumps(text)[1:-1].encode()] if text else []
-    return b'"' + b"\\n".join(parts + images) + b'"'
-
-
-def completion(model: str, prompt: str, content: bytes, finish: str, tokens: int, rng: random.Random) -> bytes:
-    """A chat.completion body; `content` is spliced in as is so big images are never re-escaped."""
-    now = time.time()
-    letters = "".join(rng.choices(string.ascii_letters + string.digits, k=8))
-    prompt_tokens = len(prompt.split()) + 5
-    message: dict[str, Any] = {"role": "assistant", "content": _SLOT}
-    if model == "nanobanana_pro" and finish == "stop":
-        message["reasoning_content"] = "**Planning the image** Composing the scene from the prompt."
-    payload = {
-        "id": f"chatcmpl-{time.strftime('%Y%m%d%H%M%S', time.gmtime(now))}{int(now % 1 * 1e6):06d}000{letters}",
-        "object": "chat.completion",
-        "created": int(now),
-        "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens},
-    }
-    before, after = json.dumps(payload).split(json.dumps(_SLOT), 1)
-    return b"".join((before.encode(), content, after.encode()))

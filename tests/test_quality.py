@@ -26,7 +26,9 @@ except ImportError:  # pragma: no cover
 MIMES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
 
 
-def picture(width: int, height: int, seed: int, fmt: str = "PNG", solid: tuple[int, int, int] | None = None, **save: Any) -> bytes:
+def picture(
+    width: int, height: int, seed: int, fmt: str = "PNG", solid: tuple[int, int, int] | None = None, **save: Any
+) -> bytes:
     """A real image: 8x6 random colour blocks scaled up (smooth enough for a stable dHash), or one colour."""
     if solid is not None:
         im = Image.new("RGB", (width, height), solid)
@@ -107,7 +109,14 @@ def test_garbage_truncated_and_hostile_headers_give_none() -> None:
     assert dimensions(b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR" + bytes(8), "image/png") is None  # 0x0
     huge = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR\xff\xff\xff\xff\x00\x00\x00\x01"
     assert dimensions(huge, "image/png") is None
-    for fmt, save in [("PNG", {}), ("JPEG", {}), ("WEBP", {}), ("WEBP", {"lossless": True}), ("GIF", {})]:
+    formats: list[tuple[str, dict[str, Any]]] = [
+        ("PNG", {}),
+        ("JPEG", {}),
+        ("WEBP", {}),
+        ("WEBP", {"lossless": True}),
+        ("GIF", {}),
+    ]
+    for fmt, save in formats:
         data = picture(40, 30, seed=3, fmt=fmt, **save)
         header_end = next(n for n in range(len(data) + 1) if dimensions(data[:n]) is not None)
         for n in range(header_end):  # every cut before the size is known: None, never an exception
@@ -139,7 +148,11 @@ class OutDir:
     def _file(self, rel: str, data: bytes) -> dict[str, Any]:
         (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
         (self.root / rel).write_bytes(data)
-        return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "mtime_ns": (self.root / rel).stat().st_mtime_ns}
+        return {
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "mtime_ns": (self.root / rel).stat().st_mtime_ns,
+        }
 
     def stored_input(self, data: bytes, path: str) -> dict[str, Any]:
         sha = hashlib.sha256(data).hexdigest()
@@ -193,7 +206,15 @@ class OutDir:
             for j, more in enumerate(extra, 1):
                 extra_rel = f"images/{iid[:2]}/{iid}-{j}.png"
                 ew, eh = dimensions(more) or (None, None)
-                rec["extra_images"].append({"image_path": extra_rel, "mime": "image/png", **self._file(extra_rel, more), "width": ew, "height": eh})
+                rec["extra_images"].append(
+                    {
+                        "image_path": extra_rel,
+                        "mime": "image/png",
+                        **self._file(extra_rel, more),
+                        "width": ew,
+                        "height": eh,
+                    }
+                )
         self.records.append(rec)
         return rec
 
@@ -284,7 +305,7 @@ def test_analyze_resolves_latest_and_threshold(tmp_path: Path) -> None:
     assert result["duplicates"] == [[n["D"], n["E"]]]
     assert result["near_duplicates"] == []  # A and its JPEG copy C differ by a bit or two: not at threshold 0
     assert analyze(records, LocalSource(out.root), near_threshold=2)["near_duplicates"] == [[n["A"], n["C"]]]  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="0..32"):
+    with pytest.raises(ValueError, match=r"0\.\.32"):
         analyze(records, LocalSource(out.root), near_threshold=40)  # type: ignore[arg-type]
 
 
@@ -301,7 +322,10 @@ def test_without_pillow_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 def test_duplicate_groups_merge_and_order() -> None:
     def rec(i: str, *shas: str) -> Any:
-        images = [{"image_path": f"images/{i}-{k}.png", "mime": "image/png", "bytes": 1, "sha256": s} for k, s in enumerate(shas)]
+        images = [
+            {"image_path": f"images/{i}-{k}.png", "mime": "image/png", "bytes": 1, "sha256": s}
+            for k, s in enumerate(shas)
+        ]
         return {"item_id": i, "status": "ok", **images[0], "extra_images": images[1:]}
 
     # c links a's and b's groups; d repeats its own image (one item: no group)
@@ -319,7 +343,12 @@ def test_near_pairs_equal_all_pairs(threshold: int) -> None:
             flipped ^= 1 << bit
         hashes.append(flipped)
     hashes = list(dict.fromkeys(hashes))
-    brute = {(i, j) for i in range(len(hashes)) for j in range(i + 1, len(hashes)) if (hashes[i] ^ hashes[j]).bit_count() <= threshold}
+    brute = {
+        (i, j)
+        for i in range(len(hashes))
+        for j in range(i + 1, len(hashes))
+        if (hashes[i] ^ hashes[j]).bit_count() <= threshold
+    }
     found = set(near_pairs(hashes, threshold))
     assert found == brute
     assert len(brute) >= (10 if threshold else 0)  # the planted pairs are there to be found

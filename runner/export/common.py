@@ -96,7 +96,9 @@ def select(records: Iterable[Record], source: ImageSource, filters: Filters, res
     Order of the cuts: failed, `where`, missing image, wrong shape, then duplicates, so that the
     copy a duplicate group keeps is one that is exported."""
     kept: list[Record] = []
+    labels: set[str] = set()
     for rec in latest_records(records).values():
+        labels.update(str(k) for k in rec.get("vars") or {})
         if rec["status"] != "ok":
             result.skip("failed", rec["item_id"])
         elif not _matches(rec, filters.where):
@@ -105,11 +107,11 @@ def select(records: Iterable[Record], source: ImageSource, filters: Filters, res
             result.skip("missing_image", rec["item_id"])
         else:
             kept.append(rec)
-    if filters.where:
-        known = {str(k) for rec in kept for k in (rec.get("vars") or {})}
-        unknown = sorted({name for name, _ in filters.where} - known)
-        if unknown and not kept:
-            result.warnings.append(f"no item has a variable named {', '.join(unknown)} with that value")
+    unknown = sorted({name for name, _ in filters.where} - labels)
+    if unknown:
+        result.warnings.append(f"--where: no item has a variable named {', '.join(unknown)}")
+    elif filters.where and not kept:
+        result.warnings.append("--where: no item has all of those values")
     if filters.exclude_mismatched:
         bad = set(shape_checks(kept, source)["size_mismatches"])
         for rec in kept:

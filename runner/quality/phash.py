@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import multiprocessing
 import os
+import pickle
+from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,7 +27,8 @@ from .source import ImageSource
 CACHE_HEADER = "# runner perceptual-hash cache v1: sha256 dhash64 uniform\n"
 UNIFORM_TOLERANCE = 2  # levels per channel: a flat colour survives JPEG with a level or two of noise
 MAX_THRESHOLD = 32
-_WINDOW = 64  # images in flight at once: memory stays flat however many there are
+_BATCH = 64  # images per job sent to a worker process
+_WINDOW = 512  # fewer misses than this are hashed in this process (starting workers costs a second)
 
 
 class ImageHash(NamedTuple):
@@ -146,29 +150,68 @@ def hash_images(
 ) -> Iterator[tuple[str, ImageHash | None]]:
     """(sha256, hash or None) for each (sha256, relative path) wanted, from the cache or by reading the image.
 
-    Pillow decodes with the GIL released, so a few threads use every core; at most _WINDOW
-    images are read at once."""
-    workers = workers or min(4, os.cpu_count() or 1)
-    pending: list[tuple[str, str]] = []
+    A few misses are hashed here; past a window of them, batches go to worker processes (one
+    per core: Pillow's Python side holds the GIL, so threads gain little on small images),
+    a bounded number in flight, so memory stays flat however many images there are. Cached
+    hashes come first; the order of the answers is not the order asked."""
+    workers = workers or os.cpu_count() or 1
+    pool: ProcessPoolExecutor | None = None
+    misses: list[tuple[str, str]] = []
+    in_flight: deque[tuple[list[tuple[str, str]], Future[list[ImageHash | None]]]] = deque()
 
-    def flush(pool: ThreadPoolExecutor) -> Iterator[tuple[str, ImageHash | None]]:
-        results = pool.map(lambda job: _hash_file(source, job[1], job[0]), pending)
-        for (sha, _), value in zip(pending, results, strict=True):
+    def answers(jobs: list[tuple[str, str]], values: list[ImageHash | None]) -> Iterator[tuple[str, ImageHash | None]]:
+        for (sha, _), value in zip(jobs, values, strict=True):
             if value is not None:
                 cache.add(sha, value)
             yield sha, value
-        pending.clear()
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    try:
         for sha, rel in wanted:
             known = cache.known.get(sha)
             if known is not None:
                 yield sha, known
                 continue
-            pending.append((sha, rel))
-            if len(pending) >= _WINDOW:
-                yield from flush(pool)
-        yield from flush(pool)
+            misses.append((sha, rel))
+            if pool is None and len(misses) >= _WINDOW and workers > 1:
+                pool = _start_pool(source, workers)
+            if pool is not None and len(misses) >= _BATCH:
+                in_flight.append((misses, pool.submit(_hash_jobs, misses)))
+                misses = []
+                while len(in_flight) > workers * 4:
+                    jobs, future = in_flight.popleft()
+                    yield from answers(jobs, future.result())
+        while in_flight:
+            jobs, future = in_flight.popleft()
+            yield from answers(jobs, future.result())
+        yield from answers(misses, [_hash_file(source, rel, sha) for sha, rel in misses])
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+_worker_source: ImageSource | None = None
+
+
+def _init_worker(source: ImageSource) -> None:
+    global _worker_source
+    _worker_source = source
+
+
+def _hash_jobs(jobs: list[tuple[str, str]]) -> list[ImageHash | None]:
+    assert _worker_source is not None
+    return [_hash_file(_worker_source, rel, sha) for sha, rel in jobs]
+
+
+def _start_pool(source: ImageSource, workers: int) -> ProcessPoolExecutor | None:
+    """Worker processes that each hold `source`; None when it cannot be sent to them (not picklable)."""
+    try:
+        pickle.dumps(source)
+    except Exception:
+        return None
+    # spawn, not fork: the caller may have threads (a fork would copy their locks mid-use)
+    return ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(source,)
+    )
 
 
 def near_pairs(hashes: list[int], threshold: int) -> Iterator[tuple[int, int]]:

@@ -319,3 +319,24 @@ def test_card_text_to_image_without_inputs(tmp_path: Path) -> None:
     assert header["task_categories"] == ["text-to-image"]
     assert header["dataset_info"]["features"][0] == {"name": "image", "dtype": "image"}
     assert "rooftop" not in (out.root / "README.md").read_text()
+    text = (out.root / "README.md").read_text()
+    assert "Generated between 2026-11-25T08:00:00.000+00:00 and 2026-11-25T08:00:00.000+00:00" in text
+    assert "Cost of the exported images: $0.13" in text  # no run summary given: from the records
+
+
+class Remote(LocalSource):
+    """A source with no local files (an object store): exports copy through open()."""
+
+    def local_path(self, rel: str) -> Path | None:
+        return None
+
+
+def test_copies_from_a_source_without_local_files(outdir: OutDir, tmp_path: Path) -> None:
+    result = export_imagefolder(outdir.records, Remote(outdir.root), tmp_path / "d", card=False)  # type: ignore[arg-type]
+    assert (result.written, result.linked, result.copied) == (13, 0, 14)
+    rows = rows_of(tmp_path / "d" / "metadata.jsonl")
+    for r in rows:
+        copy = tmp_path / "d" / r["file_name"]
+        assert copy.read_bytes() == (outdir.root / r["file_name"]).read_bytes()
+        assert not os.path.samefile(copy, outdir.root / r["file_name"])
+    assert result.files == ["metadata.jsonl"] and not (tmp_path / "d" / "README.md").exists()

@@ -352,3 +352,21 @@ def test_near_pairs_equal_all_pairs(threshold: int) -> None:
     found = set(near_pairs(hashes, threshold))
     assert found == brute
     assert len(brute) >= (10 if threshold else 0)  # the planted pairs are there to be found
+
+
+def test_worker_processes_hash_like_this_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the window, misses go to worker processes in batches: the same hashes, every one cached."""
+    from runner.quality import phash
+
+    out, _ = build_quality_dir(tmp_path / "out")
+    wanted = [(r["sha256"], r["image_path"]) for r in out.records if r["status"] == "ok"]
+    wanted = list(dict(wanted).items())
+    here = dict(phash.hash_images(wanted, LocalSource(out.root), phash.HashCache(None), workers=1))
+    monkeypatch.setattr(phash, "_WINDOW", 3)
+    monkeypatch.setattr(phash, "_BATCH", 2)
+    cache = phash.HashCache(tmp_path / "cache.tsv")
+    there = dict(phash.hash_images(wanted, LocalSource(out.root), cache, workers=2))
+    assert there == here and len(here) == len(wanted) == 12
+    assert sum(v is None for v in there.values()) == 1  # K's file is gone
+    cache.save()
+    assert len(phash.HashCache(tmp_path / "cache.tsv").known) == 11

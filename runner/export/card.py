@@ -102,13 +102,18 @@ def render(
     if ok is not None and failed is not None:
         lines.append(f"- Items requested: {ok + failed:,}; succeeded: {ok:,}; failed: {failed:,}.")
     lines.append(f"- Images in this export: {result.written:,}.")
-    first, last = summary.get("first_finished_at"), summary.get("last_finished_at")
+    stamps = sorted(str(rec["finished_at"]) for rec in chosen.records if rec.get("finished_at"))
+    first = summary.get("first_finished_at") or (stamps[0] if stamps else None)
+    last = summary.get("last_finished_at") or (stamps[-1] if stamps else None)
     if first or last:
         lines.append(f"- Generated between {first or '?'} and {last or '?'} (UTC).")
     if summary.get("runs") is not None:
         lines.append(f"- Runs (resumed sessions): {summary['runs']}.")
     if summary.get("cost_usd") is not None:
         lines.append(f"- Cost: ${float(summary['cost_usd']):,.2f} (every attempt, as priced by the runner).")
+    else:
+        spent = sum(float(rec.get("cost_usd") or 0) for rec in chosen.records)
+        lines.append(f"- Cost of the exported images: ${spent:,.2f} (their last attempts, as priced by the runner).")
     kinds: dict[str, int] = summary.get("failures_by_kind") or {}
     if kinds:
         lines += [

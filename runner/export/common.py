@@ -152,9 +152,19 @@ def local_inputs(rec: Record) -> list[tuple[int, InputRec]]:
     return [(i, x) for i, x in enumerate(rec.get("inputs") or []) if isinstance(x.get("stored"), str) and x["stored"]]
 
 
-def place(source: ImageSource, rel: str, dest: Path, result: ExportResult) -> bool:
-    """Make dest/rel the file rel of the source: nothing when it already is (dest is the output dir),
-    a hardlink where possible, else a copy (through a temporary name). False when the source lacks it."""
+def place(source: ImageSource, rel: str, dest: Path, result: ExportResult, done: set[str] | None = None) -> bool:
+    """Make dest/rel the file rel of the source: nothing when it already is (dest is the output dir,
+    or `rel` is in `done`: a reference image shared by many items), a hardlink where possible, else
+    a copy (through a temporary name). False when the source lacks it."""
+    if done is not None and rel in done:
+        return True
+    placed = _place(source, rel, dest, result)
+    if placed and done is not None and rel.startswith("inputs/"):
+        done.add(rel)
+    return placed
+
+
+def _place(source: ImageSource, rel: str, dest: Path, result: ExportResult) -> bool:
     target = dest / rel
     origin = source.local_path(rel)
     try:

@@ -28,8 +28,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..imageinfo import dimensions_of_stream
 from ..quality import ImageSource
+from ..quality.source import read_dimensions
 from ..record import Record
 from .common import ExportResult, Filters, all_files, local_inputs, place, require_records, select, size_of
 
@@ -96,12 +96,13 @@ def export_imagefolder(
         "input_urls": any(x.get("url") for rec in chosen.records for x in rec.get("inputs") or []),
         "extra_images": any(rec.get("extra_images") for rec in chosen.records),
     }
+    placed: set[str] = set()  # reference images already in dest (many items share one)
     path = dest / METADATA
     tmp = dest / f".{METADATA}.{os.getpid()}.tmp"
     try:
         with tmp.open("w", encoding="utf-8", errors="replace", newline="\n") as f:
             for rec in chosen.records:
-                if copy_files and not all(place(source, rel, dest, result) for rel in all_files(rec)):
+                if copy_files and not all(place(source, rel, dest, result, placed) for rel in all_files(rec)):
                     result.skip("missing_file", rec["item_id"])
                     continue
                 f.write(json.dumps(row(rec, columns, extras, source), ensure_ascii=False) + "\n")
@@ -124,7 +125,7 @@ def row(rec: Record, columns: dict[str, str], extras: dict[str, bool], source: I
     vars_ = rec.get("vars") or {}
     width, height = rec.get("width"), rec.get("height")
     if not isinstance(width, int) or not isinstance(height, int):
-        width, height = _header_size(source, rec["image_path"])
+        width, height = read_dimensions(source, rec["image_path"]) or (None, None)
     line: dict[str, Any] = {
         "file_name": rec["image_path"].replace(os.sep, "/"),
         "item_id": rec["item_id"],
@@ -149,20 +150,6 @@ def row(rec: Record, columns: dict[str, str], extras: dict[str, bool], source: I
     if extras["extra_images"]:
         line["extra_images_file_names"] = [x["image_path"] for x in rec.get("extra_images") or []]
     return line
-
-
-def _header_size(source: ImageSource, rel: str) -> tuple[int | None, int | None]:
-    try:
-        with source.open(rel) as f:
-
-            def read(offset: int, count: int) -> bytes:
-                f.seek(offset)
-                return f.read(count)
-
-            found = dimensions_of_stream(read)
-    except OSError:
-        found = None
-    return found if found is not None else (None, None)
 
 
 def features_of(columns: dict[str, str], extras: dict[str, bool]) -> list[dict[str, Any]]:

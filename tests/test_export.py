@@ -340,3 +340,18 @@ def test_copies_from_a_source_without_local_files(outdir: OutDir, tmp_path: Path
         assert copy.read_bytes() == (outdir.root / r["file_name"]).read_bytes()
         assert not os.path.samefile(copy, outdir.root / r["file_name"])
     assert result.files == ["metadata.jsonl"] and not (tmp_path / "d" / "README.md").exists()
+
+
+def test_an_item_with_a_missing_file_is_skipped_in_both_formats(tmp_path: Path) -> None:
+    out = OutDir(tmp_path / "out")
+    gone = out.stored_input(picture(16, 16, seed=7), "refs/gone.png")
+    out.add(1, picture(64, 64, seed=1), inputs=[gone])
+    out.add(2, picture(64, 64, seed=2), extra=[picture(64, 64, seed=3)])
+    out.add(3, picture(64, 64, seed=4))
+    out.write()
+    (out.root / gone["stored"]).unlink()
+    (out.root / out.records[1]["extra_images"][0]["image_path"]).unlink()
+    for export_to in (export_imagefolder, export_webdataset):
+        result = export_to(out.records, LocalSource(out.root), tmp_path / export_to.__name__)  # type: ignore[operator]
+        assert result.written == 1 and result.skipped == {"missing_file": 2}, export_to
+        assert result.examples == {"missing_file": ids(1, 2)}

@@ -370,3 +370,28 @@ def test_worker_processes_hash_like_this_process(tmp_path: Path, monkeypatch: py
     assert sum(v is None for v in there.values()) == 1  # K's file is gone
     cache.save()
     assert len(phash.HashCache(tmp_path / "cache.tsv").known) == 11
+
+
+def test_every_documented_and_mock_size_has_its_ratio() -> None:
+    """No false alarm: the real pixel size of every model, ratio and size, and the mock's default
+    1/8 scale of it, are within the 2% the check allows."""
+    from runner.models import MODELS, pixel_size
+    from runner.quality import shape_checks
+
+    def rec(i: int, model: str, ratio: str, size: str | None, wh: tuple[int, int]) -> Any:
+        return {"item_id": f"{i:x}", "status": "ok", "model": model, "image_config": {"aspect_ratio": ratio, "image_size": size},
+                "image_path": f"images/{i}.png", "mime": "image/png", "bytes": 1, "sha256": "", "width": wh[0], "height": wh[1]}  # fmt: skip
+
+    records = []
+    for model, info in MODELS.items():
+        for ratio in info.aspect_ratios:
+            for size in info.sizes or (None,):
+                w, h = pixel_size(model, ratio, size)
+                records += [
+                    rec(len(records), model, ratio, size, (w, h)),
+                    rec(len(records) + 1, model, ratio, size, (w // 8, h // 8)),
+                ]
+    result = shape_checks(records, LocalSource(Path("/nonexistent")))
+    assert result["size_mismatches"] == [] and result["unreadable"] == []
+    assert result["size_off"] == [r["item_id"] for r in records[1::2]]  # the mock's 1/8 size is far off, on purpose
+    assert len(records) == 2 * (10 + 10 * 3 + 14 * 4)

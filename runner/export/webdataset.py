@@ -184,8 +184,8 @@ def _mtime(rec: Record) -> int:
 
 
 def _write_sample(shards: _Shards, source: ImageSource, rec: Record, doc: Any, result: ExportResult) -> bool:
-    """Open every file of the sample first (a missing image skips the item, a missing reference
-    or extra is left out with a warning), then stream them into the current shard."""
+    """Open every file of the sample first (one missing skips the item, as in imagefolder: a
+    sample must be whole), then stream them into the current shard."""
     key = rec["item_id"]
     fields = fields_of(rec)
     rels = [image["image_path"] for image in images_of(rec)]
@@ -200,11 +200,8 @@ def _write_sample(shards: _Shards, source: ImageSource, rec: Record, doc: Any, r
                 size = f.seek(0, os.SEEK_END)
                 f.seek(0)
             except OSError:
-                if name == fields[0]:
-                    result.skip("missing_image", key)
-                    return False
-                result.warnings.append(f"{key}: {rel} is missing; the sample was written without it")
-                continue
+                result.skip("missing_image" if name == fields[0] else "missing_file", key)
+                return False
             opened.append((name, f, size))
         body = json.dumps(doc, ensure_ascii=False, sort_keys=False).encode("utf-8")
         members = [(opened[0][0], opened[0][1], opened[0][2]), ("json", BytesIO(body), len(body)), *opened[1:]]

@@ -352,6 +352,6 @@ def test_an_item_with_a_missing_file_is_skipped_in_both_formats(tmp_path: Path) 
     (out.root / gone["stored"]).unlink()
     (out.root / out.records[1]["extra_images"][0]["image_path"]).unlink()
     for export_to in (export_imagefolder, export_webdataset):
-        result = export_to(out.records, LocalSource(out.root), tmp_path / export_to.__name__)  # type: ignore[operator]
+        result = export_to(out.records, LocalSource(out.root), tmp_path / export_to.__name__)  # type: ignore[operator, arg-type]
         assert result.written == 1 and result.skipped == {"missing_file": 2}, export_to
         assert result.examples == {"missing_file": ids(1, 2)}

@@ -382,7 +382,7 @@ def test_every_documented_and_mock_size_has_its_ratio() -> None:
         return {"item_id": f"{i:x}", "status": "ok", "model": model, "image_config": {"aspect_ratio": ratio, "image_size": size},
                 "image_path": f"images/{i}.png", "mime": "image/png", "bytes": 1, "sha256": "", "width": wh[0], "height": wh[1]}  # fmt: skip
 
-    records = []
+    records: list[Any] = []
     for model, info in MODELS.items():
         for ratio in info.aspect_ratios:
             for size in info.sizes or (None,):

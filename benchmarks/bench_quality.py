@@ -138,8 +138,8 @@ def measure(mode: str, out: Path, dest: Path) -> None:
     done = time.perf_counter()
     own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
-    figures = {"parse_s": parsed - started, "pass_s": done - parsed, "cpu_s": cpu, "peak_mb": own.ru_maxrss / 1024}
-    if mode == "cold":  # the children's ru_maxrss counts the parent's pages at fork: ask a worker itself
+    figures = {"parse_s": parsed - started, "pass_s": done - parsed, "cpu_s": cpu, "peak_mb": _peak_mb()}
+    if mode == "cold":  # ru_maxrss survives exec (it counts the parent's pages at fork): ask a worker itself
         figures["worker_peak_mb"] = _worker_peak(out, [(r["sha256"], r["image_path"]) for r in records[:5000]])
     print(json.dumps({**figures, **found}))
 
@@ -148,7 +148,14 @@ def _worker_rss(jobs: list[tuple[str, str]]) -> float:
     from runner.quality.phash import _hash_jobs
 
     _hash_jobs(jobs)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return _peak_mb()
+
+
+def _peak_mb() -> float:
+    """This process's peak RSS (VmHWM, which starts afresh at exec, unlike ru_maxrss)."""
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
 def _worker_peak(out: Path, jobs: list[tuple[str, str]]) -> float:

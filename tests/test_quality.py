@@ -395,3 +395,12 @@ def test_every_documented_and_mock_size_has_its_ratio() -> None:
     assert result["size_mismatches"] == [] and result["unreadable"] == []
     assert result["size_off"] == [r["item_id"] for r in records[1::2]]  # the mock's 1/8 size is far off, on purpose
     assert len(records) == 2 * (10 + 10 * 3 + 14 * 4)
+
+
+def test_a_cache_that_cannot_be_written_costs_nothing_but_time(tmp_path: Path) -> None:
+    out, n = build_quality_dir(tmp_path / "out")
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    result = analyze(out.records, LocalSource(out.root), cache_path=blocked / "cache.tsv")  # type: ignore[arg-type]
+    assert result["near_duplicates"] == [[n["A"], n["B"], n["C"]]]
+    assert result["hashes"]["hashed"] == 11 and "cache_error" in result["hashes"]

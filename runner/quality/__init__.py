@@ -183,8 +183,17 @@ def near_duplicates(
         shas.append(sha)
         if value.uniform:
             uniform.update(holders[sha])
-    cache.save()
     hashed, bad = len(cache.known) - before, len(path_of) - len(shas)
+    counts: dict[str, Any] = {
+        "images": len(path_of),
+        "hashed": hashed,
+        "from_cache": len(shas) - hashed,
+        "unreadable": bad,
+    }
+    try:
+        cache.save()
+    except OSError as e:  # the cache only saves time: a read-only or full disk must not cost the report
+        counts["cache_error"] = f"{type(e).__name__}: {e}"
     values = list(by_value)
     links = [members for members in by_value.values() if len(members) > 1]
     links += [by_value[values[a]][:1] + by_value[values[b]][:1] for a, b in near_pairs(values, threshold)]
@@ -199,7 +208,7 @@ def near_duplicates(
         "near_duplicates": _groups(ids, item_links),
         "uniform": [ids[i] for i in sorted(uniform)],
         "unreadable": [ids[i] for i in sorted(failed)],
-        "hashes": {"images": len(path_of), "hashed": hashed, "from_cache": len(shas) - hashed, "unreadable": bad},
+        "hashes": counts,
     }
 
 
@@ -224,7 +233,7 @@ def analyze(
     - uniform: item_ids with a single-colour image; None without Pillow
     - unreadable: item_ids whose image could not be read when it had to be (missing, cut, not an image)
     - hashes: {images, hashed, from_cache, unreadable}: distinct images, hashed now, read from the
-      cache, not hashable; None without Pillow
+      cache, not hashable (and cache_error when the cache could not be written); None without Pillow
 
     `cache_path` keeps the perceptual hashes by sha256 (beside the manifest), so a second report
     decodes only new images. Raises ValueError for a threshold outside 0..MAX_THRESHOLD.

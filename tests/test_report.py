@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from runner.errors import UsageError
-from runner.export import export, var_columns
+from runner.export import export
 from runner.report import format_text, percentile, summarize
 
 EVIL = "<img src=x onerror=alert(1)><script>alert(2)</script>"
@@ -196,42 +196,3 @@ def test_format_text(out: Path) -> None:
     assert "1 unreadable manifest line" in text
 
 
-# --- export ------------------------------------------------------------------------------------
-
-
-def test_export_metadata(out: Path) -> None:
-    path = export(out)
-    assert path == out / "metadata.jsonl"
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    assert [r["item_id"] for r in rows] == [item_id(n) for n in (1, 2, 3, 7)]
-    assert rows[0] == {
-        "file_name": f"images/{item_id(1)[:2]}/{item_id(1)}.png",
-        "item_id": item_id(1),
-        "prompt_id": "animals",
-        "prompt": "a cat in ink style",
-        "model": "nanobanana_pro",
-        "aspect_ratio": "16:9",
-        "image_size": "2K",
-        "repeat": 0,
-        "style": "ink",
-        "subject": "cat",
-    }
-    assert rows[2]["prompt"] == EVIL and rows[2]["image_size"] == "1K" and rows[2]["subject"] == "<b>dog</b>"
-    for r in rows:  # a fixed schema: every column on every line
-        assert list(r) == list(rows[0])
-        assert (out / r["file_name"]).is_file()
-    assert rows[1]["style"] is None and rows[3]["subject"] is None
-    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
-    export(out)  # again: replaced, not appended
-    assert len(path.read_text(encoding="utf-8").splitlines()) == 4
-
-
-def test_export_skips_missing_images_and_renames_clashing_vars(tmp_path: Path) -> None:
-    recs = [record(tmp_path, 1, vars_={"prompt": "p", "model": "m"}), record(tmp_path, 2)]
-    write_lines(tmp_path / "manifest.jsonl", recs)
-    (tmp_path / recs[1]["image_path"]).unlink()
-    rows = [json.loads(line) for line in export(tmp_path).read_text(encoding="utf-8").splitlines()]
-    assert len(rows) == 1
-    assert rows[0]["prompt"] == "A red fox in fresh snow" and rows[0]["var_prompt"] == "p"
-    assert rows[0]["var_model"] == "m"
-    assert var_columns({"a", "var_a", "file_name"}) == {"a": "a", "file_name": "var_file_name", "var_a": "var_a"}

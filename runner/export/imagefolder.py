@@ -1,0 +1,204 @@
+"""Write metadata.jsonl so the dataset loads with `datasets.load_dataset("imagefolder", data_dir=DEST)`.
+
+The Hugging Face `imagefolder` loader finds the images under DEST and joins each to its line of
+metadata.jsonl by `file_name` (the path relative to DEST); a column named `<x>_file_name` (a
+path) or `<x>_file_names` (a list of paths) is loaded as an image column `<x>` (a list of
+images), and every other key becomes a plain column:
+
+    import datasets
+    ds = datasets.load_dataset("imagefolder", data_dir="out/rooftop-cats", split="train")
+    ds[0]["image"], ds[0]["prompt"], ds[0]["subject"], ds[0]["input_images"]
+
+One line per exported item. Columns: file_name, item_id, prompt_id, prompt, model, aspect_ratio,
+image_size (the size produced: the model's default when none was sent), repeat, width, height;
+one column per template variable, present on every line (null where an item has none, since
+Arrow needs one schema), its values as strings; `params` (the request parameters as a JSON
+string) when any item has some; `input_images_file_names` (the stored copies of local reference
+images) and `input_urls` (reference images given by URL) when any item has them;
+`extra_images_file_names` when any answer held more than one image. A variable named like one
+of these columns is written as `var_<name>`, and one ending in `file_name(s)` (which the loader
+would take for an image path) as `var_<name>_value`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ..quality import ImageSource
+from ..quality.source import read_dimensions
+from ..record import Record
+from .common import ExportResult, Filters, all_files, local_inputs, place, require_records, select, size_of
+
+METADATA = "metadata.jsonl"
+FIXED = (
+    "file_name",
+    "item_id",
+    "prompt_id",
+    "prompt",
+    "model",
+    "aspect_ratio",
+    "image_size",
+    "repeat",
+    "width",
+    "height",
+)
+# Names the loader gives or takes: a variable must not land on one of them.
+RESERVED = (*FIXED, "image", "params", "input_images", "input_images_file_names", "input_urls", "extra_images",
+            "extra_images_file_names", "label")  # fmt: skip
+
+
+def var_columns(names: Iterable[str]) -> dict[str, str]:
+    """Template variable name -> its column name (renamed only when it would clash or look like a path column)."""
+    columns: dict[str, str] = {}
+    taken = set(RESERVED)
+    for name in sorted(names):
+        column = name
+        if column in taken or column.endswith(("file_name", "file_names")):
+            column = f"var_{name}"
+            if column.endswith(("file_name", "file_names")):
+                column += "_value"
+        while column in taken:
+            column = f"var_{column}"
+        taken.add(column)
+        columns[name] = column
+    return columns
+
+
+def export_imagefolder(
+    records: Iterable[Record],
+    source: ImageSource,
+    dest: Path,
+    *,
+    filters: Filters | None = None,
+    summary: dict[str, Any] | None = None,
+    card: bool = True,
+    copy_files: bool = True,
+) -> ExportResult:
+    """Write DEST/metadata.jsonl (temp file + os.replace) and, with `card`, DEST/README.md.
+
+    When DEST is not the output dir itself, the images and stored reference images are placed
+    there too (hardlinked where possible; `copy_files=False` leaves them where they are, for a
+    remote output dir exported in place). `summary` gives the run facts for the card (see card.py)."""
+    from .card import write_card
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    result = ExportResult("imagefolder", dest)
+    chosen = select(require_records(records), source, filters or Filters(), result)
+    columns = var_columns(chosen.var_names)
+    extras = {
+        "params": any(rec.get("params") for rec in chosen.records),
+        "input_images": any(local_inputs(rec) for rec in chosen.records),
+        "input_urls": any(x.get("url") for rec in chosen.records for x in rec.get("inputs") or []),
+        "extra_images": any(rec.get("extra_images") for rec in chosen.records),
+    }
+    placed: set[str] = set()  # reference images already in dest (many items share one)
+    path = dest / METADATA
+    tmp = dest / f".{METADATA}.{os.getpid()}.tmp"
+    try:
+        with tmp.open("w", encoding="utf-8", errors="replace", newline="\n") as f:
+            for rec in chosen.records:
+                if copy_files and not all(place(source, rel, dest, result, placed) for rel in all_files(rec)):
+                    result.skip("missing_file", rec["item_id"])
+                    continue
+                f.write(json.dumps(row(rec, columns, extras, source), ensure_ascii=False) + "\n")
+                result.written += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    result.files.append(METADATA)
+    if card:
+        features = features_of(columns, extras)
+        result.files.append(write_card(dest, result, chosen, summary or {}, features))
+    return result
+
+
+def row(rec: Record, columns: dict[str, str], extras: dict[str, bool], source: ImageSource) -> dict[str, Any]:
+    """One metadata line: the fixed columns, the variables, then the optional columns in use."""
+    config = rec.get("image_config") or {}
+    vars_ = rec.get("vars") or {}
+    width, height = rec.get("width"), rec.get("height")
+    if not isinstance(width, int) or not isinstance(height, int):
+        width, height = read_dimensions(source, rec["image_path"]) or (None, None)
+    line: dict[str, Any] = {
+        "file_name": rec["image_path"].replace(os.sep, "/"),
+        "item_id": rec["item_id"],
+        "prompt_id": rec.get("prompt_id"),
+        "prompt": rec.get("prompt"),
+        "model": rec.get("model"),
+        "aspect_ratio": config.get("aspect_ratio"),
+        "image_size": None if size_of(rec) == "?" else size_of(rec),
+        "repeat": rec.get("repeat"),
+        "width": width,
+        "height": height,
+    }
+    for name, column in columns.items():
+        value = vars_.get(name)
+        line[column] = None if value is None else str(value)
+    if extras["params"]:
+        line["params"] = json.dumps(rec["params"], sort_keys=True) if rec.get("params") else None
+    if extras["input_images"]:
+        line["input_images_file_names"] = [x["stored"] for _, x in local_inputs(rec)]
+    if extras["input_urls"]:
+        line["input_urls"] = [x["url"] for x in rec.get("inputs") or [] if x.get("url")]
+    if extras["extra_images"]:
+        line["extra_images_file_names"] = [x["image_path"] for x in rec.get("extra_images") or []]
+    return line
+
+
+def features_of(columns: dict[str, str], extras: dict[str, bool]) -> list[dict[str, Any]]:
+    """The columns as `datasets` loads them, in the dataset card's YAML form."""
+    features: list[dict[str, Any]] = [{"name": "image", "dtype": "image"}]
+    features += [
+        {"name": name, "dtype": "string"}
+        for name in ("item_id", "prompt_id", "prompt", "model", "aspect_ratio", "image_size")
+    ]
+    features += [{"name": name, "dtype": "int64"} for name in ("repeat", "width", "height")]
+    features += [{"name": column, "dtype": "string"} for column in columns.values()]
+    if extras["params"]:
+        features.append({"name": "params", "dtype": "string"})
+    if extras["input_images"]:
+        features.append({"name": "input_images", "list": "image"})
+    if extras["input_urls"]:
+        features.append({"name": "input_urls", "list": "string"})
+    if extras["extra_images"]:
+        features.append({"name": "extra_images", "list": "image"})
+    return features
+
+
+def export(out: Path, image_sizes: dict[str, int] | None = None) -> Path:
+    """The former entry point (runner export today): OUT/metadata.jsonl for the output dir itself.
+
+    `image_sizes` (a remote dir's listing) says which images exist instead of the local disk."""
+    from ..manifest import iter_records
+    from ..quality import LocalSource
+    from ..record import check
+    from ..report import require_manifest
+
+    require_manifest(out)
+    source: ImageSource = LocalSource(out) if image_sizes is None else _Listed(out, image_sizes)
+    records = [r for r in (check(obj) for obj in iter_records(out)) if r is not None]
+    export_imagefolder(records, source, out, card=False, copy_files=image_sizes is None)
+    return out / METADATA
+
+
+class _Listed:
+    """A remote dir's image listing standing in for its files (existence only; no bytes to read)."""
+
+    def __init__(self, root: Path, sizes: dict[str, int]) -> None:
+        self.root, self.sizes = root, sizes
+
+    def open(self, rel: str) -> Any:
+        raise FileNotFoundError(rel)
+
+    def exists(self, rel: str) -> bool:
+        return rel in self.sizes
+
+    def local_path(self, rel: str) -> Path | None:
+        return None

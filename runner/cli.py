@@ -111,16 +111,35 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("out", metavar="OUT_DIR")
     rep.add_argument("--json", action="store_true", help="print one JSON object")
     rep.add_argument("--html", metavar="FILE", help="also write a self-contained HTML gallery to FILE")
+    rep.add_argument(
+        "--near-threshold",
+        type=int,
+        default=4,
+        metavar="BITS",
+        help="near duplicates: perceptual hashes this many bits apart or less (0-32; needs Pillow)",
+    )
 
     exp = sub.add_parser(
         "export",
-        help="write metadata.jsonl so the output dir loads as a Hugging Face imagefolder dataset",
+        help="deliver the dataset: Hugging Face imagefolder metadata or WebDataset shards, with a dataset card",
         formatter_class=_formatter,
-        description="Write OUT_DIR/metadata.jsonl (file_name, prompt, model, size and one column per template "
-        'variable) for the ok images. Then: datasets.load_dataset("imagefolder", data_dir=OUT_DIR).',
-        epilog="example:\n  runner export out/demo",
+        description="Write the ok images of OUT_DIR as a dataset with a card (README.md): `imagefolder` "
+        '(metadata.jsonl beside the images, for datasets.load_dataset("imagefolder", data_dir=...)) or '
+        "`webdataset` (tar shards of KEY.<ext> + KEY.json). Labels, params and reference images are columns.",
+        epilog="examples:\n  runner export out/demo\n"
+        "  runner export out/demo --format webdataset --to dist/demo --shard-size 5000\n"
+        "  runner export out/demo --exclude-duplicates --exclude-mismatched --where style=ink",
     )
     exp.add_argument("out", metavar="OUT_DIR")
+    exp.add_argument("--format", choices=["imagefolder", "webdataset"], default="imagefolder")
+    exp.add_argument(
+        "--to", metavar="DIR", help="write here (default: OUT_DIR for imagefolder, OUT_DIR/webdataset for shards)"
+    )
+    exp.add_argument("--shard-size", type=_positive_int, default=1000, metavar="N", help="samples per tar shard")
+    exp.add_argument("--exclude-duplicates", action="store_true", help="keep one item of each byte-identical group")
+    exp.add_argument("--exclude-mismatched", action="store_true", help="leave out images of the wrong aspect ratio")
+    exp.add_argument("--where", action="append", default=[], metavar="VAR=VALUE", help="only items with this label")
+    exp.add_argument("--json", action="store_true", help="print what was written and skipped as JSON")
 
     mock = sub.add_parser(
         "mock-server",
@@ -368,35 +387,84 @@ def _duration(seconds: float) -> str:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .output import is_remote, open_view
-    from .report import format_text, read_manifests, summarize
+    from .quality import analyze
+    from .report import format_quality, format_text, read_manifests, summarize
 
-    if args.html and is_remote(args.out):
+    remote = is_remote(args.out)
+    if args.html and remote:
         raise UsageError("--html needs a local output dir: the gallery links to the image files")
-    with open_view(args.out) as (local, _source):
+    with open_view(args.out) as (local, source):
         manifests = read_manifests(local)
         summary = summarize(manifests)
+        try:
+            cache = None if remote else local / ".quality-cache.tsv"
+            quality = analyze(manifests.latest.values(), source, near_threshold=args.near_threshold, cache_path=cache)
+        except ValueError as e:
+            raise UsageError(f"--near-threshold: {e}") from None
     summary["output_dir"] = str(args.out)
+    summary.update(quality)
     if args.html:
         from .gallery import write_html
 
         title = summary.get("name") or Path(args.out).name
-        shown = write_html(Path(args.html), Path(args.out), list(manifests.latest.values()), summary, title=title)
+        records = list(manifests.latest.values())
+        shown = write_html(Path(args.html), Path(args.out), records, summary, title=title, quality=quality)
         _say(f"gallery: {args.html} ({shown} images)")
-    print(json.dumps(summary, indent=2, ensure_ascii=False) if args.json else format_text(summary))
+    if args.json:
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+    else:
+        print(format_text(summary) + "\n" + format_quality(summary))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export
-    from .output import is_remote, open_view
-    from .output.remote import write_remote
+    import tempfile
 
-    with open_view(args.out) as (local, source):
-        if is_remote(args.out):
-            path = write_remote(str(args.out), "metadata.jsonl", export(local, getattr(source, "sizes", None)))
+    from .export import Filters, export_imagefolder, export_webdataset
+    from .output import is_remote, open_view
+    from .output.remote import upload_dir
+    from .policy import printable
+    from .report import read_manifests, summarize
+
+    filters = Filters(args.exclude_duplicates, args.exclude_mismatched, Filters.parse_where(args.where))
+    remote = is_remote(args.out)
+    sub = "" if args.format == "imagefolder" else "webdataset"
+    with open_view(args.out) as (local, source), tempfile.TemporaryDirectory(prefix="runner-export-") as tmp:
+        manifests = read_manifests(local)
+        summary = summarize(manifests)
+        if args.to:
+            dest = Path(args.to)
+        elif remote:
+            dest = Path(tmp)  # written here, then uploaded into the remote output dir
         else:
-            path = str(export(Path(args.out)))
-    _say(f'wrote {path}; load it with datasets.load_dataset("imagefolder", data_dir="{args.out}")')
+            dest = Path(args.out) / sub if sub else Path(args.out)
+        records = list(manifests.latest.values())
+        if args.format == "imagefolder":
+            # In the output dir itself the images are where they belong: nothing to place.
+            in_place = (remote and not args.to) or dest.resolve() == Path(args.out).resolve()
+            result = export_imagefolder(
+                records, source, dest, filters=filters, summary=summary, copy_files=not in_place
+            )
+        else:
+            result = export_webdataset(
+                records, source, dest, shard_size=args.shard_size, filters=filters, summary=summary
+            )
+        where = str(dest)
+        if remote and not args.to:
+            where = upload_dir(str(args.out), dest, sub)
+    if args.json:
+        print(json.dumps({**result.as_dict(), "dest": where}, indent=2))
+        return 0
+    skipped = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in result.skipped.items())
+    _say(f"wrote {result.written} items as {args.format} to {where}" + (f"; skipped: {skipped}" if skipped else ""))
+    for reason, ids in result.examples.items():
+        _say(f"  {reason.replace('_', ' ')}: e.g. {', '.join(ids)}")
+    for warning in result.warnings:
+        _say(f"warning: {printable(warning)}")
+    if args.format == "imagefolder":
+        _say(f'load it: datasets.load_dataset("imagefolder", data_dir="{where}") (needs Pillow: pip install pillow)')
+    else:
+        _say(f'load it: datasets.load_dataset("webdataset", data_files="{where}/shard-*.tar")')
     return 0
 
 

@@ -7,7 +7,6 @@ import html
 import json
 import os
 import re
-import tempfile
 from base64 import b64encode
 from collections.abc import Iterable
 from functools import cache
@@ -18,6 +17,7 @@ from typing import Any, TypeGuard
 from urllib.parse import quote, urlsplit
 
 from .models import MODELS, effective_size
+from .output.files import atomic_file
 from .record import Record
 
 MAX_OPTIONS = 1000  # values a filter offers (the most frequent); the page says when there are more
@@ -363,18 +363,7 @@ def write_html(
 
 
 def _write_atomic(path: Path, chunks: Iterable[str]) -> None:
-    """Write beside `path` and rename over it; the temp file is created new (O_EXCL), never through a symlink."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk.encode("utf-8", "replace"))  # "replace": the page is written whatever the text
-            if hasattr(os, "fchmod"):
-                os.fchmod(f.fileno(), 0o644)  # mkstemp makes it 0600; a gallery is for sharing
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the page whole or not at all, never through a symlink (output.files.atomic_file)."""
+    with atomic_file(path) as f:
+        for chunk in chunks:
+            f.write(chunk.encode("utf-8", "replace"))  # "replace": the page is written whatever the text

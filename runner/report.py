@@ -262,3 +262,35 @@ def format_text(summary: dict[str, Any]) -> str:
         text += ["", f"reference images ({summary['distinct_inputs']} distinct):"]
         text += [f"  {ref}: {n} items" for ref, n in list(summary["inputs"].items())[:8]]
     return printable("\n".join(text))
+
+
+def format_quality(summary: dict[str, Any]) -> str:
+    """The quality part of the report (runner.quality.analyze's keys) as text."""
+
+    def ids(items: list[str]) -> str:
+        shown = ", ".join(items[:3])
+        return shown + (f", … {len(items) - 3} more" if len(items) > 3 else "")
+
+    text = ["", "quality:"]
+    dups = summary.get("duplicates") or []
+    text.append(
+        f"  byte-identical images: {len(dups)} groups ({sum(map(len, dups))} items), e.g. {ids(dups[0])}"
+        if dups
+        else "  byte-identical images: none"
+    )
+    near = summary.get("near_duplicates")
+    if near is None:
+        text.append(f"  near duplicates: not checked ({summary.get('near_duplicates_note', '')})")
+    else:
+        groups = f"{len(near)} groups ({sum(map(len, near))} items)" if near else "none"
+        text.append(f"  near duplicates: {groups} ({summary.get('near_duplicates_note', '')})")
+    for key, what in (("size_mismatches", "not the aspect ratio asked for (beyond 2%)"),
+                      ("size_off", "far from the size asked for (the built-in mock makes them 1/8 size)"),
+                      ("uniform", "a single colour"), ("unreadable", "unreadable")):  # fmt: skip
+        found = summary.get(key) or []
+        if found:
+            text.append(f"  {what}: {len(found)}, e.g. {ids(found)}")
+    for row in summary.get("pixel_sizes") or []:
+        sizes = ", ".join(f"{wh} ({n})" for wh, n in list(row["sizes"].items())[:4])
+        text.append(f"  {row['model']} {row['aspect_ratio']} {row['image_size']}: {sizes}")
+    return printable("\n".join(text))

@@ -15,9 +15,11 @@ import yaml
 
 from runner import __version__
 from runner.errors import UsageError
-from runner.export import Filters, export, export_imagefolder, export_webdataset, var_columns
+from runner.export import Filters, export_imagefolder, export_webdataset, var_columns
 from runner.quality import LocalSource
 from tests.test_quality import OutDir, item_id, picture
+
+from .conftest import run_cli
 
 SUMMARY = {
     "name": "rooftop-cats",
@@ -111,26 +113,27 @@ def test_imagefolder_rows_files_and_skips(outdir: OutDir, tmp_path: Path) -> Non
     assert len(rows_of(dest / "metadata.jsonl")) == 13
 
 
-def test_imagefolder_in_place_and_the_former_entry_point(tmp_path: Path) -> None:
+def test_imagefolder_in_place_through_the_cli(tmp_path: Path) -> None:
     out = OutDir(tmp_path / "out dir#1")
     out.add(1, picture(64, 64, seed=1), vars_={"prompt": "p", "model": "m", "file_name": "f"})
     out.add(2, picture(64, 64, seed=2))
     out.write()
     (out.root / out.records[1]["image_path"]).unlink()
-    path = export(out.root)
-    assert path == out.root / "metadata.jsonl"
+    proc = run_cli("export", str(out.root))
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped: 1 missing image" in proc.stderr and "needs Pillow" in proc.stderr
+    path = out.root / "metadata.jsonl"
     rows = rows_of(path)
     assert len(rows) == 1 and rows[0]["prompt"] == "prompt number 1"
     assert (rows[0]["var_prompt"], rows[0]["var_model"], rows[0]["var_file_name_value"]) == ("p", "m", "f")
-    assert not (out.root / "README.md").exists()  # the old entry point writes no card
+    assert "SynthID" in (out.root / "README.md").read_text()  # the CLI writes the card beside the metadata
     result = export_imagefolder(out.records, LocalSource(out.root), out.root)  # type: ignore[arg-type]
     assert (result.linked, result.copied, result.written) == (0, 0, 1)  # dest is the output dir: nothing to place
     assert var_columns({"a", "var_a", "file_name", "image", "x_file_names"}) == {
         "a": "a", "file_name": "var_file_name_value", "image": "var_image", "var_a": "var_a",
         "x_file_names": "var_x_file_names_value",
     }  # fmt: skip
-    with pytest.raises(UsageError):
-        export(tmp_path / "empty")
+    assert run_cli("export", str(tmp_path / "empty")).returncode == 2
 
 
 def test_filters(outdir: OutDir, tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """Deliver a run's images as a dataset: Hugging Face imagefolder or WebDataset shards, with a dataset card.
 
     from runner.export import Filters, export_imagefolder, export_webdataset
-    from runner.quality import LocalSource
+    from runner.output.source import LocalSource
     result = export_webdataset(records, LocalSource(out), Path("dist"), shard_size=1000,
                                filters=Filters(exclude_duplicates=True), summary=summary)
 
@@ -12,7 +12,7 @@ files from, and a local destination; both stream one item at a time and return a
 
 from .card import CARD, render, size_category, write_card
 from .common import ExportResult, Filters
-from .imagefolder import METADATA, export, export_imagefolder, var_columns
+from .imagefolder import METADATA, export_imagefolder, var_columns
 from .webdataset import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SIZE, export_webdataset, shard_name
 
 __all__ = [
@@ -22,7 +22,6 @@ __all__ = [
     "METADATA",
     "ExportResult",
     "Filters",
-    "export",
     "export_imagefolder",
     "export_webdataset",
     "render",

@@ -7,12 +7,12 @@ failures_by_kind, cost_usd, first_finished_at, last_finished_at, runs. What was 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ..output.files import atomic_file
 from .common import ExportResult, Selection
 
 CARD = "README.md"
@@ -49,12 +49,8 @@ def write_card(
 ) -> str:
     """Write DEST/README.md (temp file + os.replace); returns its name."""
     text = render(result, chosen, summary, features, data_files)
-    tmp = dest / f".{CARD}.{os.getpid()}.tmp"
-    try:
-        tmp.write_text(text, encoding="utf-8", newline="\n")
-        os.replace(tmp, dest / CARD)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(dest / CARD) as f:
+        f.write(text.encode("utf-8", "replace"))
     return CARD
 
 

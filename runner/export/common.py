@@ -12,7 +12,9 @@ from typing import Any
 
 from ..errors import UsageError
 from ..models import MODELS, effective_size
-from ..quality import ImageSource, duplicate_groups, latest_records, shape_checks
+from ..output.files import atomic_file
+from ..output.source import ImageSource
+from ..quality import duplicate_groups, latest_records, shape_checks
 from ..record import InputRec, Record, images_of
 
 MAX_EXAMPLES = 3  # item_ids kept per skip reason
@@ -184,11 +186,10 @@ def _place(source: ImageSource, rel: str, dest: Path, result: ExportResult) -> b
             except OSError:
                 tmp.unlink(missing_ok=True)
         try:
-            with source.open(rel) as src, tmp.open("wb") as dst:
+            with source.open(rel) as src, atomic_file(target) as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
         except FileNotFoundError:
             return False
-        os.replace(tmp, target)
         result.copied += 1
         return True
     finally:

@@ -28,8 +28,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..quality import ImageSource
-from ..quality.source import read_dimensions
+from ..output.files import atomic_file
+from ..output.source import ImageSource, read_dimensions
 from ..record import Record
 from .common import ExportResult, Filters, all_files, local_inputs, place, require_records, select, size_of
 
@@ -97,21 +97,15 @@ def export_imagefolder(
         "extra_images": any(rec.get("extra_images") for rec in chosen.records),
     }
     placed: set[str] = set()  # reference images already in dest (many items share one)
-    path = dest / METADATA
-    tmp = dest / f".{METADATA}.{os.getpid()}.tmp"
-    try:
-        with tmp.open("w", encoding="utf-8", errors="replace", newline="\n") as f:
-            for rec in chosen.records:
-                if copy_files and not all(place(source, rel, dest, result, placed) for rel in all_files(rec)):
-                    result.skip("missing_file", rec["item_id"])
-                    continue
-                f.write(json.dumps(row(rec, columns, extras, source), ensure_ascii=False) + "\n")
-                result.written += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(dest / METADATA) as f:
+        for rec in chosen.records:
+            if copy_files and not all(place(source, rel, dest, result, placed) for rel in all_files(rec)):
+                result.skip("missing_file", rec["item_id"])
+                continue
+            f.write(
+                (json.dumps(row(rec, columns, extras, source), ensure_ascii=False) + "\n").encode("utf-8", "replace")
+            )
+            result.written += 1
     result.files.append(METADATA)
     if card:
         features = features_of(columns, extras)
@@ -170,35 +164,3 @@ def features_of(columns: dict[str, str], extras: dict[str, bool]) -> list[dict[s
     if extras["extra_images"]:
         features.append({"name": "extra_images", "list": "image"})
     return features
-
-
-def export(out: Path, image_sizes: dict[str, int] | None = None) -> Path:
-    """The former entry point (runner export today): OUT/metadata.jsonl for the output dir itself.
-
-    `image_sizes` (a remote dir's listing) says which images exist instead of the local disk."""
-    from ..manifest import iter_records
-    from ..quality import LocalSource
-    from ..record import check
-    from ..report import require_manifest
-
-    require_manifest(out)
-    source: ImageSource = LocalSource(out) if image_sizes is None else _Listed(out, image_sizes)
-    records = [r for r in (check(obj) for obj in iter_records(out)) if r is not None]
-    export_imagefolder(records, source, out, card=False, copy_files=image_sizes is None)
-    return out / METADATA
-
-
-class _Listed:
-    """A remote dir's image listing standing in for its files (existence only; no bytes to read)."""
-
-    def __init__(self, root: Path, sizes: dict[str, int]) -> None:
-        self.root, self.sizes = root, sizes
-
-    def open(self, rel: str) -> Any:
-        raise FileNotFoundError(rel)
-
-    def exists(self, rel: str) -> bool:
-        return rel in self.sizes
-
-    def local_path(self, rel: str) -> Path | None:
-        return None

@@ -27,9 +27,10 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime
 from io import BytesIO
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
-from ..quality import ImageSource
+from ..output.files import atomic_file
+from ..output.source import ImageSource
 from ..record import Record, images_of
 from .common import ExportResult, Filters, extension, local_inputs, require_records, select, size_of
 from .schema import Shape, leading, present
@@ -216,7 +217,7 @@ class _Shards:
         self.dest, self.size, self.max_bytes = dest, size, max_bytes
         self.count = 0  # shards begun
         self._tar: tarfile.TarFile | None = None
-        self._tmp: Path | None = None
+        self._file: contextlib.AbstractContextManager[BinaryIO] | None = None
         self._samples = self._bytes = 0
 
     def __enter__(self) -> _Shards:
@@ -228,9 +229,9 @@ class _Shards:
             for stale in self.dest.glob("shard-*.tar"):  # from an earlier, larger export
                 if stale.name not in {shard_name(i) for i in range(self.count)}:
                     stale.unlink()
-        elif self._tar is not None and self._tmp is not None:
+        elif self._tar is not None and self._file is not None:
             self._tar.close()
-            self._tmp.unlink(missing_ok=True)
+            self._file.__exit__(*exc)  # type: ignore[arg-type]  # the temp file goes, the shard stays as it was
 
     def add(self, key: str, members: list[tuple[str, IO[bytes], int]], mtime: int) -> None:
         total = sum(512 + -(-size // 512) * 512 for _, _, size in members)
@@ -239,8 +240,9 @@ class _Shards:
         ):
             self._finish()
         if self._tar is None:
-            self._tmp = self.dest / f".{shard_name(self.count)}.{os.getpid()}.tmp"
-            self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed in _finish)
+            self._file = atomic_file(self.dest / shard_name(self.count))
+            out = self._file.__enter__()
+            self._tar = tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed in _finish)
             self.count += 1
         for name, f, size in members:
             info = tarfile.TarInfo(f"{key}.{name}")
@@ -250,13 +252,11 @@ class _Shards:
         self._bytes += total
 
     def _finish(self) -> None:
-        if self._tar is None or self._tmp is None:
+        if self._tar is None or self._file is None:
             return
         self._tar.close()
-        with self._tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(self._tmp, self.dest / shard_name(self.count - 1))
-        self._tar, self._tmp = None, None
+        self._file.__exit__(None, None, None)  # fsynced and renamed into place
+        self._tar, self._file = None, None
         self._samples = self._bytes = 0
 
 

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 _SHUTDOWN_GRACE_S = 0.1
 
 
-class _QuietLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+class _QuietLog(logging.LoggerAdapter):  # type: ignore[type-arg,unused-ignore]
     """aiohttp's per-connection logger with every record demoted to debug: malformed or hostile
     traffic is the mock's everyday input, not an error. The mock's own failures use `log`."""
 

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..record import Record
-from .files import open_regular
 from .local import LocalStore
 from .manifest import ResumeState
 from .remote import RemoteStore, is_remote, remote_view
+from .source import ImageSource, LocalSource
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 
@@ -53,28 +53,6 @@ def image_relpath(item_id: str, mime: str, index: int = 0) -> str:
     return f"images/{item_id[:2]}/{item_id}{suffix}.{EXTENSIONS.get(mime, 'bin')}"
 
 
-class LocalSource:
-    """Image bytes of a local output dir, read without following a final symlink."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def size(self, rel: str) -> int | None:
-        try:
-            return (self.root / rel).lstat().st_size if (self.root / rel).is_file() else None
-        except OSError:
-            return None
-
-    def read(self, rel: str) -> bytes:
-        with open(open_regular(self.root / rel), "rb") as f:
-            return f.read()
-
-
-class ImageSource(Protocol):
-    def size(self, rel: str) -> int | None: ...
-    def read(self, rel: str) -> bytes: ...
-
-
 @contextmanager
 def open_view(target: str | Path) -> Iterator[tuple[Path, ImageSource]]:
     """Read-only access for report, estimate and export: (dir holding the manifests, images)."""
@@ -87,6 +65,7 @@ def open_view(target: str | Path) -> Iterator[tuple[Path, ImageSource]]:
 
 __all__ = [
     "ImageSource",
+    "LocalSource",
     "LocalStore",
     "RemoteStore",
     "ResumeState",

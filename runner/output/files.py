@@ -8,6 +8,7 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import OutputError
 
@@ -147,3 +148,24 @@ def open_regular(path: Path | str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, durable: bool = True) -> Iterator[BinaryIO]:
+    """Write `path` whole or not at all, never through a link at the temp name or the target: every
+    file runner writes goes through here or through a Store (gallery, export, card, caches)."""
+    jail = Jail(path.parent)
+    try:
+        with jail.atomic(path.name, durable) as fd, os.fdopen(os.dup(fd), "wb") as f:
+            yield f
+    finally:
+        jail.close()
+
+
+def append_file(path: Path) -> BinaryIO:
+    """`path` opened for appending, created if missing, never through a link."""
+    jail = Jail(path.parent)
+    try:
+        return os.fdopen(jail.open(path.name, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")
+    finally:
+        jail.close()

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from ..errors import OutputError, UsageError
 from ..record import Record
@@ -65,16 +65,28 @@ def pull(fs: Any, root: str, dest: Path) -> dict[str, int]:
 
 
 class RemoteSource:
-    """Image bytes of a remote output dir, for report, export and adoption."""
+    """The files of a remote output dir (an output.source.ImageSource), known from one listing."""
 
     def __init__(self, fs: Any, root: str, sizes: dict[str, int]) -> None:
         self.fs, self.root, self.sizes = fs, root, sizes
 
-    def size(self, rel: str) -> int | None:
-        return self.sizes.get(rel)
+    def open(self, rel: str) -> BinaryIO:
+        if rel not in self.sizes:
+            raise FileNotFoundError(rel)
+        try:
+            return cast(BinaryIO, self.fs.open(f"{self.root}/{rel}", "rb"))
+        except Exception as e:  # fsspec backends raise their own kinds
+            raise FileNotFoundError(f"{self.root}/{rel}: {type(e).__name__}: {e}") from None
+
+    def exists(self, rel: str) -> bool:
+        return rel in self.sizes
+
+    def local_path(self, rel: str) -> Path | None:
+        return None
 
     def read(self, rel: str) -> bytes:
-        return bytes(self.fs.cat_file(f"{self.root}/{rel}"))
+        with self.open(rel) as f:
+            return f.read()
 
 
 @contextmanager
@@ -89,11 +101,16 @@ def remote_view(url: str) -> Iterator[tuple[Path, RemoteSource]]:
         yield Path(tmp), RemoteSource(fs, root, sizes)
 
 
-def write_remote(url: str, name: str, local: Path) -> str:
-    """Upload one file into a remote output dir (used by export)."""
+def upload_dir(url: str, local: Path, sub: str = "") -> str:
+    """Upload every file of `local` into the remote output dir (under `sub`); returns where they went."""
     fs, root = filesystem(url)
-    fs.put_file(str(local), f"{root}/{name}")
-    return f"{url.rstrip('/')}/{name}"
+    target = f"{root}/{sub}".rstrip("/")
+    try:
+        for path in sorted(p for p in local.rglob("*") if p.is_file()):
+            fs.put_file(str(path), f"{target}/{path.relative_to(local).as_posix()}")
+    except Exception as e:  # fsspec backends raise their own kinds
+        raise OutputError(f"cannot write to output dir {url}: {type(e).__name__}: {e}") from None
+    return f"{url.rstrip('/')}/{sub}".rstrip("/")
 
 
 class RemoteStore:

@@ -1,6 +1,7 @@
 """Is the dataset any good: byte-identical and perceptually near images, wrong shapes, blank images.
 
-    from runner.quality import LocalSource, analyze
+    from runner.output.source import LocalSource
+    from runner.quality import analyze
     result = analyze(records, LocalSource(out), cache_path=out / ".quality-cache.tsv")
 
 `analyze` returns the keys `runner report --json` carries as they are (see `analyze`). Byte
@@ -16,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ..models import MODELS, effective_size, pixel_size
+from ..output.source import ImageSource, LocalSource, read_dimensions
 from ..record import Record, images_of, supersedes
 from .phash import MAX_THRESHOLD, HashCache, hash_images, near_pairs, pillow_missing
-from .source import ImageSource, LocalSource, read_dimensions
 
 __all__ = [
     "ASPECT_TOLERANCE",

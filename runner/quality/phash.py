@@ -22,7 +22,8 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-from .source import ImageSource
+from ..output.files import append_file, atomic_file, open_regular
+from ..output.source import ImageSource
 
 CACHE_HEADER = "# runner perceptual-hash cache v1: sha256 dhash64 uniform\n"
 UNIFORM_TOLERANCE = 2  # levels per channel: a flat colour survives JPEG with a level or two of noise
@@ -93,7 +94,7 @@ class HashCache:
 
     def _load(self, path: Path) -> None:
         try:
-            f = path.open(encoding="ascii", errors="replace")
+            f = io.TextIOWrapper(os.fdopen(open_regular(path), "rb"), encoding="ascii", errors="replace")
         except OSError:
             return
         with f:
@@ -120,20 +121,18 @@ class HashCache:
         fresh = not self._valid_file()
         lines = self.known if fresh else self._new
         text = "".join(f"{sha}\t{self.known[sha].dhash:016x}\t{int(self.known[sha].uniform)}\n" for sha in lines)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         if fresh:
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(CACHE_HEADER + text, encoding="ascii")
-            os.replace(tmp, self.path)
+            with atomic_file(self.path, durable=False) as out:
+                out.write((CACHE_HEADER + text).encode("ascii"))
         else:
-            with self.path.open("a", encoding="ascii") as f:
-                f.write(text)
+            with append_file(self.path) as f:
+                f.write(text.encode("ascii"))
         self._new = []
 
     def _valid_file(self) -> bool:
         assert self.path is not None
         try:
-            with self.path.open("rb") as f:
+            with os.fdopen(open_regular(self.path), "rb") as f:
                 if f.readline() != CACHE_HEADER.encode():
                     return False
                 f.seek(0, os.SEEK_END)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from ..imageinfo import dimensions_of_stream
+from .files import Jail
 
 
 class ImageSource(Protocol):
@@ -32,30 +35,29 @@ def _safe(rel: str) -> bool:
 
 
 class LocalSource:
-    """An output dir on this machine."""
+    """An output dir on this machine, read without following a link anywhere below it (files.Jail)."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-
-    def _path(self, rel: str) -> Path:
-        if not _safe(rel):
-            raise FileNotFoundError(f"not a path inside the output dir: {rel!r}")
-        return self.root / rel
+        self._jail = Jail(self.root)
 
     def open(self, rel: str) -> BinaryIO:
-        return self._path(rel).open("rb")
+        if not _safe(rel):
+            raise FileNotFoundError(f"not a path inside the output dir: {rel!r}")
+        try:
+            return os.fdopen(self._jail.open(rel, os.O_RDONLY), "rb")
+        except OSError as e:
+            raise FileNotFoundError(f"{self.root / rel}: {e.strerror or e}") from None
 
     def exists(self, rel: str) -> bool:
         try:
-            return self._path(rel).is_file()
-        except (FileNotFoundError, OSError):
+            st = self._jail.lstat(rel) if _safe(rel) else None
+        except OSError:
             return False
+        return st is not None and stat.S_ISREG(st.st_mode)
 
     def local_path(self, rel: str) -> Path | None:
-        try:
-            return self._path(rel)
-        except FileNotFoundError:
-            return None
+        return self.root / rel if self.exists(rel) else None
 
 
 def read_dimensions(source: ImageSource, rel: str) -> tuple[int, int] | None:

@@ -194,5 +194,3 @@ def test_format_text(out: Path) -> None:
     assert "content_filter: 1" in text and "server_error: 1" in text
     assert "nanobanana_pro  2K" in text
     assert "1 unreadable manifest line" in text
-
-

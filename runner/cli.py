@@ -172,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="how 429s say how long to wait: Retry-After header, Google retryDelay in the body, both, none",
     )
     mock.add_argument("--fault", action="append", default=[], metavar="KIND=P", help="inject KIND with probability P")
+    mock.add_argument(
+        "--flavor",
+        choices=["nanobanana", "openai-compatible"],
+        default="nanobanana",
+        help="speak like the gateway (extra_body) or like LiteLLM/OpenRouter (top-level image_config)",
+    )
+    mock.add_argument(
+        "--answer-format", choices=["markdown", "images"], help="images in Markdown content or in message.images"
+    )
     mock.add_argument("--seed", type=int, default=0, help="seed of the random faults (same seed, same faults)")
     return p
 
@@ -314,7 +323,10 @@ def _mock_config(args: argparse.Namespace) -> object:
     from .mock import MockConfig
 
     config = MockConfig(
-        latency_s=args.mock_latency, rpm_limit=args.mock_rpm, fault_rates=tuple(_fault_rates(args.mock_fault))
+        latency_s=args.mock_latency,
+        rpm_limit=args.mock_rpm,
+        fault_rates=tuple(_fault_rates(args.mock_fault)),
+        image_scale=1,  # real pixel sizes: a rehearsal's report and gallery look like the real thing
     )
     try:
         config.validate()
@@ -486,6 +498,8 @@ def cmd_mock_server(args: argparse.Namespace) -> int:
         retry_after=args.retry_after,
         fault_rates=tuple(rates),
         seed=args.seed,
+        flavor=args.flavor,
+        answer_format=args.answer_format,
     )
     try:
         config.validate()

@@ -100,7 +100,8 @@ async def run_job_async(spec: JobSpec, options: RunOptions = RunOptions(), log: 
     if options.mock:
         from .mock import MockConfig, MockGateway
 
-        with MockGateway(options.mock_config or MockConfig()) as gateway:
+        # Real pixel sizes (image_scale 1): a rehearsal's report and gallery look like the real thing.
+        with MockGateway(options.mock_config or MockConfig(image_scale=1)) as gateway:
             return await _run(spec, options, log, gateway.base_url, "mock-key")
     key = (options.api_key or os.environ.get(spec.api_key_env) or "").strip()
     if not key:

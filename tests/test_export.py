@@ -19,7 +19,7 @@ from runner.export import Filters, export_imagefolder, export_webdataset, var_co
 from runner.quality import LocalSource
 from tests.test_quality import OutDir, item_id, picture
 
-from .conftest import run_cli
+from .conftest import StartGateway, read_manifest, run_cli, write_spec
 
 SUMMARY = {
     "name": "rooftop-cats",
@@ -358,3 +358,37 @@ def test_an_item_with_a_missing_file_is_skipped_in_both_formats(tmp_path: Path) 
         result = export_to(out.records, LocalSource(out.root), tmp_path / export_to.__name__)  # type: ignore[operator, arg-type]
         assert result.written == 1 and result.skipped == {"missing_file": 2}, export_to
         assert result.examples == {"missing_file": ids(1, 2)}
+
+
+def test_a_mock_run_with_repeated_and_misshapen_answers_end_to_end(
+    tmp_path: Path, gateway: StartGateway, datasets_lib: Any
+) -> None:
+    """Issue 15's finish line: the report names exactly the repeated and misshapen items, the export
+    leaves them out when asked, loads with `datasets`, and the card tells the run as it was."""
+    gw = gateway()
+    prompts = [f"p{i}" for i in range(6)] + ["dup a [fault:same_image]", "dup b [fault:same_image]"]
+    prompts += ["odd [fault:wrong_shape]", "refused [fault:content_filter]"]
+    tpl = {"id": "t", "template": "{x}", "vars": {"x": prompts}}
+    path = write_spec(tmp_path, gw.base_url, prompts=[tpl], image_configs=[{"aspect_ratio": "16:9"}])
+    assert run_cli("run", str(path), "--no-progress").returncode == 1
+    out = tmp_path / "out"
+    recs = {r["prompt"]: r for r in read_manifest(out)}
+    rep = json.loads(run_cli("report", str(out), "--json").stdout)
+    dups = {recs["dup a [fault:same_image]"]["item_id"], recs["dup b [fault:same_image]"]["item_id"]}
+    assert len(rep["duplicates"]) == 1 and set(rep["duplicates"][0]) == dups
+    assert rep["size_mismatches"] == [recs["odd [fault:wrong_shape]"]["item_id"]]
+    text = run_cli("report", str(out)).stdout
+    assert "byte-identical images: 1 groups (2 items)" in text and "not the aspect ratio asked for" in text
+
+    dest = tmp_path / "dist"
+    proc = run_cli(
+        "export", str(out), "--format", "webdataset", "--to", str(dest), "--exclude-duplicates", "--exclude-mismatched"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 7 items" in proc.stderr and "1 duplicate" in proc.stderr and "1 size mismatch" in proc.stderr
+    ds = datasets_lib.load_dataset("webdataset", data_files=str(dest / "shard-*.tar"), split="train")
+    assert len(ds) == 7 and {row["json"]["vars"]["x"] for row in ds} == {f"p{i}" for i in range(6)} | {
+        "dup a [fault:same_image]"
+    }
+    card = (dest / "README.md").read_text()
+    assert "SynthID" in card and "content_filter" in card and f"runner {__version__}" in card

@@ -523,11 +523,12 @@ def pixels(data: bytes) -> set[bytes]:
 
 def test_broken_upstream_faults_are_paid_images(gw: MockGateway) -> None:
     with client(gw) as c:
-        same = [
+        same = [  # one image for every request of a shape, whatever the prompt, model or inputs
             images(post(c, "[fault:same_image] 1"))[0][1],
-            images(post(c, "[fault:same_image] 2", image_config={"aspect_ratio": "16:9"}))[0][1],
+            images(post(c, "[fault:same_image] 2", model="nanobanana"))[0][1],
             images(post(c, "[fault:same_image]", model="nanobanana_2", images=(uri("image/png", PNG_A),)))[0][1],
         ]
+        other_shape = images(post(c, "[fault:same_image] 3", image_config={"aspect_ratio": "16:9"}))[0][1]
         square = images(post(c, "[fault:wrong_shape]"))[0][1]
         wide = images(post(c, "[fault:wrong_shape]", image_config={"aspect_ratio": "16:9"}))[0][1]
         flat = images(post(c, "[fault:uniform]", image_config={"aspect_ratio": "4:3"}))[0][1]
@@ -537,7 +538,7 @@ def test_broken_upstream_faults_are_paid_images(gw: MockGateway) -> None:
         with c.stream("POST", "/chat/completions", json=gzip_body) as raw:
             raw_bytes = b"".join(raw.iter_raw())
         fancy = post(c, "[fault:unicode]")
-    assert len(set(same)) == 1
+    assert len(set(same)) == 1 and other_shape not in same and png_size(other_shape) == (1376 // 8, 768 // 8)
     assert png_size(square) == (128, 64) and png_size(wide) == (768 // 8, 1376 // 8)
     assert png_size(flat) == (1200 // 8, 896 // 8) and len(pixels(flat)) == 1 and len(pixels(normal)) > 1
     assert zipped.headers["content-encoding"] == "gzip" and len(images(zipped)) == 1
@@ -546,8 +547,8 @@ def test_broken_upstream_faults_are_paid_images(gw: MockGateway) -> None:
     assert "\u200f" in content and "🎨" in content and "à" in content and len(images(fancy)) == 1
     assert "🎨".encode() in fancy.content  # raw UTF-8 in the body, not \\u escapes
     stats = gw.stats()
-    assert stats["generations"] == 10 and stats["by_status"] == {"200": 10}
-    assert stats["by_fault"] == {"same_image": 3, "wrong_shape": 2, "uniform": 1, "gzip": 2, "unicode": 1}
+    assert stats["generations"] == 11 and stats["by_status"] == {"200": 11}
+    assert stats["by_fault"] == {"same_image": 4, "wrong_shape": 2, "uniform": 1, "gzip": 2, "unicode": 1}
 
 
 def test_slow_is_a_client_timeout_and_the_server_lets_go(gw: MockGateway) -> None:

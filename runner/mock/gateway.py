@@ -184,9 +184,8 @@ class Gateway:
         cfg = self.config
         width, height = scaled_size(gen.model, gen.aspect_ratio, gen.size, cfg.image_scale)
         seed, digest, key = gen.digest + variant.encode(), gen.digest.hex(), (gen.digest, variant)
-        if variant == "same_image":  # a broken upstream: one image for everything
-            width, height = scaled_size("nanobanana", "1:1", None, cfg.image_scale)
-            seed, digest, key = b"same_image", SAME_IMAGE_DIGEST, (b"", variant)
+        if variant == "same_image":  # a broken upstream: one image for every request of a shape
+            seed, digest, key = b"same_image", SAME_IMAGE_DIGEST, (f"{width}x{height}".encode(), variant)
         elif variant == "wrong_shape":
             width, height = (width, max(MIN_SIDE, width // 2)) if width == height else (height, width)
 

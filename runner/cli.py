@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         "items are skipped and never paid for twice. Ctrl+C stops new items and lets those in flight finish.",
         epilog="examples:\n  runner run jobs/demo.yaml --mock          # try it: built-in gateway, no key\n"
         "  NANOBANANA_API_KEY=sk-... runner run jobs/demo.yaml --out out/demo\n"
-        "  runner run big.yaml --shard 2/8         # the third of 8 machines (K counts from 0)\n\n" + EXIT_HELP,
+        "  runner run big.yaml --shard 2/8         # the third of 8 machines (K counts from 0)\n"
+        "  runner run jobs/demo.yaml --mock --mock-latency 0.5 --mock-fault 429=0.1 --no-progress --status-every 5\n"
+        "  runner run big.yaml --no-progress --notify-url https://hooks.slack.com/services/...\n\n" + EXIT_HELP,
     )
     run.add_argument("job", metavar="JOB.yaml")
     _common(run)

@@ -19,7 +19,7 @@ from runner.quality import LocalSource, analyze, duplicate_groups
 from runner.quality.phash import CACHE_HEADER, near_pairs
 
 try:  # the mock's image module may move; Pillow covers the same formats if it does
-    from runner.mockimages import render_image
+    from runner.mock import render_image
 except ImportError:  # pragma: no cover
     render_image = None  # type: ignore[assignment]
 

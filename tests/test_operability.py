@@ -165,3 +165,48 @@ def test_a_finished_run_notifies_a_webhook_and_a_command_without_the_key(
     # a webhook that is down costs a log line, never the run
     down = run_cli("run", str(path), "--no-progress", "--retry-failed", "--notify-url", "http://127.0.0.1:9/x")
     assert down.returncode == 1 and "notify: could not reach the webhook" in down.stderr
+
+
+def test_a_bug_exits_70_with_one_line_and_the_details_in_a_file(
+    tmp_path: Path, mock: MockGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import runner.job  # imported before patching: it binds make_plan by name
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"a bug near {KEY}")
+
+    monkeypatch.setattr(runner.job, "make_plan", broken)
+    path = write_spec(tmp_path, mock.base_url)
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 70 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()[-1:]
+    assert line.startswith("runner: internal error (a bug): RuntimeError") and KEY not in proc.stderr
+    details = Path(line.rsplit("details in ", 1)[1])
+    text = details.read_text()
+    assert "Traceback" in text and "make_plan" not in line and KEY not in text and "[key]" in text
+
+
+def test_a_bug_with_one_item_fails_that_item_alone(
+    tmp_path: Path, mock: MockGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import runner.client
+
+    real = runner.client.request_body
+
+    def sometimes_broken(item: Any, *args: Any) -> Any:
+        if "poison" in item.prompt:
+            raise KeyError("a bug")
+        return real(item, *args)
+
+    monkeypatch.setattr(runner.client, "request_body", sometimes_broken)
+    path = write_spec(tmp_path, mock.base_url, prompts=["a", "b", "poison pill"])
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 1, proc.stderr
+    recs = {r["prompt"]: r for r in read_manifest(tmp_path / "out")}
+    assert recs["a"]["status"] == recs["b"]["status"] == "ok"
+    error = recs["poison pill"]["error"]
+    assert error["kind"] == "internal" and "KeyError" in error["message"]
+    assert Path(error["message"].rsplit("details in ", 1)[1].rstrip(")")).is_file()
+    # a rerun tries it again (the next version may not have the bug)
+    monkeypatch.setattr(runner.client, "request_body", real)
+    assert run_cli("run", str(path), "--no-progress").returncode == 0

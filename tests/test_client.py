@@ -5,12 +5,17 @@ from __future__ import annotations
 import base64
 import json
 import zlib
+from pathlib import Path
 
+import anyio
+import httpx
 import pytest
 
 from runner.answer import Success, _cut_images, parse_completion
+from runner.job import RunOptions, run_job_async
 from runner.mock import render_image
 from runner.policy import Failure
+from runner.spec import load_spec
 
 
 def answer(content: str, finish: str = "stop", **message: str) -> bytes:
@@ -87,3 +92,32 @@ def test_bad_answers_are_failures_of_the_right_kind(body: bytes, kind: str) -> N
 
 def test_the_png_under_test_is_real() -> None:
     assert PNG.startswith(b"\x89PNG\r\n\x1a\n") and zlib.crc32(PNG) and len(PNG) > 3_000_000
+
+
+def test_a_whole_run_through_an_injected_transport(tmp_path: Path) -> None:
+    """The network seam: run_job_async over httpx.MockTransport, every answer shape and fault class
+    of one item at a time, in process (no server)."""
+    small = render_image(16, 9, b"small")
+    uri = "data:image/png;base64," + base64.b64encode(small).decode()
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        prompt = body["messages"][0]["content"]
+        if prompt == "markdown":
+            return httpx.Response(200, content=answer(f"![image]({uri})"))
+        if prompt == "images":
+            return httpx.Response(200, content=answer("", images=[{"type": "image_url", "image_url": {"url": uri}}]))
+        if prompt == "html":
+            return httpx.Response(502, text="<html><body><h1>502 Bad Gateway</h1></body></html>")
+        return httpx.Response(200, content=b'{"choices": "nope"}')
+
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(
+        "name: t\nmodel: nanobanana\nprompts: [markdown, images, html, broken]\nmax_attempts: 2\n"
+        "backoff_base_s: 0.001\nbackoff_max_s: 0.001\n"
+    )
+    options = RunOptions(api_key="k", progress=False, transport=httpx.MockTransport(handle))
+    result = anyio.run(run_job_async, load_spec(spec_path), options, lambda _m: None)
+    assert (result.ok, result.failed, result.requests) == (2, 2, 6)
+    assert result.failures_by_kind == {"server_error": 1, "invalid_response": 1}
+    assert dict(result.stats.retries_by_kind) == {"server_error": 1, "invalid_response": 1}

@@ -41,6 +41,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -136,6 +137,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.child:
         return child(json.loads(args.child))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the mock and cleans up
     names = args.workload or (["w200ms", "w0", "w1s", "w1mb", "floor"])
     repeat = 1 if args.quick else args.repeat
     durables = [True] if args.quick else {"on": [True], "off": [False], "both": [True, False]}[args.durable]

@@ -193,11 +193,12 @@ async def aiohttp_loop(
 ) -> Timing:
     """The yardstick: the plainest aiohttp program that does the job.
 
-    A semaphore of `concurrency` over one ClientSession; each request POSTs exactly the body
-    runner sends, reads the answer, json-parses it and, with `out`, also does the useful work
-    runner does: base64-decode the image and save it under out/images/xx/ (temp file, fsync,
-    rename, fsync of the folder when `durable`, as runner's durable mode; in the default thread
-    pool, so the event loop never waits on the disk). Without `out` it stops after the parse.
+    A semaphore of `concurrency` items (request and save, as each of runner's workers holds one
+    item until it is saved) over one ClientSession; each request POSTs exactly the body runner
+    sends, reads the answer, json-parses it and, with `out`, also does the useful work runner
+    does: base64-decode the image and save it under out/images/xx/ (temp file, fsync, rename,
+    fsync of the folder when `durable`, as runner's durable mode; in the default thread pool,
+    so the event loop never waits on the disk). Without `out` it stops after the parse.
     Not done here, and so counted as runner's overhead: retries, limits, magic-byte check,
     sha256, the manifest, the resume scan. `extra["image_bytes"]` is the bytes decoded."""
     url = base_url + "/chat/completions"
@@ -216,19 +217,20 @@ async def aiohttp_loop(
 
         async def one(i: int, body: dict[str, Any]) -> None:
             nonlocal ok, image_bytes
-            async with sem, session.post(url, json=body) as resp:
-                data = await resp.read()
-                status = resp.status
-            answer = json.loads(data)
-            if out is None:
+            async with sem:
+                async with session.post(url, json=body) as resp:
+                    data = await resp.read()
+                    status = resp.status
+                answer = json.loads(data)
+                if out is None:
+                    ok += status == 200
+                    return
+                content = answer["choices"][0]["message"]["content"]
+                start = content.index(";base64,") + 8
+                image = base64.b64decode(content[start : content.index(")", start)])
+                await loop.run_in_executor(None, _save, f"{folders}/{i % 256:02x}", f"{i}.jpg", image, durable)
+                image_bytes += len(image)
                 ok += status == 200
-                return
-            content = answer["choices"][0]["message"]["content"]
-            start = content.index(";base64,") + 8
-            image = base64.b64decode(content[start : content.index(")", start)])
-            await loop.run_in_executor(None, _save, f"{folders}/{i % 256:02x}", f"{i}.jpg", image, durable)
-            image_bytes += len(image)
-            ok += status == 200
 
         await asyncio.gather(*(one(i, b) for i, b in enumerate(payloads)))
     return Timing(time.perf_counter() - t0, cpu_now() - c0, len(payloads), ok, {"image_bytes": image_bytes})

@@ -1,6 +1,8 @@
 """Summarise py-spy profiles (`--format raw`, as `bench_throughput.py --py-spy DIR` records them) by function.
 
-Prints, as shares of all samples: the functions with the most self time (the frame on top of
+Stacks whose top frame is a thread waiting for work (py-spy's own idle detection misses these:
+Condition.wait, a ThreadPoolExecutor worker's queue get, the event loop's select) are left
+out unless --idle, so the shares are of the samples where the process was working. Prints: the functions with the most self time (the frame on top of
 the stack), the functions with the most inclusive time (on the stack at all), and the self time
 grouped by library (runner, aiohttp, httpx, anyio, tenacity, asyncio, the rest).
 
@@ -38,6 +40,16 @@ _GROUPS = (
 )
 
 
+_IDLE_TOPS = (
+    "Condition.wait (",
+    "Event.wait (",
+    "_worker (concurrent/futures/thread.py",
+    "Queue.get (",
+    "EpollSelector.select (",
+    "select (selectors.py",
+)
+
+
 def frame_key(frame: str) -> tuple[str, str]:
     """(function with its file's short name, group) of one collapsed-stack frame."""
     m = _FRAME.match(frame)
@@ -53,6 +65,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+", type=Path)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--idle", action="store_true", help="keep the samples of threads waiting for work")
     args = ap.parse_args()
     self_t: Counter[str] = Counter()
     incl: Counter[str] = Counter()
@@ -65,7 +78,7 @@ def main() -> int:
                 continue
             count = int(count_s)
             frames = [f for f in stack.split(";") if not f.startswith(("process ", "thread "))]
-            if not frames:
+            if not frames or (not args.idle and frames[-1].startswith(_IDLE_TOPS)):
                 continue
             total += count
             keys = [frame_key(f) for f in frames]

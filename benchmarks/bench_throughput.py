@@ -18,7 +18,8 @@ Contenders, each run in a fresh child process (so peak RSS is its own), fsync on
 - `runner[NAME]`: the same from another copy of the package (`--src NAME=DIR`, DIR holding
   `runner/`): patched copies measured side by side with today's, in the same interleaved runs.
 
-Each child first does one warm-up wave (imports, first connections), then the measured run.
+Each child first does one warm-up wave (imports, first connections; not with --quick), then
+the measured run.
 Printed per contender (medians of --repeat interleaved runs): wall seconds, requests/s, the
 ratio to the loop with the same fsync setting (>1: faster than the loop), achieved/ideal
 (latency workloads), client CPU ms per request (getrusage, all threads of the child) and its
@@ -100,10 +101,10 @@ WORKLOADS = {
     w.name: w
     for w in (
         Workload("w200ms", 0.2, 64, 1280, 64 * KB, 128),
-        Workload("w0", 0.0, 32, 1500, 256 * KB, 192),
+        Workload("w0", 0.0, 32, 1500, 256 * KB, 96),
         Workload("w1s", 1.0, 256, 5000, 64 * KB, 256),
-        Workload("w1mb", 0.0, 64, 640, 1024 * KB, 64),
-        Workload("floor", 0.0, 64, 2000, 0, 128),
+        Workload("w1mb", 0.0, 64, 640, 1024 * KB, 32),
+        Workload("floor", 0.0, 64, 2000, 0, 64),
     )
 }
 
@@ -150,7 +151,7 @@ def main() -> int:
         for name in names:
             w = WORKLOADS[name]
             n = args.requests or (w.quick_requests if args.quick else w.requests)
-            summary += bench_workload(w, n, contenders, repeat, work / name, args.py_spy)
+            summary += bench_workload(w, n, contenders, repeat, work / name, args.py_spy, warm=not args.quick)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     headers = ["workload", "client", "vs loop", "CPU ms/req", "CPU vs loop", "peak RSS MB"]
@@ -177,7 +178,7 @@ def make_contenders(args: argparse.Namespace, durables: list[bool], transports: 
 
 
 def bench_workload(
-    w: Workload, n: int, contenders: list[Contender], repeat: int, work: Path, py_spy: str | None
+    w: Workload, n: int, contenders: list[Contender], repeat: int, work: Path, py_spy: str | None, warm: bool = True
 ) -> list[list[Any]]:
     conc = w.concurrency
     distinct, repeats = split_items(n, w.max_distinct)
@@ -198,7 +199,7 @@ def bench_workload(
             for c in contenders:
                 cfg = {
                     "kind": c.kind, "durable": c.durable, "transport": c.transport, "spec": str(spec_path),
-                    "warm": str(warm_path), "base_url": mock.base_url, "concurrency": conc,
+                    "warm": str(warm_path) if warm else None, "base_url": mock.base_url, "concurrency": conc,
                     "out": str(work / f"out-{r}"), "mock_pid": mock.proc.pid,
                 }  # fmt: skip
                 prof = None
@@ -233,18 +234,20 @@ def run_child(cfg: dict[str, Any], src: str | None, profile: str | None) -> dict
 def child(cfg: dict[str, Any]) -> int:
     """One measured run in this fresh process; prints one JSON line."""
     out = Path(cfg["out"])
-    spec, warm = load_spec(cfg["spec"]), load_spec(cfg["warm"])
+    spec, warm = load_spec(cfg["spec"]), load_spec(cfg["warm"]) if cfg["warm"] else None
     conc, durable, base_url = cfg["concurrency"], cfg["durable"], cfg["base_url"]
     if cfg["kind"] == "loop":
         payloads = bodies(spec)
-        run_aiohttp_loop(base_url, bodies(warm), conc, out / "warm", durable)
+        if warm is not None:
+            run_aiohttp_loop(base_url, bodies(warm), conc, out / "warm", durable)
         rss0 = rss_bytes()
         reset_peak_rss()
         mock0 = proc_cpu_s(cfg["mock_pid"])
         timing = run_aiohttp_loop(base_url, payloads, conc, out / "run", durable)
     else:
         kw = {"transport": cfg["transport"], "concurrency": conc, "durable": durable}
-        asyncio.run(runner_run(warm, out / "warm", base_url, **kw))
+        if warm is not None:
+            asyncio.run(runner_run(warm, out / "warm", base_url, **kw))
         rss0 = rss_bytes()
         reset_peak_rss()
         mock0 = proc_cpu_s(cfg["mock_pid"])

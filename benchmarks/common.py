@@ -10,6 +10,7 @@ shares the GIL with the client being measured. Everything talks to 127.0.0.1 onl
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -41,7 +42,9 @@ from runner.job import RunOptions, RunResult, run_job_async  # noqa: E402
 from runner.spec import JobSpec, load_spec  # noqa: E402, F401  (load_spec: for the scripts)
 
 KEY = "sk-bench-0123456789"
-TRANSPORTS = ("httpx", "aiohttp")  # runner's client over httpx's default transport / httpx_aiohttp.AiohttpTransport
+# 'aiohttp': runner's own default transport (aiohttp, as make_http_client builds it); 'httpx': httpx's own pool.
+TRANSPORTS = ("httpx", "aiohttp")
+os.environ.pop("RUNNER_HTTP_TRANSPORT", None)  # 'aiohttp' rows must be runner's default, whatever the shell says
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -65,8 +68,7 @@ class MockServer:
 
     def cpu_s(self) -> float:
         """User + system CPU seconds the mock process has used so far (all its threads)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return proc_cpu_s(self.proc.pid)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -78,11 +80,17 @@ class MockServer:
                 self.proc.wait()
 
 
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
-def mock_server(latency_s: float = 0.0, pad_bytes: int = 0, scale: int = 8) -> Iterator[MockServer]:
+def mock_server(latency_s: float = 0.0, pad_bytes: int = 0, scale: int = 8, mime: str = "png") -> Iterator[MockServer]:
     """`python -m runner mock-server` on a free loopback port, in its own process."""
     cmd = [sys.executable, "-m", "runner", "mock-server", "--host", "127.0.0.1", "--port", "0"]
-    cmd += ["--latency", str(latency_s), "--pad-bytes", str(pad_bytes), "--scale", str(scale)]
+    cmd += ["--latency", str(latency_s), "--pad-bytes", str(pad_bytes), "--scale", str(scale), "--mime", mime]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     server = MockServer(proc, "")
     try:
@@ -180,30 +188,74 @@ def cpu_now() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-async def aiohttp_loop(base_url: str, payloads: Sequence[dict[str, Any]], concurrency: int) -> Timing:
-    """The fastest plain Python stack for the job: a semaphore of `concurrency`, POST each body,
-    read it and json-parse it. Nothing else: no decoding, no files."""
+async def aiohttp_loop(
+    base_url: str, payloads: Sequence[dict[str, Any]], concurrency: int, out: Path | None = None, durable: bool = True
+) -> Timing:
+    """The yardstick: the plainest aiohttp program that does the job.
+
+    A semaphore of `concurrency` items (request and save, as each of runner's workers holds one
+    item until it is saved) over one ClientSession; each request POSTs exactly the body runner
+    sends, reads the answer, json-parses it and, with `out`, also does the useful work runner
+    does: base64-decode the image and save it under out/images/xx/ (temp file, fsync, rename,
+    fsync of the folder when `durable`, as runner's durable mode; in the default thread pool,
+    so the event loop never waits on the disk). Without `out` it stops after the parse.
+    Not done here, and so counted as runner's overhead: retries, limits, magic-byte check,
+    sha256, the manifest, the resume scan. `extra["image_bytes"]` is the bytes decoded."""
     url = base_url + "/chat/completions"
     headers = {"Authorization": f"Bearer {KEY}", "User-Agent": "bench"}
     sem = asyncio.Semaphore(concurrency)
     ok = 0
+    image_bytes = 0
+    loop = asyncio.get_running_loop()
+    folders = str(out / "images") if out is not None else ""
+    if out is not None:
+        for k in range(256):
+            os.makedirs(f"{folders}/{k:02x}", exist_ok=True)
     t0, c0 = time.perf_counter(), cpu_now()
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
 
-        async def one(body: dict[str, Any]) -> None:
-            nonlocal ok
-            async with sem, session.post(url, json=body) as resp:
-                data = await resp.read()
-                json.loads(data)
-                ok += resp.status == 200
+        async def one(i: int, body: dict[str, Any]) -> None:
+            nonlocal ok, image_bytes
+            async with sem:
+                async with session.post(url, json=body) as resp:
+                    data = await resp.read()
+                    status = resp.status
+                answer = json.loads(data)
+                if out is None:
+                    ok += status == 200
+                    return
+                content = answer["choices"][0]["message"]["content"]
+                start = content.index(";base64,") + 8
+                image = base64.b64decode(content[start : content.index(")", start)])
+                await loop.run_in_executor(None, _save, f"{folders}/{i % 256:02x}", f"{i}.jpg", image, durable)
+                image_bytes += len(image)
+                ok += status == 200
 
-        await asyncio.gather(*(one(b) for b in payloads))
-    return Timing(time.perf_counter() - t0, cpu_now() - c0, len(payloads), ok)
+        await asyncio.gather(*(one(i, b) for i, b in enumerate(payloads)))
+    return Timing(time.perf_counter() - t0, cpu_now() - c0, len(payloads), ok, {"image_bytes": image_bytes})
 
 
-def run_aiohttp_loop(base_url: str, payloads: Sequence[dict[str, Any]], concurrency: int) -> Timing:
-    return asyncio.run(aiohttp_loop(base_url, payloads, concurrency))
+def _save(folder: str, name: str, data: bytes, durable: bool) -> None:
+    tmp = f"{folder}/.{name}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, f"{folder}/{name}")
+    if durable:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def run_aiohttp_loop(
+    base_url: str, payloads: Sequence[dict[str, Any]], concurrency: int, out: Path | None = None, durable: bool = True
+) -> Timing:
+    return asyncio.run(aiohttp_loop(base_url, payloads, concurrency, out, durable))
 
 
 async def httpx_loop(base_url: str, payloads: Sequence[dict[str, Any]], concurrency: int, transport: str) -> Timing:
@@ -234,14 +286,14 @@ def run_httpx_loop(base_url: str, payloads: Sequence[dict[str, Any]], concurrenc
 
 # -- the runner --------------------------------------------------------------------------------------
 def make_transport(kind: str, concurrency: int) -> httpx.AsyncBaseTransport | None:
-    """None: httpx's default pool (what make_http_client builds); 'aiohttp': httpx_aiohttp's transport."""
-    if kind == "httpx":
-        return None
-    if kind == "aiohttp":
-        from httpx_aiohttp import AiohttpTransport
+    """'aiohttp': None, i.e. runner's own default (aiohttp, built by make_http_client); 'httpx': httpx's own pool.
 
+    (Before 2026-11-27 'httpx' returned None too, so the committed 'httpx' rows ran over aiohttp.)"""
+    if kind == "aiohttp":
+        return None
+    if kind == "httpx":
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        return AiohttpTransport(limits=limits)
+        return httpx.AsyncHTTPTransport(limits=limits)
     raise ValueError(f"unknown transport {kind!r}; expected one of {', '.join(TRANSPORTS)}")
 
 
@@ -381,6 +433,11 @@ def _fmt(c: Any) -> str:
     return str(c)
 
 
+def load_average() -> str:
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def machine() -> str:
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, {time.strftime('%Y-%m-%d %H:%M')}, load average {load}"
+    return (
+        f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, {time.strftime('%Y-%m-%d %H:%M')}, {load_average()}"
+    )

@@ -6,7 +6,8 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,10 @@ from typing import Any
 import anyio
 import httpx
 
-from .client import Client, make_http_client
+from .client import Client
 from .deadline import Deadlines
 from .errors import RunnerError, UsageError, write_details
+from .http import Http, make_http
 from .imageinfo import is_whole_image
 from .items import Item, Shard
 from .limits import Budget
@@ -162,7 +164,7 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
     result.max_cost_usd = max_cost
     run_id = uuid.uuid4().hex[:12]
     deadlines = Deadlines(tick_s=min(1.0, max(0.05, spec.timeout_s / 20)))
-    http = make_http_client(base_url, key, spec.timeout_s, concurrency, options.transport)
+    http = make_http(base_url, key, spec.timeout_s, concurrency, options.transport)
     bar_mode = options.progress and sys.stderr.isatty()
     shown: Bar | Quiet = Bar(plan.to_run) if bar_mode else Quiet(log)
     client = Client(
@@ -188,7 +190,7 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
     result.stats = pool.stats
     skip = {item.item_id for item, _ in adopted}
     try:
-        async with http, anyio.create_task_group() as tg:
+        async with _closing(http), anyio.create_task_group() as tg:
             if options.handle_signals:
                 tg.start_soon(_watch_signals, pool, options.grace_s, tg.cancel_scope, shown.write)
             tg.start_soon(deadlines.run)
@@ -202,6 +204,14 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
     finally:
         shown.close()
     return result
+
+
+@asynccontextmanager
+async def _closing(http: Http) -> AsyncIterator[Http]:
+    try:
+        yield http
+    finally:
+        await http.aclose()
 
 
 def _adoptable(store: Store, candidates: list[tuple[Item, list[str]]]) -> list[tuple[Item, list[tuple[str, bytes]]]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -122,6 +123,10 @@ class Pool:
         self._request_scopes: set[anyio.CancelScope] = set()
         self._requests_cancelled = False
         self._stored_inputs: set[str] = set()
+        self._inputs_lock = threading.Lock()
+        # Images are saved by a few threads, not anyio's forty: a wave of 64 answers then does not
+        # start 40 threads taking turns at the GIL (benchmarks/README.md, patch 07).
+        self._savers = anyio.CapacityLimiter(SAVE_THREADS)
 
     @property
     def stopping(self) -> bool:
@@ -152,7 +157,7 @@ class Pool:
     ) -> RunStats:
         """Send every item; `adopted` are items whose images are already on disk (recorded, not sent)."""
         item_send, item_recv = anyio.create_memory_object_stream[Item](self.workers)
-        done_send, done_recv = anyio.create_memory_object_stream[_Finished | Record](self.workers * 2)
+        done_send, done_recv = anyio.create_memory_object_stream[Record](self.workers * 2)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._feed, items, item_send)
             async with item_recv, done_send:
@@ -181,7 +186,7 @@ class Pool:
             retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
         )
 
-    async def _work(self, recv: ObjectReceiveStream[Item], send: ObjectSendStream[_Finished | Record]) -> None:
+    async def _work(self, recv: ObjectReceiveStream[Item], send: ObjectSendStream[Record]) -> None:
         retrying = self._retrying()
         async with recv, send:
             async for item in recv:
@@ -213,7 +218,13 @@ class Pool:
                 finished = _Finished(
                     item, outcome, run.attempts, run.latency, elapsed, cost, run.retried, run.interrupted
                 )
-                await send.send(finished)
+                try:
+                    record = await anyio.to_thread.run_sync(self._record, finished, limiter=self._savers)
+                except RunnerError:
+                    raise
+                except Exception as e:  # a bug while saving or recording: that item alone
+                    record = self._bug_record(item.record_fields(), e, run.attempts)
+                await send.send(record)
 
     async def _attempt(self, run: _ItemRun) -> Outcome | None:
         if run.last is not None:
@@ -272,7 +283,7 @@ class Pool:
             )
 
     # -- the writer -------------------------------------------------------------------------
-    async def _write(self, recv: MemoryObjectReceiveStream[_Finished | Record]) -> None:
+    async def _write(self, recv: MemoryObjectReceiveStream[Record]) -> None:
         async with recv:
             async for first in recv:
                 batch = [first]
@@ -287,22 +298,9 @@ class Pool:
                 if self.progress:
                     self.progress.update(self.stats)
 
-    def _commit(self, batch: list[_Finished | Record]) -> list[Record]:
-        """In one thread hop: save the batch's images, make their folders durable once, then
-        append their lines in one write. A record that cannot be built or encoded becomes an
-        `internal` failure of its item alone; a fault of the output dir (disk full) ends the run."""
-        records: list[Record] = []
-        for entry in batch:
-            if isinstance(entry, dict):  # an adopted image, already a record
-                records.append(entry)
-                continue
-            try:
-                records.append(self._record(entry))
-            except RunnerError:
-                raise
-            except Exception as e:
-                records.append(self._bug_record(entry.item.record_fields(), e, entry.attempts))
-        self.store.sync()
+    def _commit(self, records: list[Record]) -> list[Record]:
+        """Append a batch's lines in one write (their images are already durable). A record that
+        cannot be encoded becomes an `internal` failure of its item alone, never the batch's."""
         lines = []
         for i, rec in enumerate(records):
             try:
@@ -315,6 +313,7 @@ class Pool:
         return records
 
     def _record(self, f: _Finished) -> Record:
+        """Save the item's images (each durable before this returns) and build its line; in a thread."""
         outcome = f.outcome
         images: list[ImageFile] = []
         error: ErrorRec | None = None
@@ -327,9 +326,11 @@ class Pool:
                                "mtime_ns": mtime_ns, "width": size[0] if size else None,
                                "height": size[1] if size else None})  # fmt: skip
             for ref in f.item.inputs:
-                if ref.stored is not None and ref.path is not None and ref.stored not in self._stored_inputs:
-                    self.store.save_input(ref.stored, ref.path, ref.size)
-                    self._stored_inputs.add(ref.stored)
+                if ref.stored is not None and ref.path is not None:
+                    with self._inputs_lock:  # saver threads share reference images: each is stored once
+                        if ref.stored not in self._stored_inputs:
+                            self.store.save_input(ref.stored, ref.path, ref.size)
+                            self._stored_inputs.add(ref.stored)
         else:
             error = {"kind": outcome.kind, "status": outcome.status, "message": outcome.message}
         return make_record(
@@ -400,6 +401,7 @@ class _StopWhen(stop_base):
         return self.stopping()
 
 
+SAVE_THREADS = 8
 _ITEM_FIELDS = ("item_id", "prompt_id", "prompt", "model", "image_config", "repeat", "vars")
 
 

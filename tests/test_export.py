@@ -387,8 +387,7 @@ def test_a_mock_run_with_repeated_and_misshapen_answers_end_to_end(
     assert proc.returncode == 0, proc.stderr
     assert "wrote 7 items" in proc.stderr and "1 duplicate" in proc.stderr and "1 size mismatch" in proc.stderr
     ds = datasets_lib.load_dataset("webdataset", data_files=str(dest / "shard-*.tar"), split="train")
-    assert len(ds) == 7 and {row["json"]["vars"]["x"] for row in ds} == {f"p{i}" for i in range(6)} | {
-        "dup a [fault:same_image]"
-    }
+    kept = {row["json"]["vars"]["x"] for row in ds} - {f"p{i}" for i in range(6)}
+    assert len(ds) == 7 and kept in ({"dup a [fault:same_image]"}, {"dup b [fault:same_image]"})
     card = (dest / "README.md").read_text()
     assert "SynthID" in card and "content_filter" in card and f"runner {__version__}" in card

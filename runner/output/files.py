@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import stat
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from typing import BinaryIO
 from ..errors import OutputError
 
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+_TEMP_SEQ = itertools.count()
 _DIR = os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW
 
 
@@ -112,7 +114,7 @@ class Jail:
         fsync before their manifest lines are written."""
         folder, _, name = rel.rpartition("/")
         dfd = self.dir_fd(folder, create=True)
-        tmp = f".{name}.{os.getpid()}.tmp"
+        tmp = f".{name}.{os.getpid()}-{next(_TEMP_SEQ)}.tmp"  # unique per write: threads may write one name
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=dfd)  # a leftover of ours, or something planted: never written through
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644, dir_fd=dfd)

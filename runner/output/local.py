@@ -29,16 +29,16 @@ from .manifest import (
 )
 
 SPEC_SNAPSHOT = "spec.json"
-_TEMP = re.compile(r"^\..+\.(\d+)\.tmp$")  # .<name>.<pid>.tmp, as Jail.atomic names them
+_TEMP = re.compile(r"^\..+\.(\d+)(?:-\d+)?\.tmp$")  # .<name>.<pid>-<n>.tmp, as Jail.atomic names them
 _IMAGE = re.compile(r"^([0-9a-f]{20})(?:-(\d+))?\.(png|jpg|webp|gif)$")
 
 
 class LocalStore:
     """The output directory of one run (one shard): lock, images, inputs, manifest.
 
-    Durability: an image is written to a temp file, fsynced and renamed into place; its
-    folder is fsynced (once per batch, by `sync`) before its manifest line is written;
-    manifest lines are written in batches, each fsynced. With `durable=False` the fsyncs
+    Durability: an image is written to a temp file, fsynced, renamed into place and its
+    folder fsynced before its manifest line is written; manifest lines are written in
+    batches, each fsynced. With `durable=False` the fsyncs
     are skipped: a killed process still loses nothing (the kernel has the bytes), a power
     cut may. Nothing is ever written through a symlink (see files.Jail)."""
 
@@ -57,7 +57,6 @@ class LocalStore:
         self._manifest: int | None = None
         self._index: int | None = None
         self._offset = 0
-        self._unsynced: set[str] = set()
         self.repaired_bytes = 0
         self.damaged_lines = 0
         self.removed_temps = 0
@@ -206,12 +205,13 @@ class LocalStore:
 
     # -- writing ----------------------------------------------------------------------------
     def save_image(self, rel: str, data: bytes) -> tuple[str, int | None]:
-        """Write one image atomically; (sha256, mtime_ns). Durable once `sync` has run."""
+        """Write one image atomically and durably (file and folder fsynced); (sha256, mtime_ns)."""
         try:
             st = self.jail.write_atomic(rel, data, self.durable)
+            if self.durable:
+                self.jail.sync_dir(rel.rpartition("/")[0])
         except OSError as e:
             raise output_error(e, self.display) from None
-        self._unsynced.add(rel.rpartition("/")[0])
         return hashlib.sha256(data).hexdigest(), st.st_mtime_ns
 
     def save_input(self, rel: str, source: str, size: int) -> None:
@@ -224,16 +224,6 @@ class LocalStore:
         except OSError as e:
             raise OutputError(f"cannot read reference image {source}: {e.strerror or e}") from None
         self.save_image(rel, data)
-
-    def sync(self) -> None:
-        """Make the images saved since the last call durable: one fsync per folder, not per image."""
-        try:
-            if self.durable:
-                for folder in sorted(self._unsynced):
-                    self.jail.sync_dir(folder)
-        except OSError as e:
-            raise output_error(e, self.display) from None
-        self._unsynced.clear()
 
     def append(self, records: list[Record], lines: list[bytes]) -> None:
         """Append manifest lines as one write, then fsync: a batch commit.

@@ -173,9 +173,6 @@ class RemoteStore:
         self._put(rel, data)
         self.source.sizes[rel] = size
 
-    def sync(self) -> None:
-        """Objects are whole when written: nothing to make durable."""
-
     def append(self, records: list[Record], lines: list[bytes]) -> None:
         self._seq += 1
         self._put(f"{self._part}-{self._seq:06d}.jsonl", b"".join(lines))

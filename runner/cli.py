@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=60.0,
         metavar="S",
-        help="without a bar (--no-progress, or stderr not a terminal): a status line every S seconds (0: none)",
+        help="without a bar (--no-progress, or stderr not a terminal): a status line every S seconds (default: 60; 0: none)",
     )
     run.add_argument("--mock", action="store_true", help="run against the built-in mock gateway on loopback; no key")
     run.add_argument("--mock-latency", type=_seconds, default=0.0, metavar="S", help="with --mock: seconds per answer")
@@ -84,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verify", action="store_true", help="hash every done image on resume, not just size+mtime")
     run.add_argument("--no-fsync", action="store_true", help="skip fsync (faster; a power cut may lose recent items)")
     run.add_argument(
-        "--grace", type=float, default=30.0, metavar="S", help="after Ctrl+C, seconds to let requests finish"
+        "--grace",
+        type=_seconds,
+        default=30.0,
+        metavar="S",
+        help="after Ctrl+C, seconds to let requests finish (default: 30)",
     )
     run.add_argument("--dry-run", action="store_true", help="estimate only, like `runner estimate`")
     run.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
@@ -118,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=4,
         metavar="BITS",
-        help="near duplicates: perceptual hashes this many bits apart or less (0-32; needs Pillow)",
+        help="near duplicates: perceptual hashes this many bits apart or less (0-32, default: 4; needs Pillow)",
     )
 
     exp = sub.add_parser(
@@ -137,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--to", metavar="DIR", help="write here (default: OUT_DIR for imagefolder, OUT_DIR/webdataset for shards)"
     )
-    exp.add_argument("--shard-size", type=_positive_int, default=1000, metavar="N", help="samples per tar shard")
+    exp.add_argument(
+        "--shard-size", type=_positive_int, default=1000, metavar="N", help="samples per tar shard (default: 1000)"
+    )
     exp.add_argument("--exclude-duplicates", action="store_true", help="keep one item of each byte-identical group")
     exp.add_argument("--exclude-mismatched", action="store_true", help="leave out images of the wrong aspect ratio")
     exp.add_argument("--where", action="append", default=[], metavar="VAR=VALUE", help="only items with this label")
@@ -154,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  NANOBANANA_API_KEY=any runner run jobs/demo.yaml --base-url http://127.0.0.1:8765/v1",
     )
     mock.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    mock.add_argument("--port", type=int, default=8765, help="port to listen on (0: a free one)")
+    mock.add_argument("--port", type=int, default=8765, help="port to listen on (default: 8765; 0: a free one)")
     mock.add_argument("--api-key", help="accept only this key (default: any non-empty key)")
     mock.add_argument("--latency", type=float, default=0.0, metavar="S", help="seconds before each answer")
     mock.add_argument("--jitter", type=float, default=0.0, metavar="S", help="extra random latency, up to S")
@@ -364,7 +370,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _estimate_text(est: dict[str, Any]) -> str:
-    from .plan import usd
+    from .pricing import usd
 
     rows = [f"{'model':<16}{'size':>6}{'items':>10}{'done':>10}{'remaining':>11}{'$/image':>10}{'cost $':>12}"]
     for r in est["by_model"]:
@@ -377,7 +383,7 @@ def _estimate_text(est: dict[str, Any]) -> str:
     )
     if est["input_images"]:
         rows.append(
-            f"reference images: {est['input_images']} sent ({est['input_bytes'] / 2**20:.1f} MB), billed as input "
+            f"reference images: {est['input_images']} sent ({_size(est['input_bytes'])}), billed as input "
             f"tokens: about {usd(est['estimated_input_cost_usd'])} more (pricing: MODEL: {{input_image: USD}})"
         )
     rows.append(
@@ -389,6 +395,10 @@ def _estimate_text(est: dict[str, Any]) -> str:
         rows.append(f"already spent in {est['output_dir']}: {usd(est['spent_usd'])}")
     rows.extend(f"warning: {w}" for w in est["warnings"])
     return "\n".join(rows)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 1024:.0f} KB"
 
 
 def _duration(seconds: float) -> str:

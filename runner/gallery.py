@@ -18,6 +18,7 @@ from urllib.parse import quote, urlsplit
 
 from .models import MODELS, effective_size
 from .output.files import atomic_file
+from .pricing import usd
 from .record import Record
 
 MAX_OPTIONS = 1000  # values a filter offers (the most frequent); the page says when there are more
@@ -277,7 +278,7 @@ def _items(records: Iterable[Record], quality: dict[str, Any] | None, base: str)
 
 
 def _money(value: float) -> str:
-    return f"${value:,.2f}" if value >= 100 else f"${value:.3f}"  # the rule `runner report` uses
+    return usd(value)  # the rule `runner report` uses
 
 
 def _kinds(counts: Any) -> str:

@@ -26,7 +26,7 @@ from .output import Store, open_store
 from .plan import Plan, budget_share, make_plan, pending, rpm_share
 from .policy import PERMANENT, ServerWaitOrBackoff, printable
 from .pool import Pool, RunStats
-from .pricing import PriceTable
+from .pricing import PriceTable, usd
 from .progress import Bar, Quiet, status_line
 from .spec import JobSpec, spec_summary
 
@@ -135,10 +135,17 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
         )
     if store.damaged_lines:
         log(
-            f"set aside {store.damaged_lines} damaged line(s) of {store.manifest_name} in {store.manifest_name}.torn; their items run again"
+            f"set aside {store.damaged_lines} damaged line(s) of {store.manifest_name} in {store.manifest_name}.torn; "
+            "their items are recovered from their images, or run again"
         )
     if store.removed_temps:
         log(f"removed {store.removed_temps} temporary file(s) left by an earlier run that died")
+    previous = store.read_snapshot()
+    if previous is not None and previous.get("made_by_mock") and not options.mock:
+        raise UsageError(
+            f"{store.display} holds images made by the built-in mock (--mock), not by a gateway: a real run would "
+            "skip those items as done; give it another --out (or delete that dir)"
+        )
     state = await anyio.to_thread.run_sync(store.scan, options.verify)
     orphans = await anyio.to_thread.run_sync(store.orphans, state)
     prices = PriceTable(spec.pricing)
@@ -149,7 +156,7 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
     result.items, result.skipped_done, result.skipped_failed = plan.items, plan.done, plan.skipped_failed
     result.to_run = plan.to_run
     result.spent_before_usd = state.spent_usd
-    _drift(spec, options, state, plan, store, log)
+    _drift(spec, options, state, plan, store, log, previous)
     log(f"{spec.name}: " + "; ".join(_plan_parts(plan, state, adopted)))
     if plan.to_run == 0:
         log(
@@ -229,10 +236,14 @@ def _adoptable(store: Store, candidates: list[tuple[Item, list[str]]]) -> list[t
     return found
 
 
-def _drift(spec: JobSpec, options: RunOptions, state: Any, plan: Plan, store: Store, log: Log) -> None:
-    """Say how the spec changed since the output dir last ran it (spec drift); remember this one."""
-    previous = store.read_snapshot()
+def _drift(
+    spec: JobSpec, options: RunOptions, state: Any, plan: Plan, store: Store, log: Log, previous: dict[str, Any] | None
+) -> None:
+    """Say how the spec changed since the output dir last ran it (spec drift); remember this one,
+    how many items it has (for `report`), and whether mock images are in the dir."""
     summary = spec_summary(spec)
+    summary["made_by_mock"] = bool(options.mock or (previous or {}).get("made_by_mock"))
+    summary["items"] = plan.items if options.shard is None else (previous or {}).get("items")
     if previous is not None and previous.get("fingerprint") != summary["fingerprint"]:
         added = plan.items - plan.known_seen
         gone = state.known_count(options.shard.owns if options.shard else None) - plan.known_seen
@@ -317,7 +328,7 @@ def describe(result: RunResult, command: str = "runner run JOB.yaml") -> list[st
     s = result.stats
     lines = [
         f"{s.ok} ok, {s.failed} failed, {s.retries} retries, {s.requests} requests, "
-        f"${s.spent_usd:.2f} spent this run (${result.total_spent_usd:.2f} in all) -> {result.out_dir}"
+        f"{usd(s.spent_usd)} spent this run ({usd(result.total_spent_usd)} in all) -> {result.out_dir}"
     ]
     if s.retries_by_kind:
         lines.append("retried: " + ", ".join(f"{k}={v}" for k, v in sorted(s.retries_by_kind.items())))
@@ -327,7 +338,7 @@ def describe(result: RunResult, command: str = "runner run JOB.yaml") -> list[st
         lines.append(f"{s.recovered} items recovered from whole images on disk (not bought again)")
     if s.stop_kind == "budget":
         lines.append(
-            f"stopped: budget reached: ${result.total_spent_usd:.2f} spent of max_cost_usd {result.max_cost_usd:g}"
+            f"stopped: budget reached: {usd(result.total_spent_usd)} spent of max_cost_usd {result.max_cost_usd:g}"
         )
     elif s.stop_reason and s.stop_kind != "interrupt":
         lines.append(f"stopped: {printable(s.stop_reason)}")
@@ -338,6 +349,8 @@ def describe(result: RunResult, command: str = "runner run JOB.yaml") -> list[st
 def _next_steps(result: RunResult, command: str) -> list[str]:
     s = result.stats
     if s.signalled:
+        if s.done >= s.total and not s.failed and not s.interrupted:
+            return ["interrupted, but every item had finished: nothing is left to run"]
         cut = f"; {s.interrupted} cut short in a retry wait" if s.interrupted else ""
         return [
             f"interrupted: the requests in flight were recorded{cut}; rerun the same command to resume "

@@ -9,19 +9,9 @@ from typing import Any
 from .items import Item, Shard, iter_items, iter_keyed
 from .models import MODELS, effective_size
 from .output import ResumeState, open_view
-from .output.manifest import manifest_paths, scan
-from .pricing import PriceTable
+from .output.manifest import manifest_paths, read_snapshot, scan
+from .pricing import PriceTable, money, usd
 from .spec import JobSpec
-
-
-def usd(value: float) -> str:
-    """Money for people, one rule everywhere: cents from a dollar up, a tenth of a cent below."""
-    return f"${value:,.2f}" if abs(value) >= 1 else f"${value:.3f}"
-
-
-def money(value: float) -> float:
-    """Money in JSON and manifests: to the millionth of a dollar, no float noise."""
-    return round(value, 6)
 
 
 @dataclass
@@ -125,6 +115,7 @@ def estimate(
     with open_view(target) as (local, source):
         sizes = getattr(source, "sizes", None)
         state = scan(local, image_sizes=sizes) if local.is_dir() and manifest_paths(local) else ResumeState()
+        made_by_mock = bool(read_snapshot(local).get("made_by_mock")) if local.is_dir() else False
     plan = make_plan(spec, state, PriceTable(spec.pricing), shard)
     conc = concurrency or spec.concurrency
     rpm = rpm_share(spec, shard)
@@ -166,4 +157,8 @@ def estimate(
         )
     if state.bad_lines:
         result["warnings"].append(f"{state.bad_lines} damaged manifest lines ignored (a run sets them aside)")
+    if made_by_mock:
+        result["warnings"].append(
+            f"{target} holds images made by the built-in mock: `runner run` without --mock refuses it (use --out)"
+        )
     return result

@@ -1,4 +1,4 @@
-"""Prices per image and per reference image: the built-in list prices under the spec's overrides."""
+"""Prices per image and per reference image (the built-in list prices under the spec's overrides), and money's one rounding rule."""
 
 from __future__ import annotations
 
@@ -28,3 +28,15 @@ class PriceTable:
     def inputs(self, item: Item) -> float:
         """What the item's reference images cost as input tokens (not billed as images)."""
         return self.table[item.model][INPUT_IMAGE] * len(item.inputs)
+
+
+def usd(value: float) -> str:
+    """Money for people, one rule everywhere: cents from a dollar up, a tenth of a cent below
+    (rounded from the millionths, so a float sum and a stored total print alike)."""
+    value = money(value)
+    return f"${value:,.2f}" if abs(value) >= 1 else f"${value:.3f}"
+
+
+def money(value: float) -> float:
+    """Money in JSON and manifests: to the millionth of a dollar, no float noise."""
+    return round(value, 6)

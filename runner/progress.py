@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from .pricing import usd
+
 if TYPE_CHECKING:
     from .pool import RunStats
 
@@ -24,7 +26,7 @@ def status_line(stats: RunStats, now: float | None = None) -> str:
     stamp = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S")
     return (
         f"[{stamp}] {stats.done}/{stats.total} items{pct}: {stats.ok} ok, {stats.failed} failed, "
-        f"{stats.retries} retries, ${stats.spent_usd:.2f} spent, {rate:.1f} items/min, ETA {eta}"
+        f"{stats.retries} retries, {usd(stats.spent_usd)} spent, {rate:.1f} items/min, ETA {eta}"
     )
 
 
@@ -45,7 +47,7 @@ class Bar:
     def update(self, stats: RunStats) -> None:
         # The postfix first, then the count: the refresh the count triggers shows both.
         self._bar.set_postfix_str(
-            f"ok={stats.ok} failed={stats.failed} retries={stats.retries} ${stats.spent_usd:.2f}", refresh=False
+            f"ok={stats.ok} failed={stats.failed} retries={stats.retries} {usd(stats.spent_usd)}", refresh=False
         )
         delta = stats.done - self._bar.n
         if delta > 0:

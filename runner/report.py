@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -12,9 +11,9 @@ from typing import Any
 
 from .errors import UsageError
 from .models import MODELS, effective_size
-from .output.manifest import iter_records, manifest_paths
-from .plan import money, usd
+from .output.manifest import iter_records, manifest_paths, read_snapshot
 from .policy import printable
+from .pricing import money, usd
 from .record import Record, supersedes
 
 MAX_EXAMPLES = 3  # distinct messages kept per failure kind
@@ -23,6 +22,8 @@ MAX_INPUTS_SHOWN = 50
 
 def require_manifest(out: Path) -> None:
     """Raise a UsageError unless `out` is an output dir with at least one manifest."""
+    if out.suffix in (".yaml", ".yml") and out.is_file():
+        raise UsageError(f"{out} is a job spec; give its output dir (`runner estimate {out}` names it)")
     if not out.is_dir():
         raise UsageError(f"{out}: no such directory (expected a runner output directory)")
     if not manifest_paths(out):
@@ -162,10 +163,13 @@ def summarize(source: Manifests | Path) -> dict[str, Any]:
     for key, line in per_line.items():
         line["cost_usd"] = money(m.cost_by_line.get(key, 0.0))
     busy_h = _busy_seconds(list(m.runs.values())) / 3600
+    spec = read_snapshot(m.out)
     retries = sum(m.retries_by_kind.values())
     return {
         "output_dir": str(m.out),
-        "name": _job_name(m.out),
+        "name": spec.get("name") if isinstance(spec.get("name"), str) else None,
+        "spec_items": spec.get("items") if isinstance(spec.get("items"), int) else None,
+        "made_by_mock": bool(spec.get("made_by_mock")),
         "items": len(m.latest),
         "ok": ok,
         "failed": failed,
@@ -183,7 +187,8 @@ def summarize(source: Manifests | Path) -> dict[str, Any]:
         "requests": m.requests,
         "retries": retries,
         "retries_by_kind": dict(m.retries_by_kind.most_common()),
-        "throughput_per_hour": round(ok / busy_h, 1) if busy_h > 0 and ok else None,
+        # Over less than a minute in flight an hourly rate is noise.
+        "throughput_per_hour": round(ok / busy_h, 1) if busy_h >= 1 / 60 and ok else None,
         "busy_s": round(busy_h * 3600, 1),
         "by_model": [per_line[k] for k in sorted(per_line)],
         "runs": len(m.runs),
@@ -197,15 +202,6 @@ def summarize(source: Manifests | Path) -> dict[str, Any]:
     }
 
 
-def _job_name(out: Path) -> str | None:
-    try:
-        snapshot = json.loads((out / "spec.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    name = snapshot.get("name") if isinstance(snapshot, dict) else None
-    return name if isinstance(name, str) else None
-
-
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}s"
 
@@ -216,6 +212,8 @@ def format_text(summary: dict[str, Any]) -> str:
     items = f"{summary['items']}  (ok {summary['ok']}, failed {summary['failed']}"
     items += f", of which {summary['interrupted']} interrupted" if summary.get("interrupted") else ""
     items += f"; {summary['recovered']} recovered from disk" if summary.get("recovered") else ""
+    left = (summary.get("spec_items") or 0) - summary["items"]
+    items += f"; {left} of the {summary['spec_items']} in the spec not yet run" if left > 0 else ""
     rows: list[tuple[str, str]] = [
         ("items", items + ")"),
         ("cost", usd(summary["cost_usd"])),
@@ -231,6 +229,7 @@ def format_text(summary: dict[str, Any]) -> str:
         rows.append(("bad lines", f"{summary['bad_lines']} unreadable manifest line(s) skipped (damaged or cut off)"))
     width = max(len(k) for k, _ in rows)
     title = f"report: {summary.get('name') or ''} {summary.get('output_dir', '')}".replace("  ", " ")
+    title += " (images made by the built-in mock)" if summary.get("made_by_mock") else ""
     text = [title] + [f"  {k.ljust(width)}  {v}" for k, v in rows]
 
     by_model = summary.get("by_model") or []
@@ -280,7 +279,7 @@ def format_quality(summary: dict[str, Any]) -> str:
     )
     near = summary.get("near_duplicates")
     if near is None:
-        text.append(f"  near duplicates: not checked ({summary.get('near_duplicates_note', '')})")
+        text.append(f"  near duplicates: {summary.get('near_duplicates_note', '')}")
     else:
         groups = f"{len(near)} groups ({sum(map(len, near))} items)" if near else "none"
         text.append(f"  near duplicates: {groups} ({summary.get('near_duplicates_note', '')})")

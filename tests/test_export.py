@@ -155,8 +155,9 @@ def test_filters(outdir: OutDir, tmp_path: Path) -> None:
         assert tar.getnames() == [f"{item_id(12)}.png", f"{item_id(12)}.json", f"{item_id(12)}.input0.png"]
     with pytest.raises(UsageError, match="VAR=VALUE"):
         Filters.parse_where(["subject"])
-    none = export_imagefolder(outdir.records, source, tmp_path / "n", filters=Filters(where=(("colour", "red"),)))  # type: ignore[arg-type]
-    assert none.warnings == ["--where: no item has a variable named colour"] and none.written == 0
+    with pytest.raises(UsageError, match="no item has a label named colour"):  # a typo: nothing is written
+        export_imagefolder(outdir.records, source, tmp_path / "n", filters=Filters(where=(("colour", "red"),)))  # type: ignore[arg-type]
+    assert not (tmp_path / "n" / "metadata.jsonl").exists()
 
 
 def test_imagefolder_loads_with_datasets(outdir: OutDir, tmp_path: Path, datasets_lib: Any) -> None:

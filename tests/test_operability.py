@@ -210,3 +210,23 @@ def test_a_bug_with_one_item_fails_that_item_alone(
     # a rerun tries it again (the next version may not have the bug)
     monkeypatch.setattr(runner.client, "request_body", real)
     assert run_cli("run", str(path), "--no-progress").returncode == 0
+
+
+def test_mock_images_are_never_taken_for_real_ones(tmp_path: Path, mock: MockGateway) -> None:
+    path = write_spec(tmp_path, mock.base_url, prompts=["a", "b"])
+    assert run_cli("run", str(path), "--mock", "--no-progress").returncode == 0
+    proc = run_cli("run", str(path), "--no-progress")  # with a key, against a gateway
+    assert proc.returncode == 2 and "made by the built-in mock" in proc.stderr and "--out" in proc.stderr
+    assert mock.stats()["requests"] == 0
+    assert "made by the built-in mock" in run_cli("estimate", str(path)).stdout
+    assert "(images made by the built-in mock)" in run_cli("report", str(tmp_path / "out")).stdout
+    other = run_cli("run", str(path), "--no-progress", "--out", str(tmp_path / "real"))
+    assert other.returncode == 0 and mock.stats()["requests"] == 2
+
+
+def test_report_says_how_much_of_the_spec_has_not_run(tmp_path: Path, mock: MockGateway) -> None:
+    path = write_spec(tmp_path, mock.base_url, prompts=["a", "b", "c"], max_cost_usd=0.2)
+    assert run_cli("run", str(path), "--no-progress").returncode == 3  # the budget stops it after one
+    text = run_cli("report", str(tmp_path / "out")).stdout
+    assert "2 of the 3 in the spec not yet run" in text
+    assert "job spec" in run_cli("report", str(path)).stderr

@@ -110,9 +110,10 @@ def select(records: Iterable[Record], source: ImageSource, filters: Filters, res
         else:
             kept.append(rec)
     unknown = sorted({name for name, _ in filters.where} - labels)
-    if unknown:
-        result.warnings.append(f"--where: no item has a variable named {', '.join(unknown)}")
-    elif filters.where and not kept:
+    if unknown:  # a typo, not an empty selection: say so before anything is written
+        known = ", ".join(sorted(labels)) or "none"
+        raise UsageError(f"--where: no item has a label named {', '.join(unknown)} (labels: {known})")
+    if filters.where and not kept:
         result.warnings.append("--where: no item has all of those values")
     if filters.exclude_mismatched:
         bad = set(shape_checks(kept, source)["size_mismatches"])

@@ -17,6 +17,7 @@ from ..errors import OutputError, OutputLocked
 from ..record import Record
 from .files import Jail, output_error
 from .manifest import (
+    SPEC_SNAPSHOT,
     TORN_SUFFIX,
     ResumeState,
     index_lines,
@@ -28,7 +29,6 @@ from .manifest import (
     scan,
 )
 
-SPEC_SNAPSHOT = "spec.json"
 _TEMP = re.compile(r"^\..+\.(\d+)(?:-\d+)?\.tmp$")  # .<name>.<pid>-<n>.tmp, as Jail.atomic names them
 _IMAGE = re.compile(r"^([0-9a-f]{20})(?:-(\d+))?\.(png|jpg|webp|gif)$")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 from collections.abc import Callable, Iterator, Mapping
@@ -16,6 +17,7 @@ from ..record import Record, parse_line, supersedes
 from .files import Jail, open_regular, output_error
 
 MANIFEST = "manifest.jsonl"
+SPEC_SNAPSHOT = "spec.json"
 TORN_SUFFIX = ".torn"  # manifest.jsonl.torn: cut-off and damaged lines set aside
 
 
@@ -44,6 +46,16 @@ def manifest_paths(out: Path) -> list[Path]:
             )
         found.append(Path(entry.path))
     return sorted(found)
+
+
+def read_snapshot(out: Path) -> dict[str, Any]:
+    """What the output dir remembers of the spec it last ran (spec.json), or {}."""
+    try:
+        with os.fdopen(open_regular(out / SPEC_SNAPSHOT), "rb") as f:
+            obj = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
 
 
 def _lines(path: Path) -> Iterator[bytes]:

@@ -25,9 +25,8 @@ from typing import Any, BinaryIO, cast
 
 from ..errors import OutputError, UsageError
 from ..record import Record
-from .manifest import ResumeState, manifest_name, scan
+from .manifest import SPEC_SNAPSHOT, ResumeState, manifest_name, scan
 
-SPEC_SNAPSHOT = "spec.json"
 HINT = "remote output dirs need runner's optional s3 extra: pip install -e '.[s3]' in its checkout (fsspec and s3fs)"
 _IMAGE = re.compile(r"^images/[0-9a-f]{2}/([0-9a-f]{20})(?:-\d+)?\.(png|jpg|webp|gif)$")
 

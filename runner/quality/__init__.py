@@ -37,8 +37,8 @@ DEFAULT_NEAR_THRESHOLD = 4  # bits of 64 (dHash): re-encodes, resizes and retouc
 ASPECT_TOLERANCE = 0.02  # relative difference of width/height from the requested ratio
 SIZE_OFF_RANGE = (0.5, 2.0)  # long side vs the model's documented size for the request
 NEAR_NOTE_MISSING = (
-    "near duplicates were not checked: {why}. Install runner's optional `images` extra "
-    "(pip install 'runner[images]', or pip install pillow) and run the report again."
+    "not checked ({why}): pip install pillow (runner's optional `images` extra: pip install -e '.[images]' "
+    "in its checkout), then run the report again"
 )
 
 

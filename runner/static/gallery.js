@@ -32,7 +32,7 @@
     return e;
   }
   function num(n) { return Number(n).toLocaleString("en-US"); }
-  function money(x) { return x >= 100 ? "$" + x.toFixed(2) : "$" + x.toFixed(3); }
+  function money(x) { return x >= 1 ? "$" + x.toFixed(2) : "$" + x.toFixed(3); } // the rule `runner report` uses
   function value(key, i) { var F = byKey[key]; return F && F.v[i] >= 0 ? F.opts[F.v[i]] : null; }
 
   // --- filtering: one pass over the items counts, for every option, the items it would match

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,12 @@ def test_a_run_into_s3_resumes_reports_and_exports(tmp_path: Path, mock: MockGat
     assert run_cli("export", url).returncode == 0
     meta = [json.loads(x) for x in s3.cat_file(f"{BUCKET}/jobs/t/metadata.jsonl").splitlines()]
     assert sorted(m["prompt"] for m in meta) == ["a", "b", "c"]
+    # WebDataset shards stream from the bucket and go back into it, with the card
+    assert run_cli("export", url, "--format", "webdataset").returncode == 0
+    names = {p.rsplit("/", 1)[-1] for p in s3.find(f"{BUCKET}/jobs/t/webdataset")}
+    assert names == {"shard-000000.tar", "README.md"}
+    with tarfile.open(fileobj=io.BytesIO(s3.cat_file(f"{BUCKET}/jobs/t/webdataset/shard-000000.tar"))) as tar:
+        assert sum(n.endswith(".json") for n in tar.getnames()) == 3
 
 
 def test_a_remote_url_without_the_extra_is_a_clear_error(tmp_path: Path) -> None:

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .imageinfo import is_whole_image
-from .policy import Failure, clean_message, safe_json, safe_text
+from .policy import MAX_TEXT, Failure, clean_message, safe_json, safe_text
 
 _B64_STEP = 1 << 20  # base64 characters decoded per step (a multiple of 4)
 _DATA_URI = re.compile(r"data:(image/[A-Za-z0-9.+-]+);base64,([A-Za-z0-9+/=\s]*)")
-_EMPTY_MARKDOWN = re.compile(r"!\[[^\]]*\]\(\s*\)")
+_EMPTY_MARKDOWN = re.compile(r"!\[[^\]\n]{0,200}\]\(\s{0,8}\)")  # bounded: no quadratic backtracking
+MAX_DOCUMENT = 2 << 20  # an answer's JSON once its images are out: more is not an image generation
 MAX_IMAGES = 16  # per answer; more is a broken or hostile server, not a generation
 
 
@@ -135,6 +136,11 @@ def _parse(doc: bytes | bytearray, cut: list[tuple[str, bytes]] | None, api_key:
     """Classify a parsed answer; `cut` holds images already taken out of `doc` (None if not).
 
     Returns None when the cut images do not match the answer (the caller parses plainly)."""
+    if len(doc) > MAX_DOCUMENT and (cut is not None or doc.find(b"data:image") < 0):  # or data:image\/png
+        # Parsing megabytes of JSON that carry no image costs many times their size in memory.
+        what = "besides its images" if cut is not None else "and no image"
+        too_much = f"answer has {len(doc) / 2**20:.1f} MB of JSON {what}: not an image generation"
+        return Failure("invalid_response", 200, too_much, final=True)
     try:
         obj = json.loads(doc)
     except (ValueError, RecursionError) as e:
@@ -174,12 +180,17 @@ def _parse(doc: bytes | bytearray, cut: list[tuple[str, bytes]] | None, api_key:
     if len(found) > MAX_IMAGES:
         return Failure("invalid_response", 200, f"answer holds {len(found)} images", request_id=request_id)
     images: list[Image] = []
+    seen: set[bytes] = set()
     for mime, data in found:
+        if data in seen:  # the same image in the content and in message.images: one image, billed once
+            continue
+        seen.add(data)
         if not is_whole_image(mime, data):
             why = clean_message(f"data claims {mime} but is not a whole one", api_key)
             return Failure("invalid_response", 200, why, request_id=request_id)
         images.append(Image(data, "image/jpeg" if mime == "image/jpg" else mime))
-    text = _EMPTY_MARKDOWN.sub("", _DATA_URI.sub("", content)).strip()
+    text = _DATA_URI.sub("", content)[: 2 * MAX_TEXT]  # capped before any further pattern runs on it
+    text = _EMPTY_MARKDOWN.sub("", text).strip()
     text = safe_text(text, api_key)
     if finish == "content_filter":
         why = f": {text[:200]}" if text else ""

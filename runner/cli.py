@@ -249,18 +249,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bug: never exit 1, which scripts read as "some items failed"
         if os.environ.get("RUNNER_DEBUG"):
             raise
-        from .errors import write_details
+        from .errors import secrets_in_env, write_details
         from .policy import clean_message
 
-        where = write_details(e, f"runner {' '.join(map(str, argv or sys.argv[1:]))}", _key_in_env())
-        why = clean_message(f"{type(e).__name__}: {e}", _key_in_env())
+        where = write_details(e, f"runner {' '.join(map(str, argv or sys.argv[1:]))}")
+        why = clean_message(f"{type(e).__name__}: {e}", None)
+        for secret in secrets_in_env():
+            why = clean_message(why, secret)
         print(f"runner: internal error (a bug): {why}; details in {where}", file=sys.stderr)
         return EXIT_INTERNAL
-
-
-def _key_in_env() -> str | None:
-    """The key, if one is set in the usual variable: scrubbed from anything a bug report writes."""
-    return os.environ.get("NANOBANANA_API_KEY") or None
 
 
 def _say(text: str) -> None:
@@ -462,6 +459,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             dest = Path(tmp)  # written here, then uploaded into the remote output dir
         else:
             dest = Path(args.out) / sub if sub else Path(args.out)
+            if sub:  # inside the output dir: a link planted there must not send shards elsewhere
+                _real_folder(Path(args.out), sub)
         records = list(manifests.latest.values())
         if args.format == "imagefolder":
             # In the output dir itself the images are where they belong: nothing to place.
@@ -490,6 +489,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         _say(f'load it: datasets.load_dataset("webdataset", data_files="{where}/shard-*.tar")')
     return 0
+
+
+def _real_folder(out: Path, name: str) -> None:
+    from .output.files import Jail, output_error
+
+    jail = Jail(out)
+    try:
+        jail.dir_fd(name, create=True)
+    except OSError as e:
+        raise output_error(e, str(out)) from None
+    finally:
+        jail.close()
 
 
 def cmd_mock_server(args: argparse.Namespace) -> int:

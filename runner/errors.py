@@ -42,9 +42,16 @@ class OutputError(RunAborted):
     pass
 
 
+def secrets_in_env() -> list[str]:
+    """Values of environment variables named like keys (…KEY, …TOKEN, …SECRET): whichever a
+    spec's api_key_env names, a bug report must not carry it."""
+    names = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+    return [v for k, v in os.environ.items() if k.upper().endswith(names) and len(v) >= 8]
+
+
 def write_details(exc: BaseException, context: str, secret: str | None = None) -> str:
     """Write a bug's traceback where a person can find it (the temp dir, one file per process,
-    never through a link, the key scrubbed); returns its path."""
+    never through a link, the key scrubbed, and any variable's value named like a key); returns its path."""
     import tempfile
     import time
     import traceback
@@ -52,6 +59,8 @@ def write_details(exc: BaseException, context: str, secret: str | None = None) -
     from .policy import safe_text
 
     text = safe_text("".join(traceback.format_exception(exc)), secret, limit=200_000)
+    for value in secrets_in_env():
+        text = safe_text(text, value, limit=200_000)
     path = os.path.join(tempfile.gettempdir(), f"runner-error-{time.strftime('%Y%m%d')}-{os.getpid()}.log")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)

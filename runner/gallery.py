@@ -19,7 +19,7 @@ from urllib.parse import quote, urlsplit
 from .models import MODELS, effective_size
 from .output.files import atomic_file
 from .pricing import usd
-from .record import Record
+from .record import Record, safe_relpath
 
 MAX_OPTIONS = 1000  # values a filter offers (the most frequent); the page says when there are more
 FLAGS = ("duplicate", "near-duplicate", "wrong shape", "uniform")  # bits 1, 2, 4, 8 of an item's flags
@@ -70,14 +70,7 @@ def _base_url(out_dir: Path, html_file: Path) -> str:
 
 def _inside(path: Any) -> TypeGuard[str]:
     """A path that stays inside the output dir (what record.py checks for image paths, for inputs too)."""
-    return (
-        isinstance(path, str)
-        and bool(path)
-        and not path.startswith(("/", "\\"))
-        and "\\" not in path
-        and not _UNSAFE.search(path)
-        and ".." not in path.split("/")
-    )
+    return isinstance(path, str) and safe_relpath(path) and "\\" not in path and not _UNSAFE.search(path)
 
 
 def _web_url(url: Any) -> str | None:

@@ -108,10 +108,11 @@ class Inputs:
             raise InputError(f"{ref!r}: only local files and http(s) URLs can be sent")
         full = self.base / ref
         if glob.has_magic(ref):
-            paths = sorted(glob.glob(str(full)))
+            # The pattern is matched inside the spec's folder, whose own name may hold [ or *.
+            paths = sorted(glob.glob(ref, root_dir=self.base))
             if not paths:
                 raise InputError(f"{ref!r}: the pattern matches no file (in {self.base})")
-            return tuple(self._file(os.path.relpath(p, self.base), Path(p)) for p in paths)
+            return tuple(self._file(p, self.base / p) for p in paths)
         return (self._file(ref, full),)
 
     def _file(self, ref: str, path: Path) -> InputImage:
@@ -162,12 +163,14 @@ class Inputs:
         return uri
 
 
-def check_request(model: str, prompt: str, images: tuple[InputImage, ...]) -> str | None:
-    """Why the gateway would refuse this request before it is sent, or None."""
+def check_request(model: str, prompt: str | int, images: tuple[InputImage, ...]) -> str | None:
+    """Why the gateway would refuse this request before it is sent, or None (`prompt`: its text,
+    or the most bytes it can take, for a template)."""
     limit = MAX_INPUTS[model]
     if len(images) > limit:
         return f"{len(images)} reference images; {model} takes at most {limit}"
-    size = len(prompt.encode("utf-8", "replace")) + 1024 + sum(i.request_bytes for i in images)
+    text = prompt if isinstance(prompt, int) else len(prompt.encode("utf-8", "replace"))
+    size = text + 1024 + sum(i.request_bytes for i in images)
     if size > MAX_REQUEST_BYTES:
         biggest = max(images, key=lambda i: i.request_bytes)
         return (

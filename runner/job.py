@@ -19,8 +19,7 @@ from .client import Client
 from .deadline import Deadlines
 from .errors import RunnerError, UsageError, write_details
 from .http import Http, make_http
-from .imageinfo import is_whole_image
-from .items import Item, Shard
+from .items import Shard
 from .limits import Budget
 from .output import Store, open_store
 from .plan import Plan, budget_share, make_plan, pending, rpm_share
@@ -31,7 +30,6 @@ from .progress import Bar, Quiet, status_line
 from .spec import JobSpec, spec_summary
 
 Log = Callable[[str], None]
-_MIMES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
 
 
 @dataclass(frozen=True)
@@ -141,23 +139,24 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
     if store.removed_temps:
         log(f"removed {store.removed_temps} temporary file(s) left by an earlier run that died")
     previous = store.read_snapshot()
-    if previous is not None and previous.get("made_by_mock") and not options.mock:
-        raise UsageError(
-            f"{store.display} holds images made by the built-in mock (--mock), not by a gateway: a real run would "
-            "skip those items as done; give it another --out (or delete that dir)"
-        )
     state = await anyio.to_thread.run_sync(store.scan, options.verify)
+    mock_made = bool(previous and previous.get("made_by_mock"))
+    if mock_made != options.mock and state.known_count():  # never mix mock images and paid ones in one dir
+        made, now = ("the built-in mock (--mock)", "a real") if mock_made else ("a gateway", "a --mock")
+        raise UsageError(
+            f"{store.display} holds images made by {made}: {now} run would mix its images in with them "
+            "(and skip those items as done); give it another --out"
+        )
     orphans = await anyio.to_thread.run_sync(store.orphans, state)
     prices = PriceTable(spec.pricing)
     plan = await anyio.to_thread.run_sync(
         lambda: make_plan(spec, state, prices, options.shard, options.retry_failed, orphans)
     )
-    adopted = await anyio.to_thread.run_sync(_adoptable, store, plan.adopt)
     result.items, result.skipped_done, result.skipped_failed = plan.items, plan.done, plan.skipped_failed
     result.to_run = plan.to_run
     result.spent_before_usd = state.spent_usd
     _drift(spec, options, state, plan, store, log, previous)
-    log(f"{spec.name}: " + "; ".join(_plan_parts(plan, state, adopted)))
+    log(f"{spec.name}: " + "; ".join(_plan_parts(plan, state)))
     if plan.to_run == 0:
         log(
             f"nothing to do: all {plan.items} items are done in {store.display}"
@@ -195,7 +194,6 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
     )
     pool.stats.total = plan.to_run
     result.stats = pool.stats
-    skip = {item.item_id for item, _ in adopted}
     try:
         async with _closing(http), anyio.create_task_group() as tg:
             if options.handle_signals:
@@ -203,7 +201,7 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
             tg.start_soon(deadlines.run)
             if not bar_mode and options.status_every > 0:
                 tg.start_soon(_status_lines, pool.stats, options.status_every, shown.write)
-            await pool.run(pending(spec, state, options.shard, options.retry_failed, skip), adopted)
+            await pool.run(pending(spec, state, options.shard, options.retry_failed), orphans)
             tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # A run-wide fault raised inside a task (disk full) ends the run as itself, not as a group.
@@ -221,28 +219,13 @@ async def _closing(http: Http) -> AsyncIterator[Http]:
         await http.aclose()
 
 
-def _adoptable(store: Store, candidates: list[tuple[Item, list[str]]]) -> list[tuple[Item, list[tuple[str, bytes]]]]:
-    """The candidates whose image files are whole: they were paid for, so they are recorded, not bought again."""
-    found = []
-    for item, paths in candidates:
-        files = []
-        for rel in sorted(paths, key=lambda p: (len(p), p)):  # the first image, then -1, -2, ...
-            data = store.read_image(rel)
-            if data is None or not is_whole_image(_MIMES[rel.rsplit(".", 1)[-1]], data):
-                break
-            files.append((rel, data))
-        if files and files[0][0].rsplit(".", 1)[0].endswith(item.item_id):
-            found.append((item, files))
-    return found
-
-
 def _drift(
     spec: JobSpec, options: RunOptions, state: Any, plan: Plan, store: Store, log: Log, previous: dict[str, Any] | None
 ) -> None:
     """Say how the spec changed since the output dir last ran it (spec drift); remember this one,
     how many items it has (for `report`), and whether mock images are in the dir."""
     summary = spec_summary(spec)
-    summary["made_by_mock"] = bool(options.mock or (previous or {}).get("made_by_mock"))
+    summary["made_by_mock"] = bool((options.mock and plan.to_run) or (previous or {}).get("made_by_mock"))
     summary["items"] = plan.items if options.shard is None else (previous or {}).get("items")
     if previous is not None and previous.get("fingerprint") != summary["fingerprint"]:
         added = plan.items - plan.known_seen
@@ -255,12 +238,14 @@ def _drift(
     store.write_snapshot(summary)
 
 
-def _plan_parts(plan: Plan, state: Any, adopted: list[Any]) -> list[str]:
+def _plan_parts(plan: Plan, state: Any) -> list[str]:
     parts = [f"{plan.items} items"]
     if plan.done:
         parts.append(f"{plan.done} already done (skipped)")
-    if adopted:
-        parts.append(f"{len(adopted)} found whole on disk without a record (recorded as recovered, not bought again)")
+    if plan.on_disk:
+        parts.append(
+            f"{plan.on_disk} with images on disk but no record (recorded from them if whole, not bought again)"
+        )
     if state.bad_images:
         parts.append(f"{len(state.bad_images)} recorded ok but image missing or corrupt (will redo)")
     if plan.skipped_failed:
@@ -269,7 +254,7 @@ def _plan_parts(plan: Plan, state: Any, adopted: list[Any]) -> list[str]:
         parts.append(f"{len(state.retryable)} failed with a retryable error before (will retry)")
     if state.bad_lines:
         parts.append(f"{state.bad_lines} damaged manifest lines ignored")
-    parts.append(f"{plan.to_run - len(adopted)} to run")
+    parts.append(f"{plan.to_run} to run")
     return parts
 
 

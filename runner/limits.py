@@ -18,12 +18,16 @@ class RateLimiter:
         self.interval = 60.0 / per_minute if per_minute > 0 else 0.0
         self._next = -math.inf
 
-    async def acquire(self) -> None:
+    async def acquire(self, stopping: anyio.Event) -> bool:
+        """Wait for the next slot; False when `stopping` is set first (send nothing then)."""
         now = anyio.current_time()
         slot = max(now, self._next)
         self._next = slot + self.interval if self.interval else slot
         if slot > now:
-            await anyio.sleep(slot - now)
+            with anyio.move_on_after(slot - now):
+                await stopping.wait()
+                return False
+        return not stopping.is_set()
 
     def pause(self, seconds: float) -> bool:
         """Hold every request for `seconds`; True when this moved the pause later by a second or more."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ class Plan:
     input_bytes: int = 0
     input_cost: float = 0.0
     lines: dict[tuple[str, str], Line] = field(default_factory=dict)
-    adopt: list[tuple[Item, list[str]]] = field(default_factory=list)  # whole images on disk without an ok line
+    on_disk: int = 0  # items to run that have image files on disk but no ok line (a kill between the two)
 
     @property
     def remaining(self) -> int:
@@ -83,15 +84,15 @@ def make_plan(
         if not state.pending(key, retry_failed):
             plan.skipped_failed += 1
         elif orphans and key in orphans:
-            plan.adopt.append((Item(*fields), orphans[key]))
+            plan.on_disk += 1
     plan.to_run = plan.items - plan.done - plan.skipped_failed
     return plan
 
 
-def pending(spec: JobSpec, state: ResumeState, shard: Shard | None, retry_failed: bool, skip: set[str]) -> Any:
-    """The items a run sends, in spec order (`skip`: ids already taken care of, e.g. adopted)."""
+def pending(spec: JobSpec, state: ResumeState, shard: Shard | None, retry_failed: bool) -> Iterator[Item]:
+    """The items a run sends, in spec order."""
     for item in iter_items(spec, shard):
-        if state.pending(int(item.item_id, 16), retry_failed) and item.item_id not in skip:
+        if state.pending(int(item.item_id, 16), retry_failed):
             yield item
 
 

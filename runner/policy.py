@@ -168,15 +168,26 @@ MAX_TEXT = 20_000  # characters of a server's free text kept on a manifest line
 def safe_text(text: str, api_key: str | None, *, keep_newlines: bool = True, limit: int = MAX_TEXT) -> str:
     """Server text made storable and printable: lone surrogates replaced (they cannot be
     encoded as UTF-8), control characters removed (escape sequences would reach a terminal),
-    the key and anything key-like scrubbed, the length capped."""
-    if len(text) > limit:
-        text = text[:limit] + "…"
+    the key and anything key-like scrubbed, the length capped; in that order, so neither a
+    control character inside the key nor the cap through the middle of it can save it."""
+    text = text[: 2 * limit + 512]  # bound the work; the final cut below is well inside this
     # Encoding through UTF-16 pairs up valid surrogate pairs and replaces lone ones.
     text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    text = (_CONTROL if keep_newlines else _CONTROL_NL).sub("", text)
     if api_key:
-        text = text.replace(api_key, "[key]")
+        text = _scrub_key(text, api_key)
     text = _SECRETISH.sub("[key]", text)
-    return (_CONTROL if keep_newlines else _CONTROL_NL).sub("", text)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _scrub_key(text: str, key: str) -> str:
+    """The key, and any 8 characters in a row of it (a key cut in pieces), replaced."""
+    text = text.replace(key, "[key]")
+    for i in range(max(0, len(key) - 7)):
+        piece = key[i : i + 8]
+        if piece in text:
+            text = text.replace(piece, "[key]")
+    return text
 
 
 def safe_json(value: Any, api_key: str | None, depth: int = 0) -> Any:

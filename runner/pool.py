@@ -21,10 +21,10 @@ from tenacity.stop import stop_base
 from .answer import Outcome, Success
 from .client import Client
 from .errors import RunnerError
-from .imageinfo import dimensions
+from .imageinfo import dimensions, is_whole_image
 from .items import Item
 from .limits import AdaptiveConcurrency, Budget, RateLimiter
-from .output import Store, image_relpath
+from .output import MIME_TYPES, Store, image_relpath
 from .policy import POLICY, Action, CircuitBreaker, Failure, ServerWaitOrBackoff
 from .pricing import PriceTable
 from .record import ErrorRec, ImageFile, Record, encode, make_record
@@ -127,6 +127,7 @@ class Pool:
         # Images are saved by a few threads, not anyio's forty: a wave of 64 answers then does not
         # start 40 threads taking turns at the GIL (benchmarks/README.md, patch 07).
         self._savers = anyio.CapacityLimiter(SAVE_THREADS)
+        self._on_disk: dict[int, list[str]] = {}
 
     @property
     def stopping(self) -> bool:
@@ -152,28 +153,30 @@ class Pool:
         self.stats.signalled = True
         self.stop("interrupted", "interrupt")
 
-    async def run(
-        self, items: Iterable[Item], adopted: Iterable[tuple[Item, list[tuple[str, bytes]]]] = ()
-    ) -> RunStats:
-        """Send every item; `adopted` are items whose images are already on disk (recorded, not sent)."""
+    async def run(self, items: Iterable[Item], on_disk: dict[int, list[str]] | None = None) -> RunStats:
+        """Send every item. `on_disk`: image files named by item ids without an ok record (a kill
+        between an image and its line leaves them); such an item's whole images are recorded
+        (`recovered`), not bought again, when its turn comes."""
+        self._on_disk = on_disk or {}
         item_send, item_recv = anyio.create_memory_object_stream[Item](self.workers)
         done_send, done_recv = anyio.create_memory_object_stream[Record](self.workers * 2)
         async with anyio.create_task_group() as tg:
+            tg.start_soon(self._write, done_recv)
             tg.start_soon(self._feed, items, item_send)
             async with item_recv, done_send:
                 for _ in range(self.workers):
                     tg.start_soon(self._work, item_recv.clone(), done_send.clone())
-                for item, files in adopted:
-                    await done_send.send(self._recovered(item, files))
-            tg.start_soon(self._write, done_recv)
         return self.stats
 
     async def _feed(self, items: Iterable[Item], send: ObjectSendStream[Item]) -> None:
         async with send:
-            for item in items:
-                if self.stopping:
-                    break
-                await send.send(item)
+            try:
+                for item in items:
+                    if self.stopping:
+                        break
+                    await send.send(item)
+            except RunnerError as e:  # a prompt or image file changed under a running job
+                self.stop(f"the spec's files changed during the run: {e}", "abort", True)
 
     def _retrying(self) -> AsyncRetrying:
         """One tenacity controller per worker: attempts, backoff (the server's wait first), a
@@ -193,6 +196,13 @@ class Pool:
                 if self.stopping:
                     continue
                 price = self.prices.item(item)
+                files = self._on_disk.pop(int(item.item_id, 16), None)
+                if files is not None:
+                    found = await anyio.to_thread.run_sync(self._recovered, item, files, limiter=self._savers)
+                    if found is not None:
+                        self.budget.settle(0.0, found["cost_usd"], 0)  # paid for before the crash
+                        await send.send(found)
+                        continue
                 reserved = self.budget.reserve(price)
                 if reserved is None:
                     spent = f"${self.budget.spent:.2f} spent of max_cost_usd {self.budget.max_usd:g}"
@@ -243,7 +253,8 @@ class Pool:
             self._request_scopes.add(scope)
             try:
                 async with self.concurrency.limiter:
-                    await self.rate.acquire()
+                    if not await self.rate.acquire(self._stopping) or (self.stopping and run.last is None):
+                        return run.last  # stopped while waiting for a slot: nothing sent, nothing to record
                     run.attempts += 1
                     self.stats.requests += 1
                     t0 = time.monotonic()
@@ -360,15 +371,21 @@ class Pool:
             latency_s=0.0, elapsed_s=0.0, finished_at=_now(), run_id=self.run_id, error=error,
         )  # fmt: skip
 
-    def _recovered(self, item: Item, files: list[tuple[str, bytes]]) -> Record:
-        """The record of an item whose images were saved whole before a crash took its line."""
+    def _recovered(self, item: Item, paths: list[str]) -> Record | None:
+        """The record of an item whose images were saved whole before a crash took its line, or
+        None when its first image is not whole (then it is bought again). In a thread."""
         images: list[ImageFile] = []
-        for rel, data in files:
-            mime = _MIMES[rel.rsplit(".", 1)[-1]]
+        for rel in sorted(paths, key=lambda p: (len(p), p)):  # the first image, then -1, -2, ...
+            mime = MIME_TYPES[rel.rsplit(".", 1)[-1]]
+            data = self.store.read_image(rel)
+            if data is None or not is_whole_image(mime, data):
+                break
             size = dimensions(data, mime)
             images.append({"image_path": rel, "mime": mime, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                            "mtime_ns": None, "width": size[0] if size else None,
                            "height": size[1] if size else None})  # fmt: skip
+        if not images or not images[0]["image_path"].rsplit(".", 1)[0].endswith(item.item_id):
+            return None
         return make_record(
             item.record_fields(), status="ok", attempts=0, request_id=None, usage=None,
             cost_usd=self.prices.item(item) * len(images), latency_s=0.0, elapsed_s=0.0, finished_at=_now(),
@@ -386,9 +403,6 @@ class Pool:
             s.failed += 1
             s.failures_by_kind[rec["error"]["kind"]] += 1
         s.spent_usd += rec["cost_usd"]
-
-
-_MIMES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
 
 
 class _StopWhen(stop_base):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Literal, NotRequired, TypedDict, cast
 
 
@@ -87,6 +88,7 @@ class Record(TypedDict):
     interrupted: NotRequired[bool]
 
 
+_ITEM_ID = re.compile(r"[0-9a-f]{1,64}")
 # Field -> the types a valid line may hold there (None allowed where listed). Fields not named
 # here are carried along unchecked; older lines without the newer fields are valid.
 _STR, _INT, _NUM, _OPT = (str,), (int,), (int, float), (type(None),)
@@ -106,11 +108,7 @@ def check(obj: Any) -> Record | None:
     if not isinstance(obj, dict):
         return None
     item_id = obj.get("item_id")
-    if not isinstance(item_id, str) or not item_id or len(item_id) > 64:
-        return None
-    try:
-        int(item_id, 16)
-    except ValueError:
+    if not isinstance(item_id, str) or not _ITEM_ID.fullmatch(item_id):
         return None
     status = obj.get("status")
     if status not in ("ok", "failed"):
@@ -138,25 +136,45 @@ def check(obj: Any) -> Record | None:
     config = obj.get("image_config")
     if config is not None and not isinstance(config.get("aspect_ratio", ""), str):
         return None
-    if any(not isinstance(x, dict) for x in obj.get("inputs") or []):
+    if any(not _input_ok(x) for x in obj.get("inputs") or []):
         return None
     return cast(Record, obj)
+
+
+def _input_ok(obj: Any) -> bool:
+    if not isinstance(obj, dict):
+        return False
+    for name in ("path", "url", "sha256", "mime"):
+        if name in obj and not isinstance(obj[name], str):
+            return False
+    if "bytes" in obj and (not isinstance(obj["bytes"], int) or isinstance(obj["bytes"], bool)):
+        return False
+    return "stored" not in obj or (isinstance(obj["stored"], str) and safe_relpath(obj["stored"]))
 
 
 def _image_ok(obj: dict[str, Any]) -> bool:
     path = obj.get("image_path")
     return (
         isinstance(path, str)
-        and _safe_relpath(path)
+        and safe_relpath(path)
         and isinstance(obj.get("bytes"), int)
         and not isinstance(obj.get("bytes"), bool)
         and isinstance(obj.get("sha256"), str)
+        and isinstance(obj.get("mime", ""), str)
+        and all(obj.get(k) is None or (isinstance(obj[k], int) and not isinstance(obj[k], bool))
+                for k in ("width", "height", "mtime_ns"))
+    )  # fmt: skip
+
+
+def safe_relpath(path: str) -> bool:
+    """A path inside the output dir: relative, no `..`, no control characters (a hand-edited line
+    must not point out of the dir, nor break the tab-separated resume index)."""
+    return (
+        bool(path)
+        and not path.startswith(("/", "\\"))
+        and not any(ord(c) < 32 for c in path)
+        and ".." not in path.replace("\\", "/").split("/")
     )
-
-
-def _safe_relpath(path: str) -> bool:
-    """A path inside the output dir: relative, no `..`, no NUL (a hand-edited line must not point out)."""
-    return bool(path) and not path.startswith(("/", "\\")) and "\x00" not in path and ".." not in path.split("/")
 
 
 def parse_line(line: bytes) -> Record | None:

@@ -298,7 +298,7 @@ def _check_template_images(ctx: _Context, model: str, tpl: Template, refs: tuple
     """Resolve every path the template's images can take (only the vars they use are combined)."""
     used = sorted({n for ref in refs for n in placeholders(ref)})
     if not refs:
-        _check_request(ctx, model, tpl.template, (), key)
+        _check_request(ctx, model, tpl.longest, (), key)
         return
     columns_ = [tpl.values[tpl.names.index(n)] for n in used]
     combos = zip(*columns_, strict=True) if tpl.combine == "zip" and used else itertools.product(*columns_)
@@ -307,11 +307,11 @@ def _check_template_images(ctx: _Context, model: str, tpl: Template, refs: tuple
         images: list[Any] = []
         for i, ref in enumerate(refs):
             images += _resolve(ctx.c, ctx.inputs, ref.format(**values), f"{key}.images[{i}]")
-        _check_request(ctx, model, tpl.template, tuple(images), key, resolved=True)
+        _check_request(ctx, model, tpl.longest, tuple(images), key, resolved=True)
 
 
 def _check_request(
-    ctx: _Context, model: str, text: str, refs: tuple[Any, ...], key: str, resolved: bool = False
+    ctx: _Context, model: str, text: str | int, refs: tuple[Any, ...], key: str, resolved: bool = False
 ) -> None:
     images = [img for ref in ctx.images for img in ctx.inputs.resolve(ref)]
     images += list(refs) if resolved else [img for ref in refs for img in ctx.inputs.resolve(ref)]

@@ -46,6 +46,14 @@ class Template:
         return itertools.product(*self.values)
 
     @property
+    def longest(self) -> int:
+        """The most UTF-8 bytes one of its prompts can take (for the request size check)."""
+        size = len(self.template.encode())
+        for name, values in zip(self.names, self.values, strict=True):
+            size += self.template.count("{" + name + "}") * max(len(v.encode()) for v in values)
+        return size
+
+    @property
     def count(self) -> int:
         """How many prompts it yields: the sample size, or every combination."""
         return min(self.sample, self.full_count) if self.sample else self.full_count
@@ -91,13 +99,16 @@ class Template:
 def placeholders(text: str) -> list[str]:
     """The {names} in a template string; ValueError for a malformed one."""
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+        parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(text) if f is not None]
     except ValueError as e:
         raise ValueError(f"{e} (write a literal brace as {{{{ or }}}})") from None
-    for f in fields:
-        if not f.isidentifier():
-            raise ValueError(f"placeholder {{{f}}} must be a plain name like {{subject}}")
-    return fields
+    for f, spec, conv in parsed:
+        # No format specs or conversions: {x:>300000000} would make a 300 MB prompt from a 4-byte value.
+        if not f.isidentifier() or spec or conv:
+            raise ValueError(
+                f"placeholder {{{f}{'!' + conv if conv else ''}{':' + spec if spec else ''}}} must be a plain name like {{subject}}"
+            )
+    return [f for f, _, _ in parsed]
 
 
 def parse_template(

@@ -222,6 +222,11 @@ def test_mock_images_are_never_taken_for_real_ones(tmp_path: Path, mock: MockGat
     assert "(images made by the built-in mock)" in run_cli("report", str(tmp_path / "out")).stdout
     other = run_cli("run", str(path), "--no-progress", "--out", str(tmp_path / "real"))
     assert other.returncode == 0 and mock.stats()["requests"] == 2
+    # the other way round: a --mock run never mixes its images into a dir of paid ones
+    proc = run_cli("run", str(path), "--mock", "--no-progress", "--out", str(tmp_path / "real"))
+    assert proc.returncode == 2 and "made by a gateway" in proc.stderr
+    # the refused --mock run left the dir as it was
+    assert run_cli("run", str(path), "--no-progress", "--out", str(tmp_path / "real")).returncode == 0
 
 
 def test_report_says_how_much_of_the_spec_has_not_run(tmp_path: Path, mock: MockGateway) -> None:

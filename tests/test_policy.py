@@ -179,14 +179,18 @@ def test_circuit_breaker_counts_one_kind_in_a_row() -> None:
 
 def test_rate_limiter_spaces_requests_and_pauses_for_a_server_wait() -> None:
     async def main() -> tuple[float, float]:
-        rl = RateLimiter(600)  # one every 0.1 s
+        rl, never = RateLimiter(600), anyio.Event()  # one every 0.1 s
         t0 = anyio.current_time()
         for _ in range(5):
-            await rl.acquire()
+            assert await rl.acquire(never)
         spaced = anyio.current_time() - t0
         rl.pause(0.3)
         t1 = anyio.current_time()
-        await rl.acquire()
+        assert await rl.acquire(never)
+        stopping = anyio.Event()
+        rl.pause(60)
+        stopping.set()
+        assert not await rl.acquire(stopping)  # a stop ends the wait for a slot: nothing is sent
         return spaced, anyio.current_time() - t1
 
     spaced, paused = anyio.run(main)

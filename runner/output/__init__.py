@@ -14,6 +14,7 @@ from .remote import RemoteStore, is_remote, remote_view
 from .source import ImageSource, LocalSource
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
+MIME_TYPES = {ext: mime for mime, ext in EXTENSIONS.items()}  # of the images runner saves
 
 
 class Store(Protocol):

@@ -162,25 +162,28 @@ class LocalStore:
         dead processes are removed on the way, and a link among the image folders is refused."""
         found: dict[int, list[str]] = {}
         try:
-            images = self.jail.dir_fd("images")
-            for folder in os.scandir(images):
-                if not folder.is_dir(follow_symlinks=False):
-                    if folder.is_symlink():
-                        raise OSError(errno.ELOOP, "a symbolic link", f"{self.display}/images/{folder.name}")
+            for top in ("images", "inputs"):
+                if self.jail.lstat(top) is None:
                     continue
-                rel = f"images/{folder.name}"
-                fd = self.jail.dir_fd(rel)
-                for entry in os.scandir(fd):
-                    name = entry.name
-                    if name.startswith("."):
-                        self._remove_temp(fd, name)
-                    elif (
-                        (m := _IMAGE.match(name))
-                        and (key := int(m.group(1), 16)) not in state.done
-                        and key not in state.bad_images
-                        and entry.is_file(follow_symlinks=False)
-                    ):
-                        found.setdefault(key, []).append(f"{rel}/{name}")
+                for folder in os.scandir(self.jail.dir_fd(top)):
+                    if not folder.is_dir(follow_symlinks=False):
+                        if folder.is_symlink():
+                            raise OSError(errno.ELOOP, "a symbolic link", f"{self.display}/{top}/{folder.name}")
+                        continue
+                    rel = f"{top}/{folder.name}"
+                    fd = self.jail.dir_fd(rel)
+                    for entry in os.scandir(fd):
+                        name = entry.name
+                        if name.startswith("."):
+                            self._remove_temp(fd, name)
+                        elif (
+                            top == "images"
+                            and (m := _IMAGE.match(name))
+                            and (key := int(m.group(1), 16)) not in state.done
+                            and key not in state.bad_images
+                            and entry.is_file(follow_symlinks=False)
+                        ):
+                            found.setdefault(key, []).append(f"{rel}/{name}")
             for entry in os.scandir(self.jail.dir_fd("")):
                 if entry.name.startswith("."):
                     self._remove_temp(self.jail.dir_fd(""), entry.name)

@@ -149,7 +149,7 @@ def index_lines(records: list[Record], start: int, lengths: list[int]) -> bytes:
         kind = rec["error"]["kind"] if "error" in rec else ""
         fields = (rec["item_id"], rec["status"], kind, rec.get("image_path") or "", rec.get("bytes") or "",
                   rec.get("mtime_ns") or "", rec.get("sha256") or "", float(rec.get("cost_usd") or 0), end)  # fmt: skip
-        out.append("\t".join(map(str, fields)).replace("\n", " "))
+        out.append("\t".join(str(f).replace("\t", " ").replace("\n", " ") for f in fields))
     return ("\n".join(out) + "\n").encode() if out else b""
 
 
@@ -210,7 +210,11 @@ def _write_index(jail: Jail, name: str) -> list[bytes]:
 def _index_rows(manifest: Path) -> Iterator[dict[str, Any]]:
     with os.fdopen(open_regular(manifest.with_name(index_name(manifest.name))), encoding="utf-8") as f:
         for line in f:
-            item_id, status, kind, rel, size, mtime, sha, cost, _ = line.split("\t")
+            try:
+                item_id, status, kind, rel, size, mtime, sha, cost, _ = line.split("\t")
+                int(item_id, 16), float(cost), int(size or 0), int(mtime or 0)
+            except ValueError:  # a row edited by hand: its item counts as unrecorded (run again or recovered)
+                continue
             yield {
                 "item_id": item_id, "status": status, "error": {"kind": kind} if kind else None,
                 "image_path": rel or None, "bytes": int(size) if size else None,

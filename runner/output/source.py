@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from ..imageinfo import dimensions_of_stream
+from ..record import safe_relpath
 from .files import Jail
 
 
@@ -24,16 +25,6 @@ class ImageSource(Protocol):
     def local_path(self, rel: str) -> Path | None: ...
 
 
-def _safe(rel: str) -> bool:
-    """Inside the dir: relative, no `..`, no NUL. Records are checked on reading; this is the second lock."""
-    return (
-        bool(rel)
-        and not rel.startswith(("/", "\\"))
-        and "\x00" not in rel
-        and ".." not in rel.replace("\\", "/").split("/")
-    )
-
-
 class LocalSource:
     """An output dir on this machine, read without following a link anywhere below it (files.Jail)."""
 
@@ -42,7 +33,7 @@ class LocalSource:
         self._jail = Jail(self.root)
 
     def open(self, rel: str) -> BinaryIO:
-        if not _safe(rel):
+        if not safe_relpath(rel):
             raise FileNotFoundError(f"not a path inside the output dir: {rel!r}")
         try:
             return os.fdopen(self._jail.open(rel, os.O_RDONLY), "rb")
@@ -51,7 +42,7 @@ class LocalSource:
 
     def exists(self, rel: str) -> bool:
         try:
-            st = self._jail.lstat(rel) if _safe(rel) else None
+            st = self._jail.lstat(rel) if safe_relpath(rel) else None
         except OSError:
             return False
         return st is not None and stat.S_ISREG(st.st_mode)

@@ -13,6 +13,8 @@ from .models import MODELS
 if TYPE_CHECKING:
     from .spec import ImageConfig
 
+Params = tuple[tuple[str, Any], ...]  # sorted (name, value) pairs: frozen and hashable
+
 CONFIG_KEYS = {"aspect_ratio", "image_size"}
 
 
@@ -145,3 +147,75 @@ class Checker:
                     f"{problem}, but this prompt inherits the top-level {key}[{i}]; give it image_configs of its own",
                 )
             raise self.fail(f"{key}[{i}].{field}", problem)
+
+
+def refs(c: Checker, raw: Any, key: str) -> tuple[str, ...]:
+    return tuple(c.string(r, f"{key}[{i}]") for i, r in enumerate(as_list(c, raw, key)))
+
+
+def as_list(c: Checker, raw: Any, key: str) -> list[Any]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise c.fail(key, f"expected a list, got {describe(raw)}")
+    return raw
+
+
+def params(c: Checker, raw: Any, key: str, inherited: dict[str, Any], repeats: int) -> tuple[tuple[str, Any], ...]:
+    """seed, temperature, top_p: checked; merged over what the prompt inherits."""
+    out = dict(inherited)
+    if raw is not None:
+        m = c.mapping(raw, key, {"seed", "temperature", "top_p"})
+        if "seed" in m:
+            out["seed"] = c.integer(m["seed"], f"{key}.seed", -(2**31), 2**31 - 1)
+        if "temperature" in m:
+            out["temperature"] = c.number(m["temperature"], f"{key}.temperature", 0, hi=2)
+        if "top_p" in m:
+            out["top_p"] = c.number(m["top_p"], f"{key}.top_p", 0, hi=1)
+    seed = out.get("seed")
+    if seed is not None and (seed <= 0 <= seed + repeats - 1 or seed + repeats - 1 > 2**31 - 1):
+        raise c.fail(f"{key}.seed", f"seed + repeat ({seed}..{seed + repeats - 1}) must stay a non-zero 32-bit integer")
+    return sorted_params(out)
+
+
+def sorted_params(params: dict[str, Any]) -> Params:
+    return tuple(sorted(params.items()))
+
+
+def labels(c: Checker, raw: Any, key: str) -> tuple[tuple[str, str], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict) or not raw:
+        raise c.fail(key, f"expected a mapping of labels such as {{animal: fox}}, got {describe(raw)}")
+    out = []
+    for name, value in raw.items():
+        if not isinstance(name, str) or not name.strip():
+            raise c.fail(key, f"label names must be strings, got {describe(name)}")
+        if isinstance(value, (dict, list)) or value is None:
+            raise c.fail(f"{key}.{name}", f"expected a plain value, got {describe(value)}")
+        out.append((name, str(value).lower() if isinstance(value, bool) else str(value)))
+    return tuple(out)
+
+
+def pricing(c: Checker, raw: Any) -> tuple[tuple[str, tuple[tuple[str, float], ...]], ...]:
+    if raw is None:
+        return ()
+    m = c.mapping(raw, "pricing", set(MODELS))
+    out = []
+    for model, prices in m.items():
+        info = MODELS[model]
+        sizes = info.sizes or (info.default_size,)
+        if not isinstance(prices, dict):  # one price for every size
+            out.append((model, tuple((s, c.number(prices, f"pricing.{model}", 0)) for s in sizes)))
+            continue
+        table = []
+        for size, price in prices.items():
+            size = str(size)
+            if size not in (*sizes, "input_image"):
+                known = " ".join(sizes)
+                raise c.fail(
+                    f"pricing.{model}.{size}", f"{model} has no size {size!r} (sizes: {known}; or input_image)"
+                )
+            table.append((size, c.number(price, f"pricing.{model}.{size}", 0)))
+        out.append((model, tuple(table)))
+    return tuple(out)

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any, TypeGuard
 from urllib.parse import quote, urlsplit
 
-from .models import MODELS, effective_size
 from .output.files import atomic_file
 from .pricing import usd
-from .record import Record, safe_relpath
+from .record import Record, safe_relpath, size_of
 
 MAX_OPTIONS = 1000  # values a filter offers (the most frequent); the page says when there are more
 FLAGS = ("duplicate", "near-duplicate", "wrong shape", "uniform")  # bits 1, 2, 4, 8 of an item's flags
@@ -51,13 +50,6 @@ def _csp_hash(text: str) -> str:
 
 
 @cache
-def _size(model: str, image_size: str | None) -> str:
-    """The size an image was produced (and billed) at; the sent value for a model this version does not know."""
-    if model in MODELS:
-        return effective_size(model, image_size)
-    return image_size if image_size is not None else "default"
-
-
 def _base_url(out_dir: Path, html_file: Path) -> str:
     """The output dir as a URL prefix relative to the HTML file (a file: URL across Windows drives)."""
     out_abs = os.path.abspath(out_dir)
@@ -187,8 +179,7 @@ def _items(records: Iterable[Record], quality: dict[str, Any] | None, base: str)
         config = rec.get("image_config") or {}
         model.add(rec["model"], n)
         aspect.add(config.get("aspect_ratio"), n)
-        sent = config.get("image_size")
-        size.add(_size(rec["model"], sent if isinstance(sent, str) else None), n)
+        size.add(size_of(rec), n)
         p.append(prompts.add(rec["prompt"]))
         pid.append(prompt_ids.add(rec["prompt_id"]))
         c.append(round(rec.get("cost_usd") or 0, 6))

@@ -24,9 +24,9 @@ from .limits import Budget
 from .output import Store, open_store
 from .plan import Plan, budget_share, make_plan, pending, rpm_share
 from .policy import PERMANENT, ServerWaitOrBackoff, printable
-from .pool import Pool, RunStats
+from .pool import Pool
 from .pricing import PriceTable, usd
-from .progress import Bar, Quiet, status_line
+from .progress import Bar, Quiet, RunStats, status_line
 from .spec import JobSpec, spec_summary
 
 Log = Callable[[str], None]

@@ -8,11 +8,13 @@ import math
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 from tenacity import RetryCallState, wait_random_exponential
+from tenacity.stop import stop_base
 
 
 class Action(Enum):
@@ -75,9 +77,6 @@ class Failure:
     def action(self) -> Action:
         rule = POLICY[self.kind].action
         return Action.FAIL if self.final and rule is Action.RETRY else rule
-
-    def as_record(self) -> dict[str, Any]:
-        return {"kind": self.kind, "status": self.status, "message": self.message}
 
 
 def classify_status(status: int, body: bytes, headers: Any, api_key: str | None) -> Failure:
@@ -252,3 +251,13 @@ class CircuitBreaker:
         else:
             self.kind, self.count = kind, 1
         return self.count >= self.limit
+
+
+class StopWhen(stop_base):
+    """tenacity's stop condition for "the run is stopping" (Ctrl+C, abort, budget)."""
+
+    def __init__(self, stopping: Callable[[], bool]) -> None:
+        self.stopping = stopping
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.stopping()

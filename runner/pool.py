@@ -1,4 +1,4 @@
-"""The worker pool: bounded streams in, limited requests out, one writer task that commits images and lines."""
+"""The worker pool: bounded streams in, limited requests out; workers save each image durably, one writer task appends the lines."""
 
 from __future__ import annotations
 
@@ -9,14 +9,13 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import anyio.to_thread
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from anyio.streams.memory import MemoryObjectReceiveStream
-from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt
-from tenacity.stop import stop_base
+from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt
 
 from .answer import Outcome, Success
 from .client import Client
@@ -25,41 +24,13 @@ from .imageinfo import dimensions, is_whole_image
 from .items import Item
 from .limits import AdaptiveConcurrency, Budget, RateLimiter
 from .output import MIME_TYPES, Store, image_relpath
-from .policy import POLICY, Action, CircuitBreaker, Failure, ServerWaitOrBackoff
+from .policy import POLICY, Action, CircuitBreaker, Failure, ServerWaitOrBackoff, StopWhen
 from .pricing import PriceTable
+from .progress import Progress, RunStats
 from .record import ErrorRec, ImageFile, Record, encode, make_record
 
 Log = Callable[[str], None]
 OnBug = Callable[[BaseException, str], str]  # (exception, what was being done) -> where the details went
-
-
-class Progress(Protocol):
-    def update(self, stats: RunStats) -> None: ...
-
-
-@dataclass
-class RunStats:
-    """What one run did, counted once: the bar, the status lines and the summary all read it."""
-
-    total: int = 0  # items this run set out to do
-    ok: int = 0
-    failed: int = 0
-    interrupted: int = 0  # failed while a stop cut their retries short: they run next time
-    recovered: int = 0  # adopted from whole images on disk
-    retries: int = 0
-    requests: int = 0
-    spent_usd: float = 0.0
-    failures_by_kind: Counter[str] = field(default_factory=Counter)
-    retries_by_kind: Counter[str] = field(default_factory=Counter)
-    stop_reason: str | None = None  # why new items stopped starting (abort, budget, interrupt)
-    stop_kind: str | None = None  # budget | abort | breaker | interrupt
-    abort: bool = False
-    signalled: bool = False
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def done(self) -> int:
-        return self.ok + self.failed + self.interrupted
 
 
 @dataclass
@@ -182,7 +153,7 @@ class Pool:
         """One tenacity controller per worker: attempts, backoff (the server's wait first), a
         stop (Ctrl+C, abort, budget) ends the retries, and the last outcome is returned as is."""
         return AsyncRetrying(
-            stop=stop_after_attempt(self.max_attempts) | _StopWhen(lambda: self.stopping),
+            stop=stop_after_attempt(self.max_attempts) | StopWhen(lambda: self.stopping),
             wait=self.backoff,
             retry=retry_if_result(lambda o: isinstance(o, Failure) and o.action is Action.RETRY),
             sleep=self._sleep,
@@ -403,16 +374,6 @@ class Pool:
             s.failed += 1
             s.failures_by_kind[rec["error"]["kind"]] += 1
         s.spent_usd += rec["cost_usd"]
-
-
-class _StopWhen(stop_base):
-    """tenacity's stop condition for "the run is stopping" (Ctrl+C, abort, budget)."""
-
-    def __init__(self, stopping: Callable[[], bool]) -> None:
-        self.stopping = stopping
-
-    def __call__(self, retry_state: RetryCallState) -> bool:
-        return self.stopping()
 
 
 SAVE_THREADS = 8

@@ -1,18 +1,18 @@
-"""How a run shows its progress: a tqdm bar on a terminal, or a status line every so often in a log."""
+"""A run's counts, and how they are shown: a tqdm bar on a terminal, or a status line every so often in a log."""
 
 from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from tqdm import tqdm
 
 from .pricing import usd
-
-if TYPE_CHECKING:
-    from .pool import RunStats
 
 
 def status_line(stats: RunStats, now: float | None = None) -> str:
@@ -21,7 +21,7 @@ def status_line(stats: RunStats, now: float | None = None) -> str:
     elapsed = max(1e-9, now - stats.started)
     rate = stats.done / elapsed * 60
     left = max(0, stats.total - stats.done)
-    eta = _duration(left / rate * 60) if rate > 0 else "?"
+    eta = duration(left / rate * 60) if rate > 0 else "?"
     pct = f" ({stats.done / stats.total:.0%})" if stats.total else ""
     stamp = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S")
     return (
@@ -30,7 +30,7 @@ def status_line(stats: RunStats, now: float | None = None) -> str:
     )
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f}s"
     if seconds < 5400:
@@ -65,14 +65,43 @@ class Bar:
 class Quiet:
     """No bar: messages go straight to the log; the job prints status lines on a timer."""
 
-    def __init__(self, write: object) -> None:
+    def __init__(self, write: Callable[[str], None]) -> None:
         self._write = write
 
     def update(self, stats: RunStats) -> None:
         pass
 
     def write(self, message: str) -> None:
-        self._write(message)  # type: ignore[operator]
+        self._write(message)
 
     def close(self) -> None:
         pass
+
+
+class Progress(Protocol):
+    def update(self, stats: RunStats) -> None: ...
+
+
+@dataclass
+class RunStats:
+    """What one run did, counted once: the bar, the status lines and the summary all read it."""
+
+    total: int = 0  # items this run set out to do
+    ok: int = 0
+    failed: int = 0
+    interrupted: int = 0  # failed while a stop cut their retries short: they run next time
+    recovered: int = 0  # adopted from whole images on disk
+    retries: int = 0
+    requests: int = 0
+    spent_usd: float = 0.0
+    failures_by_kind: Counter[str] = field(default_factory=Counter)
+    retries_by_kind: Counter[str] = field(default_factory=Counter)
+    stop_reason: str | None = None  # why new items stopped starting (abort, budget, interrupt)
+    stop_kind: str | None = None  # budget | abort | breaker | interrupt
+    abort: bool = False
+    signalled: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.failed + self.interrupted

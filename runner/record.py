@@ -19,7 +19,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable
 from typing import Any, Literal, NotRequired, TypedDict, cast
+
+from .models import MODELS, effective_size
 
 
 class ImageConfigRec(TypedDict):
@@ -185,6 +188,24 @@ def parse_line(line: bytes) -> Record | None:
         return None
 
 
+def latest(records: Iterable[Record]) -> dict[str, Record]:
+    """item_id -> the record that counts (the input may already be the latest ones: then a no-op)."""
+    last: dict[str, Record] = {}
+    for rec in records:
+        if supersedes(rec, last.get(rec["item_id"])):
+            last[rec["item_id"]] = rec
+    return last
+
+
+def size_of(rec: Record) -> str:
+    """The image size a record was produced (and billed) at; the sent value for an unknown model."""
+    sent = rec["image_config"].get("image_size") if "image_config" in rec else None
+    model = rec.get("model")
+    if isinstance(model, str) and model in MODELS:
+        return effective_size(model, sent if isinstance(sent, str) else None)
+    return str(sent) if sent is not None else "?"
+
+
 def supersedes(new: Record, old: Record | None) -> bool:
     """Does `new` replace `old` as the record that counts for an item?
 
@@ -208,10 +229,6 @@ def images_of(rec: Record) -> list[ImageFile]:
         "height": rec.get("height"),
     }
     return [first, *rec.get("extra_images", [])]
-
-
-def image_count(rec: Record) -> int:
-    return len(images_of(rec))
 
 
 def encode(rec: Record | dict[str, Any]) -> bytes:

@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .models import MODELS, effective_size
 from .output.manifest import iter_records, manifest_paths, read_snapshot
 from .policy import printable
 from .pricing import money, usd
-from .record import Record, supersedes
+from .record import Record, size_of, supersedes
 
 MAX_EXAMPLES = 3  # distinct messages kept per failure kind
 MAX_INPUTS_SHOWN = 50
@@ -40,15 +39,6 @@ def percentile(values: list[float], p: float) -> float | None:
     ordered = sorted(values)
     rank = max(1, math.ceil(p / 100 * len(ordered)))
     return ordered[min(rank, len(ordered)) - 1]
-
-
-def size_of(rec: Record) -> str:
-    """The image size a record was produced (and billed) at; the sent value for an unknown model."""
-    sent = rec["image_config"].get("image_size") if "image_config" in rec else None
-    model = rec.get("model")
-    if isinstance(model, str) and model in MODELS:
-        return effective_size(model, sent if isinstance(sent, str) else None)
-    return str(sent) if sent is not None else "?"
 
 
 def _when(value: Any) -> datetime | None:

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checks import Checker, check_url, describe
+from . import checks
+from .checks import Checker, Params, check_url, describe
 from .errors import SpecError
 from .inputs import InputError, Inputs, check_request
-from .models import MODELS
 from .sources import columns, file_kind, iter_prompts
 from .templates import Template, parse_template, placeholders
 from .yamlfile import load_yaml
@@ -43,9 +43,6 @@ class ImageConfig:
         if self.image_size is not None:
             d["image_size"] = self.image_size
         return d
-
-
-Params = tuple[tuple[str, Any], ...]  # sorted (name, value) pairs: frozen and hashable
 
 
 @dataclass(frozen=True)
@@ -133,10 +130,10 @@ def parse_spec(raw: Any, path: Path) -> JobSpec:
     )
     repeats = c.integer(top.get("repeats", 1), "repeats", 1, 10_000)
     inputs = Inputs(base)
-    images = _refs(c, top.get("images"), "images")
+    images = checks.refs(c, top.get("images"), "images")
     for i, ref in enumerate(images):
         _resolve(c, inputs, ref, f"images[{i}]")
-    params = _params(c, top.get("params"), "params", {}, repeats)
+    params = checks.params(c, top.get("params"), "params", {}, repeats)
     ctx = _Context(c, base, inputs, images, dict(params), model, configs, repeats)
 
     prompts: list[PromptEntry] = []
@@ -151,7 +148,7 @@ def parse_spec(raw: Any, path: Path) -> JobSpec:
         ids.add(entry.prompt_id)
         prompts.append(entry)
 
-    raw_files = _list(c, top.get("prompt_files"), "prompt_files")
+    raw_files = checks.as_list(c, top.get("prompt_files"), "prompt_files")
     if raw_files:
         if model is None:
             raise c.fail("model", "required when prompt_files are given (file prompts use the default model)")
@@ -206,7 +203,7 @@ def parse_spec(raw: Any, path: Path) -> JobSpec:
         max_consecutive_failures=c.integer(top.get("max_consecutive_failures", 10), "max_consecutive_failures", 1),
         backoff_base_s=c.number(top.get("backoff_base_s", 1.0), "backoff_base_s", 0),
         backoff_max_s=c.number(top.get("backoff_max_s", 60.0), "backoff_max_s", 0),
-        pricing=_pricing(c, top.get("pricing")),
+        pricing=checks.pricing(c, top.get("pricing")),
         fingerprint=_fingerprint(prompts, files, model, configs, repeats, images, params),
         api_format=api_format,
         images=images,
@@ -243,7 +240,7 @@ def _prompt_entry(ctx: _Context, p: Any, key: str) -> PromptEntry:
         c.check_support(ctx.model, ctx.configs, "image_configs")
         _check_request(ctx, ctx.model, text, (), key)
         return PromptEntry(
-            _derived_id(text), ctx.model, ctx.configs, ctx.repeats, text=text, params=_sorted(ctx.params)
+            _derived_id(text), ctx.model, ctx.configs, ctx.repeats, text=text, params=checks.sorted_params(ctx.params)
         )
     if isinstance(p, dict) and len(p) == 1 and not set(p) & (PROMPT_KEYS | TEMPLATE_KEYS):
         ((k, v),) = p.items()
@@ -263,8 +260,8 @@ def _prompt_entry(ctx: _Context, p: Any, key: str) -> PromptEntry:
         own_configs = ctx.configs
         c.check_support(own_model, own_configs, "image_configs", inherited_by=key)
     own_repeats = c.integer(m.get("repeats", ctx.repeats), f"{key}.repeats", 1, 10_000)
-    own_images = _refs(c, m.get("images"), f"{key}.images")
-    params = _params(c, m.get("params"), f"{key}.params", ctx.params, own_repeats)
+    own_images = checks.refs(c, m.get("images"), f"{key}.images")
+    params = checks.params(c, m.get("params"), f"{key}.params", ctx.params, own_repeats)
     pid = str(m["id"]).strip() if m.get("id") not in (None, "") else None
     if is_template:
         used = frozenset(n for ref in own_images for n in _placeholders(c, ref, f"{key}.images"))
@@ -287,7 +284,7 @@ def _prompt_entry(ctx: _Context, p: Any, key: str) -> PromptEntry:
     for i, ref in enumerate(own_images):
         _resolve(c, ctx.inputs, ref, f"{key}.images[{i}]")
     _check_request(ctx, own_model, text, own_images, key)
-    labels = _labels(c, m.get("vars"), f"{key}.vars")
+    labels = checks.labels(c, m.get("vars"), f"{key}.vars")
     return PromptEntry(
         pid or _derived_id(text), own_model, own_configs, own_repeats, text=text, images=own_images, params=params,
         labels=labels,
@@ -334,54 +331,6 @@ def _placeholders(c: Checker, ref: str, key: str) -> list[str]:
         raise c.fail(key, str(e)) from None
 
 
-def _refs(c: Checker, raw: Any, key: str) -> tuple[str, ...]:
-    return tuple(c.string(r, f"{key}[{i}]") for i, r in enumerate(_list(c, raw, key)))
-
-
-def _list(c: Checker, raw: Any, key: str) -> list[Any]:
-    if raw is None:
-        return []
-    if not isinstance(raw, list):
-        raise c.fail(key, f"expected a list, got {describe(raw)}")
-    return raw
-
-
-def _params(c: Checker, raw: Any, key: str, inherited: dict[str, Any], repeats: int) -> tuple[tuple[str, Any], ...]:
-    """seed, temperature, top_p: checked; merged over what the prompt inherits."""
-    out = dict(inherited)
-    if raw is not None:
-        m = c.mapping(raw, key, {"seed", "temperature", "top_p"})
-        if "seed" in m:
-            out["seed"] = c.integer(m["seed"], f"{key}.seed", -(2**31), 2**31 - 1)
-        if "temperature" in m:
-            out["temperature"] = c.number(m["temperature"], f"{key}.temperature", 0, hi=2)
-        if "top_p" in m:
-            out["top_p"] = c.number(m["top_p"], f"{key}.top_p", 0, hi=1)
-    seed = out.get("seed")
-    if seed is not None and (seed <= 0 <= seed + repeats - 1 or seed + repeats - 1 > 2**31 - 1):
-        raise c.fail(f"{key}.seed", f"seed + repeat ({seed}..{seed + repeats - 1}) must stay a non-zero 32-bit integer")
-    return _sorted(out)
-
-
-def _sorted(params: dict[str, Any]) -> Params:
-    return tuple(sorted(params.items()))
-
-
-def _labels(c: Checker, raw: Any, key: str) -> tuple[tuple[str, str], ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, dict) or not raw:
-        raise c.fail(key, f"expected a mapping of labels such as {{animal: fox}}, got {describe(raw)}")
-    out = []
-    for name, value in raw.items():
-        if not isinstance(name, str) or not name.strip():
-            raise c.fail(key, f"label names must be strings, got {describe(name)}")
-        if isinstance(value, (dict, list)) or value is None:
-            raise c.fail(f"{key}.{name}", f"expected a plain value, got {describe(value)}")
-        out.append((name, str(value).lower() if isinstance(value, bool) else str(value)))
-    return tuple(out)
-
-
 def _prompt_file(ctx: _Context, f: Any, key: str) -> PromptFile:
     c = ctx.c
     path = ctx.base / c.string(f, key)
@@ -402,30 +351,6 @@ def _prompt_file(ctx: _Context, f: Any, key: str) -> PromptFile:
     except (ValueError, OSError) as e:  # InputError is a ValueError
         raise c.fail(key, f"{path}: {e}") from None
     return PromptFile(path, kind, count)
-
-
-def _pricing(c: Checker, raw: Any) -> tuple[tuple[str, tuple[tuple[str, float], ...]], ...]:
-    if raw is None:
-        return ()
-    m = c.mapping(raw, "pricing", set(MODELS))
-    out = []
-    for model, prices in m.items():
-        info = MODELS[model]
-        sizes = info.sizes or (info.default_size,)
-        if not isinstance(prices, dict):  # one price for every size
-            out.append((model, tuple((s, c.number(prices, f"pricing.{model}", 0)) for s in sizes)))
-            continue
-        table = []
-        for size, price in prices.items():
-            size = str(size)
-            if size not in (*sizes, "input_image"):
-                known = " ".join(sizes)
-                raise c.fail(
-                    f"pricing.{model}.{size}", f"{model} has no size {size!r} (sizes: {known}; or input_image)"
-                )
-            table.append((size, c.number(price, f"pricing.{model}.{size}", 0)))
-        out.append((model, tuple(table)))
-    return tuple(out)
 
 
 def _fingerprint(

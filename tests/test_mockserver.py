@@ -665,8 +665,13 @@ def test_malformed_traffic_never_hurts_the_server(gw: MockGateway, caplog: pytes
     ]
     for data in refused:
         assert re.match(rb"HTTP/1\.[01] 4\d\d ", raw_exchange(gw, data, half_close=False)), data[:40]
-    assert raw_exchange(gw, b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\nshort") == b""
-    assert raw_exchange(gw, b"POST /v1/chat/completions HTT") == b""
+    # A request cut short gets no answer, or a refusal if aiohttp parses its head before it sees the
+    # end of the stream (it depends on timing): never anything else.
+    for cut in (
+        b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\nshort",
+        b"POST /v1/chat/completions HTT",
+    ):
+        assert re.match(rb"(HTTP/1\.[01] 4\d\d |$)", raw_exchange(gw, cut)), cut
     head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nConnection: close\r\nContent-Length: 3"
     assert b'"type": "invalid_request_error"' in raw_exchange(gw, head + b"\r\n\r\n{x}", half_close=False)
     with client(gw) as c:

@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..models import MODELS, effective_size
+from ..output import EXTENSIONS as SAVED_EXTENSIONS
 from ..output.files import atomic_file
 from ..output.source import ImageSource
-from ..quality import duplicate_groups, latest_records, shape_checks
-from ..record import InputRec, Record, images_of
+from ..quality import duplicate_groups, shape_checks
+from ..record import InputRec, Record, images_of, latest, size_of
 
 MAX_EXAMPLES = 3  # item_ids kept per skip reason
-EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/jpg": "jpg", "image/webp": "webp", "image/gif": "gif"}
+EXTENSIONS = {**SAVED_EXTENSIONS, "image/jpg": "jpg"}
 
 
 @dataclass(frozen=True)
@@ -83,15 +83,6 @@ class Selection:
     models: Counter[tuple[str, str, str]]  # (model, aspect_ratio, image_size) -> items
 
 
-def size_of(rec: Record) -> str:
-    """The image size a record was produced at (the model's default when none was sent)."""
-    sent = (rec.get("image_config") or {}).get("image_size")
-    model = rec.get("model", "")
-    if model in MODELS:
-        return effective_size(model, sent)
-    return str(sent) if sent is not None else "?"
-
-
 def select(records: Iterable[Record], source: ImageSource, filters: Filters, result: ExportResult) -> Selection:
     """The latest ok record of each item that passes the filters and whose image is there.
 
@@ -99,7 +90,7 @@ def select(records: Iterable[Record], source: ImageSource, filters: Filters, res
     copy a duplicate group keeps is one that is exported."""
     kept: list[Record] = []
     labels: set[str] = set()
-    for rec in latest_records(records).values():
+    for rec in latest(records).values():
         labels.update(str(k) for k in rec.get("vars") or {})
         if rec["status"] != "ok":
             result.skip("failed", rec["item_id"])

@@ -23,7 +23,7 @@ import json
 import os
 import tarfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from datetime import datetime
 from io import BytesIO
 from pathlib import Path
@@ -258,8 +258,3 @@ class _Shards:
         self._file.__exit__(None, None, None)  # fsynced and renamed into place
         self._tar, self._file = None, None
         self._samples = self._bytes = 0
-
-
-def iter_shards(dest: Path) -> Iterator[Path]:
-    """The shards of an export in order."""
-    yield from sorted(Path(dest).glob("shard-*.tar"))

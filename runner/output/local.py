@@ -17,6 +17,7 @@ from ..errors import OutputError, OutputLocked
 from ..record import Record
 from .files import Jail, output_error
 from .manifest import (
+    IMAGE_FILE,
     SPEC_SNAPSHOT,
     TORN_SUFFIX,
     ResumeState,
@@ -30,7 +31,6 @@ from .manifest import (
 )
 
 _TEMP = re.compile(r"^\..+\.(\d+)(?:-\d+)?\.tmp$")  # .<name>.<pid>-<n>.tmp, as Jail.atomic names them
-_IMAGE = re.compile(r"^([0-9a-f]{20})(?:-(\d+))?\.(png|jpg|webp|gif)$")
 
 
 class LocalStore:
@@ -178,7 +178,7 @@ class LocalStore:
                             self._remove_temp(fd, name)
                         elif (
                             top == "images"
-                            and (m := _IMAGE.match(name))
+                            and (m := IMAGE_FILE.fullmatch(name))
                             and (key := int(m.group(1), 16)) not in state.done
                             and key not in state.bad_images
                             and entry.is_file(follow_symlinks=False)

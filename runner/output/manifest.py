@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -13,10 +14,11 @@ from typing import Any
 
 from ..errors import OutputError
 from ..policy import PERMANENT
-from ..record import Record, parse_line, supersedes
+from ..record import Record, parse_line
 from .files import Jail, open_regular, output_error
 
 MANIFEST = "manifest.jsonl"
+IMAGE_FILE = re.compile(r"([0-9a-f]{20})(?:-\d+)?\.(?:png|jpg|webp|gif)")  # images/ab/<item_id>[-n].<ext>
 SPEC_SNAPSHOT = "spec.json"
 TORN_SUFFIX = ".torn"  # manifest.jsonl.torn: cut-off and damaged lines set aside
 
@@ -76,15 +78,6 @@ def _records(path: Path, bad: list[int] | None = None) -> Iterator[Record]:
             yield rec
         elif line.strip() and bad is not None:
             bad.append(1)
-
-
-def latest(out: Path, bad: list[int] | None = None) -> dict[str, Record]:
-    """item_id -> the record that counts. Holds every record: for reports, not resume."""
-    last: dict[str, Record] = {}
-    for rec in iter_records(out, bad):
-        if supersedes(rec, last.get(rec["item_id"])):
-            last[rec["item_id"]] = rec
-    return last
 
 
 def repair(jail: Jail, name: str) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import tempfile
 import time
 import uuid
@@ -25,10 +24,9 @@ from typing import Any, BinaryIO, cast
 
 from ..errors import OutputError, UsageError
 from ..record import Record
-from .manifest import SPEC_SNAPSHOT, ResumeState, manifest_name, scan
+from .manifest import IMAGE_FILE, SPEC_SNAPSHOT, ResumeState, manifest_name, scan
 
 HINT = "remote output dirs need runner's optional s3 extra: pip install -e '.[s3]' in its checkout (fsspec and s3fs)"
-_IMAGE = re.compile(r"^images/[0-9a-f]{2}/([0-9a-f]{20})(?:-\d+)?\.(png|jpg|webp|gif)$")
 
 
 def is_remote(target: str | Path) -> bool:
@@ -147,7 +145,8 @@ class RemoteStore:
     def orphans(self, state: ResumeState) -> dict[int, list[str]]:
         found: dict[int, list[str]] = {}
         for rel in self.source.sizes:
-            m = _IMAGE.match(rel)
+            folder, _, name = rel.rpartition("/")
+            m = IMAGE_FILE.fullmatch(name) if folder == f"images/{name[:2]}" else None
             if m and (key := int(m.group(1), 16)) not in state.done and key not in state.bad_images:
                 found.setdefault(key, []).append(rel)
         return found

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..models import MODELS, effective_size, pixel_size
 from ..output.source import ImageSource, LocalSource, read_dimensions
-from ..record import Record, images_of, supersedes
+from ..record import Record, images_of, latest
 from .phash import MAX_THRESHOLD, HashCache, hash_images, near_pairs, pillow_missing
 
 __all__ = [
@@ -29,7 +29,6 @@ __all__ = [
     "LocalSource",
     "analyze",
     "duplicate_groups",
-    "latest_records",
     "shape_checks",
 ]
 
@@ -40,15 +39,6 @@ NEAR_NOTE_MISSING = (
     "not checked ({why}): pip install pillow (runner's optional `images` extra: pip install -e '.[images]' "
     "in its checkout), then run the report again"
 )
-
-
-def latest_records(records: Iterable[Record]) -> dict[str, Record]:
-    """item_id -> the record that counts (the input may already be the latest ones: then a no-op)."""
-    last: dict[str, Record] = {}
-    for rec in records:
-        if supersedes(rec, last.get(rec["item_id"])):
-            last[rec["item_id"]] = rec
-    return last
 
 
 def duplicate_groups(records: Iterable[Record]) -> list[list[str]]:
@@ -241,7 +231,7 @@ def analyze(
     """
     if not 0 <= near_threshold <= MAX_THRESHOLD:
         raise ValueError(f"near threshold must be 0..{MAX_THRESHOLD} bits, got {near_threshold}")
-    ok = [rec for rec in latest_records(records).values() if rec["status"] == "ok"]
+    ok = [rec for rec in latest(records).values() if rec["status"] == "ok"]
     result: dict[str, Any] = {"duplicates": duplicate_groups(ok)}
     shapes = shape_checks(ok, source)
     missing = pillow_missing()

@@ -115,9 +115,12 @@ class Jail:
         folder, _, name = rel.rpartition("/")
         dfd = self.dir_fd(folder, create=True)
         tmp = f".{name}.{os.getpid()}-{next(_TEMP_SEQ)}.tmp"  # unique per write: threads may write one name
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp, dir_fd=dfd)  # a leftover of ours, or something planted: never written through
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644, dir_fd=dfd)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW
+        try:
+            fd = os.open(tmp, flags, 0o644, dir_fd=dfd)
+        except FileExistsError:  # a leftover of ours, or something planted: removed, never written through
+            os.unlink(tmp, dir_fd=dfd)
+            fd = os.open(tmp, flags, 0o644, dir_fd=dfd)
         try:
             yield fd
             if durable:

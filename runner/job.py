@@ -147,11 +147,12 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
             f"{store.display} holds images made by {made}: {now} run would mix its images in with them "
             "(and skip those items as done); give it another --out"
         )
-    orphans = await anyio.to_thread.run_sync(store.orphans, state)
     prices = PriceTable(spec.pricing)
-    plan = await anyio.to_thread.run_sync(
-        lambda: make_plan(spec, state, prices, options.shard, options.retry_failed, orphans)
-    )
+    plan = await anyio.to_thread.run_sync(lambda: make_plan(spec, state, prices, options.shard, options.retry_failed))
+    # Image files without records (a kill between an image and its line) matter only when there
+    # is something to run; listing a million files to find none would slow every finished resume.
+    orphans = await anyio.to_thread.run_sync(store.orphans, state) if plan.to_run else {}
+    plan.on_disk = len(orphans)
     result.items, result.skipped_done, result.skipped_failed = plan.items, plan.done, plan.skipped_failed
     result.to_run = plan.to_run
     result.spent_before_usd = state.spent_usd
@@ -244,7 +245,7 @@ def _plan_parts(plan: Plan, state: Any) -> list[str]:
         parts.append(f"{plan.done} already done (skipped)")
     if plan.on_disk:
         parts.append(
-            f"{plan.on_disk} with images on disk but no record (recorded from them if whole, not bought again)"
+            f"{plan.on_disk} with image files on disk but no record (recorded from them if whole, not bought again)"
         )
     if state.bad_images:
         parts.append(f"{len(state.bad_images)} recorded ok but image missing or corrupt (will redo)")

@@ -44,7 +44,7 @@ class Plan:
     input_bytes: int = 0
     input_cost: float = 0.0
     lines: dict[tuple[str, str], Line] = field(default_factory=dict)
-    on_disk: int = 0  # items to run that have image files on disk but no ok line (a kill between the two)
+    on_disk: int = 0  # items with image files on disk but no ok line (a kill between the two); set by the run
 
     @property
     def remaining(self) -> int:
@@ -61,7 +61,6 @@ def make_plan(
     prices: PriceTable,
     shard: Shard | None = None,
     retry_failed: bool = False,
-    orphans: dict[int, list[str]] | None = None,
 ) -> Plan:
     plan = Plan()
     for key, fields in iter_keyed(spec, shard):
@@ -83,8 +82,6 @@ def make_plan(
         plan.input_cost += prices.table[model]["input_image"] * len(inputs)
         if not state.pending(key, retry_failed):
             plan.skipped_failed += 1
-        elif orphans and key in orphans:
-            plan.on_disk += 1
     plan.to_run = plan.items - plan.done - plan.skipped_failed
     return plan
 

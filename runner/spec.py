@@ -344,10 +344,11 @@ def _prompt_file(ctx: _Context, f: Any, key: str) -> PromptFile:
         for count, prompt in enumerate(iter_prompts(path, kind), 1):  # noqa: B007
             assert ctx.model is not None  # checked before the files
             refs = (*ctx.images, *prompt.images)
-            images = tuple(img for ref in refs for img in ctx.inputs.resolve(ref))
-            problem = check_request(ctx.model, prompt.text, images)
-            if problem is not None:
-                raise ValueError(f"prompt {prompt.prompt_id!r}: {problem}")
+            if refs or len(prompt.text) > 1 << 20:  # a plain line of text cannot break the limits
+                images = tuple(img for ref in refs for img in ctx.inputs.resolve(ref))
+                problem = check_request(ctx.model, prompt.text, images)
+                if problem is not None:
+                    raise ValueError(f"prompt {prompt.prompt_id!r}: {problem}")
     except (ValueError, OSError) as e:  # InputError is a ValueError
         raise c.fail(key, f"{path}: {e}") from None
     return PromptFile(path, kind, count)

@@ -205,14 +205,14 @@ def _index_rows(manifest: Path) -> Iterator[dict[str, Any]]:
         for line in f:
             try:
                 item_id, status, kind, rel, size, mtime, sha, cost, _ = line.split("\t")
-                int(item_id, 16), float(cost), int(size or 0), int(mtime or 0)
+                row = {
+                    "item_id": item_id, "status": status, "error": {"kind": kind} if kind else None,
+                    "image_path": rel or None, "bytes": int(size) if size else None,
+                    "mtime_ns": int(mtime) if mtime else None, "sha256": sha or None, "cost_usd": float(cost),
+                }  # fmt: skip
             except ValueError:  # a row edited by hand: its item counts as unrecorded (run again or recovered)
                 continue
-            yield {
-                "item_id": item_id, "status": status, "error": {"kind": kind} if kind else None,
-                "image_path": rel or None, "bytes": int(size) if size else None,
-                "mtime_ns": int(mtime) if mtime else None, "sha256": sha or None, "cost_usd": float(cost),
-            }  # fmt: skip
+            yield row
 
 
 def image_intact(out: Path, rec: Mapping[str, Any], full: bool = False) -> bool:
@@ -278,8 +278,11 @@ def scan(out: Path, full_verify: bool = False, image_sizes: dict[str, int] | Non
     bad: list[int] = []
     rows = (rec for p in manifest_paths(out) for rec in (_index_rows(p) if index_valid(p) else _records(p, bad)))
     for rec in rows:
+        try:
+            key = int(rec["item_id"], 16)
+        except ValueError:  # an index row edited by hand
+            continue
         state.spent_usd += rec["cost_usd"] if isinstance(rec.get("cost_usd"), (int, float)) else 0.0
-        key = int(rec["item_id"], 16)
         if key in state.done:  # an ok with an intact image stands (see record.supersedes)
             continue
         if state.known(key):  # a later record supersedes an earlier one

@@ -14,7 +14,6 @@ import shutil
 import struct
 import subprocess
 import time
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,23 +24,10 @@ import pytest
 from runner.gallery import write_html
 from runner.record import Record, parse_line, supersedes
 
+from .conftest import item_id, png
+
 EVIL = '<img src=x onerror="window.pwned=3"><script>window.pwned=1</script>'
 HOSTILE = EVIL + "</script><!-- \x00\x07\x1b[31m \ud800 \u202eRTL\u202c \u2028 &amp;"
-
-
-def png(width: int = 16, height: int = 9, rgb: tuple[int, int, int] = (200, 40, 40)) -> bytes:
-    """A small valid RGB PNG."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    raw = b"".join(b"\x00" + bytes(rgb) * width for _ in range(height))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
-
-
-def item_id(n: int) -> str:
-    return hashlib.sha256(str(n).encode()).hexdigest()[:20]
 
 
 def store_input(out: Path, data: bytes) -> dict[str, Any]:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -14,24 +12,9 @@ import pytest
 from runner.errors import UsageError
 from runner.report import format_text, percentile, summarize
 
-from .conftest import run_cli
+from .conftest import item_id, png, run_cli
 
 EVIL = "<img src=x onerror=alert(1)><script>alert(2)</script>"
-
-
-def png(width: int = 4, height: int = 3, rgb: tuple[int, int, int] = (200, 40, 40)) -> bytes:
-    """A tiny valid RGB PNG."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    raw = b"".join(b"\x00" + bytes(rgb) * width for _ in range(height))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
-
-
-def item_id(n: int) -> str:
-    return hashlib.sha256(str(n).encode()).hexdigest()[:20]
 
 
 def record(

@@ -8,7 +8,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +100,10 @@ async def run_job_async(spec: JobSpec, options: RunOptions = RunOptions(), log: 
     if options.mock:
         from .mock import MockConfig, MockGateway
 
-        # Real pixel sizes (image_scale 1): a rehearsal's report and gallery look like the real thing.
-        with MockGateway(options.mock_config or MockConfig(image_scale=1)) as gateway:
+        # Real pixel sizes (image_scale 1): a rehearsal's report and gallery look like the real thing;
+        # and the mock speaks the API format the job was written for.
+        config = replace(options.mock_config or MockConfig(image_scale=1), flavor=spec.api_format)
+        with MockGateway(config) as gateway:
             return await _run(spec, options, log, gateway.base_url, "mock-key")
     key = (options.api_key or os.environ.get(spec.api_key_env) or "").strip()
     if not key:

@@ -225,7 +225,9 @@ class Pool:
             try:
                 async with self.concurrency.limiter:
                     if not await self.rate.acquire(self._stopping) or (self.stopping and run.last is None):
-                        return run.last  # stopped while waiting for a slot: nothing sent, nothing to record
+                        # Stopped while waiting for a slot: nothing sent; a retry that never went is cut short.
+                        run.interrupted = run.last is not None
+                        return run.last
                     run.attempts += 1
                     self.stats.requests += 1
                     t0 = time.monotonic()

@@ -103,12 +103,17 @@ def _image_urls(message: dict[str, Any]) -> list[str] | None:
         return None
     urls = []
     for entry in images:
-        url = entry.get("image_url") if isinstance(entry, dict) else None
-        url = url.get("url") if isinstance(url, dict) else url
+        url = _image_url(entry)
         if not isinstance(url, str):
             return None
         urls.append(url)
     return urls
+
+
+def _image_url(part: Any) -> Any:
+    """The url of an `image_url` part: {"image_url": {"url": ...}}, or {"image_url": "..."}."""
+    url = part.get("image_url") if isinstance(part, dict) else None
+    return url.get("url") if isinstance(url, dict) else url
 
 
 def _content_text(content: Any) -> tuple[str, list[str]] | None:
@@ -125,8 +130,7 @@ def _content_text(content: Any) -> tuple[str, list[str]] | None:
             return None
         if isinstance(part.get("text"), str):
             texts.append(part["text"])
-        url = part.get("image_url")
-        url = url.get("url") if isinstance(url, dict) else url
+        url = _image_url(part)
         if isinstance(url, str):
             urls.append(url)
     return "\n".join(texts), urls

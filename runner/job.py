@@ -22,6 +22,7 @@ from .http import Http, make_http
 from .items import Shard
 from .limits import Budget
 from .output import Store, open_store
+from .output.manifest import read_snapshot
 from .plan import Plan, budget_share, make_plan, pending, rpm_share
 from .policy import PERMANENT, ServerWaitOrBackoff, printable
 from .pool import Pool
@@ -140,9 +141,9 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
         )
     if store.removed_temps:
         log(f"removed {store.removed_temps} temporary file(s) left by an earlier run that died")
-    previous = store.read_snapshot()
+    previous = read_snapshot(store.path)  # what the dir remembers of its last run ({} if nothing)
     state = await anyio.to_thread.run_sync(store.scan, options.verify)
-    mock_made = bool(previous and previous.get("made_by_mock"))
+    mock_made = bool(previous.get("made_by_mock"))
     if mock_made != options.mock and state.known_count():  # never mix mock images and paid ones in one dir
         made, now = ("the built-in mock (--mock)", "a real") if mock_made else ("a gateway", "a --mock")
         raise UsageError(
@@ -223,14 +224,14 @@ async def _closing(http: Http) -> AsyncIterator[Http]:
 
 
 def _drift(
-    spec: JobSpec, options: RunOptions, state: Any, plan: Plan, store: Store, log: Log, previous: dict[str, Any] | None
+    spec: JobSpec, options: RunOptions, state: Any, plan: Plan, store: Store, log: Log, previous: dict[str, Any]
 ) -> None:
     """Say how the spec changed since the output dir last ran it (spec drift); remember this one,
     how many items it has (for `report`), and whether mock images are in the dir."""
     summary = spec_summary(spec)
-    summary["made_by_mock"] = bool((options.mock and plan.to_run) or (previous or {}).get("made_by_mock"))
-    summary["items"] = plan.items if options.shard is None else (previous or {}).get("items")
-    if previous is not None and previous.get("fingerprint") != summary["fingerprint"]:
+    summary["made_by_mock"] = bool((options.mock and plan.to_run) or previous.get("made_by_mock"))
+    summary["items"] = plan.items if options.shard is None else previous.get("items")
+    if previous and previous.get("fingerprint") != summary["fingerprint"]:
         added = plan.items - plan.known_seen
         gone = state.known_count(options.shard.owns if options.shard else None) - plan.known_seen
         if added or gone:

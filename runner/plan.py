@@ -79,7 +79,7 @@ def make_plan(
         line.remaining += 1
         plan.input_images += len(inputs)
         plan.input_bytes += sum(i.size for i in inputs)
-        plan.input_cost += prices.table[model]["input_image"] * len(inputs)
+        plan.input_cost += prices.per_input_image(model) * len(inputs)
         if not state.pending(key, retry_failed):
             plan.skipped_failed += 1
     plan.to_run = plan.items - plan.done - plan.skipped_failed

@@ -25,9 +25,9 @@ class PriceTable:
         """The price of one generated image of this item."""
         return self.per_image(item.model, item.config.image_size)
 
-    def inputs(self, item: Item) -> float:
-        """What the item's reference images cost as input tokens (not billed as images)."""
-        return self.table[item.model][INPUT_IMAGE] * len(item.inputs)
+    def per_input_image(self, model: str) -> float:
+        """What one reference image costs as input tokens (not billed as an image)."""
+        return self.table[model][INPUT_IMAGE]
 
 
 def usd(value: float) -> str:

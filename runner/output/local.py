@@ -246,13 +246,6 @@ class LocalStore:
         except OSError as e:
             raise output_error(e, self.display) from None
 
-    def read_snapshot(self) -> dict[str, Any] | None:
-        try:
-            obj = json.loads(self.jail.read(SPEC_SNAPSHOT, 1 << 20))
-        except (OSError, ValueError):
-            return None
-        return obj if isinstance(obj, dict) else None
-
     def write_snapshot(self, summary: dict[str, Any]) -> None:
         try:
             self.jail.write_atomic(SPEC_SNAPSHOT, json.dumps(summary, indent=2).encode(), self.durable)

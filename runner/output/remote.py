@@ -175,13 +175,6 @@ class RemoteStore:
         self._seq += 1
         self._put(f"{self._part}-{self._seq:06d}.jsonl", b"".join(lines))
 
-    def read_snapshot(self) -> dict[str, Any] | None:
-        try:
-            obj = json.loads((self.path / SPEC_SNAPSHOT).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return obj if isinstance(obj, dict) else None
-
     def write_snapshot(self, summary: dict[str, Any]) -> None:
         self._put(SPEC_SNAPSHOT, json.dumps(summary, indent=2).encode())
 

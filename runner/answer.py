@@ -184,11 +184,11 @@ def _parse(doc: bytes | bytearray, cut: list[tuple[str, bytes]] | None, api_key:
     if len(found) > MAX_IMAGES:
         return Failure("invalid_response", 200, f"answer holds {len(found)} images", request_id=request_id)
     images: list[Image] = []
-    seen: set[bytes] = set()
+    seen: list[bytes] = []  # not a set: hashing a 4 MB image costs more than comparing a few
     for mime, data in found:
         if data in seen:  # the same image in the content and in message.images: one image, billed once
             continue
-        seen.add(data)
+        seen.append(data)
         if not is_whole_image(mime, data):
             why = clean_message(f"data claims {mime} but is not a whole one", api_key)
             return Failure("invalid_response", 200, why, request_id=request_id)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import email.utils
+import functools
 import json
 import math
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -170,8 +171,8 @@ def safe_text(text: str, api_key: str | None, *, keep_newlines: bool = True, lim
     the key and anything key-like scrubbed, the length capped; in that order, so neither a
     control character inside the key nor the cap through the middle of it can save it."""
     text = text[: 2 * limit + 512]  # bound the work; the final cut below is well inside this
-    # Encoding through UTF-16 pairs up valid surrogate pairs and replaces lone ones.
-    text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if not text.isascii():  # encoding through UTF-16 pairs up valid surrogate pairs and replaces lone ones
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     text = (_CONTROL if keep_newlines else _CONTROL_NL).sub("", text)
     if api_key:
         text = _scrub_key(text, api_key)
@@ -182,11 +183,25 @@ def safe_text(text: str, api_key: str | None, *, keep_newlines: bool = True, lim
 def _scrub_key(text: str, key: str) -> str:
     """The key, and any 8 characters in a row of it (a key cut in pieces), replaced."""
     text = text.replace(key, "[key]")
-    for i in range(max(0, len(key) - 7)):
-        piece = key[i : i + 8]
+    pieces, lookup = _key_pieces(key)
+    # A short text (an id, a usage key: several per answer) looks its own 8-grams up at once.
+    if len(text) < 8 or (len(text) < len(pieces) and lookup.isdisjoint(_grams(text))):
+        return text
+    for piece in pieces:
         if piece in text:
             text = text.replace(piece, "[key]")
     return text
+
+
+@functools.lru_cache(maxsize=8)
+def _key_pieces(key: str) -> tuple[tuple[str, ...], frozenset[str]]:
+    """The key's 8-character pieces in order, and as a set."""
+    pieces = tuple(dict.fromkeys(_grams(key)))
+    return pieces, frozenset(pieces)
+
+
+def _grams(text: str) -> Iterator[str]:
+    return (text[i : i + 8] for i in range(len(text) - 7))
 
 
 def safe_json(value: Any, api_key: str | None, depth: int = 0) -> Any:

@@ -49,6 +49,9 @@ def test_many_images_on_disk_without_lines_are_recovered_without_hanging(tmp_pat
         f"{KEY[:4]}\x07{KEY[4:]}",  # a bell
         "x" * 95 + KEY,  # the key across the length cut
         f"{KEY[:9]} {KEY[9:]}",  # a space: long pieces of the key still go
+        KEY[3:11],  # short texts (an answer's id, a usage key) are looked up by their own pieces
+        f"req-{KEY[10:19]}",
+        f"{KEY[-8:]}!",
     ],
 )
 def test_a_key_in_pieces_is_still_scrubbed(text: str) -> None:

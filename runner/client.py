@@ -67,7 +67,8 @@ class Client:
         self.inputs = inputs
         self._key = api_key
 
-    async def generate(self, item: Item) -> Outcome:
+    async def generate(self, item: Item) -> Outcome | None:
+        """The item's outcome, or None when the request was given up (Deadlines.cancel_all)."""
         try:
             content = await self._body(item)
         except InputError as e:
@@ -78,6 +79,8 @@ class Client:
         except Fault as f:
             return Failure(f.kind, f.status, self._msg(f.message), final=f.final)
         if scope.cancelled_caught:
+            if self.deadlines.cancelled:
+                return None
             return Failure("timeout", None, f"no complete answer within {self.timeout_s:g}s")
         if status != 200:
             return classify_status(status, body[:20_000], headers, self._key)

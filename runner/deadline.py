@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -24,6 +25,13 @@ class Deadlines:
         self._awake = 0.0
         self._scopes: dict[anyio.CancelScope, float] = {}
         self._running = False
+        self.cancelled = False
+
+    def cancel_all(self) -> None:
+        """End every request in flight now, and any started later (a second Ctrl+C)."""
+        self.cancelled = True
+        for scope in list(self._scopes):
+            scope.cancel()
 
     async def run(self) -> None:
         """The clock: run it in the pool's task group for as long as requests may be sent."""
@@ -46,13 +54,13 @@ class Deadlines:
 
     @contextmanager
     def limit(self, seconds: float) -> Iterator[anyio.CancelScope]:
-        """A cancel scope cancelled after `seconds` of awake time (check cancelled_caught)."""
-        if not self._running:
-            with anyio.move_on_after(seconds) as scope:
-                yield scope
-            return
-        with anyio.CancelScope() as scope:
-            self._scopes[scope] = self._awake + seconds
+        """A cancel scope cancelled after `seconds` of awake time (check cancelled_caught), or
+        by cancel_all. Without the clock task, a plain wall-clock deadline."""
+        deadline = math.inf if self._running else anyio.current_time() + seconds
+        with anyio.CancelScope(deadline=deadline) as scope:
+            if self.cancelled:
+                scope.cancel()
+            self._scopes[scope] = self._awake + seconds if self._running else math.inf
             try:
                 yield scope
             finally:

@@ -74,7 +74,7 @@ class AiohttpHttp:
         self._headers = {**headers, **_HEADERS}
         self._proxy = env_proxy(base_url)
         # certifi's CAs, as httpx uses, for https; loading them costs ~20 ms, so not for plain http
-        ssl = httpx.create_ssl_context() if base_url.startswith("https:") else True
+        ssl = httpx.create_ssl_context() if httpx.URL(base_url).scheme == "https" else True
         connector = aiohttp.TCPConnector(limit=concurrency, ssl=ssl)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_s)
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False)

@@ -100,6 +100,17 @@ class Budget:
         self.in_flight += amount
         return amount
 
+    def top_up(self, reserved: float, price: float) -> float | None:
+        """An item's reservation raised to what its answer may cost now (answers of more images
+        seen since it reserved), or None when that no longer fits: checked before each request."""
+        amount = price * self.images_per_answer
+        if amount <= reserved:
+            return reserved
+        if self.max_usd is not None and self.spent + self.in_flight - reserved + amount > self.max_usd + 1e-9:
+            return None
+        self.in_flight += amount - reserved
+        return amount
+
     def settle(self, reserved: float, actual: float, images: int) -> None:
         self.in_flight -= reserved
         self.spent += actual

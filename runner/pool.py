@@ -37,6 +37,8 @@ class _ItemRun:
     """One item on its way through attempts."""
 
     item: Item
+    price: float  # per image
+    reserved: float  # of the budget, for its answer
     attempts: int = 0
     latency: float = 0.0
     last: Outcome | None = None
@@ -81,7 +83,8 @@ class Pool:
         self.workers = concurrency
         self._stopping = anyio.Event()
         self._requests_cancelled = False
-        self._savers: ThreadPoolExecutor | None = None
+        self._savers: ThreadPoolExecutor | None = None  # images saved, lines built
+        self._committer: ThreadPoolExecutor | None = None  # lines appended: never queued behind saves
         self._items: Iterator[Item] = iter(())
         self._no_new_items = False
         self._on_disk: dict[int, list[str]] = {}
@@ -122,6 +125,7 @@ class Pool:
         # Records are small (their images are on disk): room for what a commit delay gathers.
         done_send, done_recv = anyio.create_memory_object_stream[Record](max(self.workers * 2, 1024))
         self._savers = ThreadPoolExecutor(SAVE_THREADS, thread_name_prefix="runner-save")
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="runner-commit")
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._write, done_recv)
@@ -129,20 +133,25 @@ class Pool:
                     for _ in range(self.workers):
                         tg.start_soon(self._work, done_send.clone())
         finally:
-            self._savers.shutdown(wait=True)  # every call was awaited (shielded): the threads are idle
+            for executor in (self._savers, self._committer):
+                executor.shutdown(wait=True)  # every call was awaited (shielded): the threads are idle
         return self.stats
 
-    async def _in_thread(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """`fn` in one of the pool's few disk threads; a cancelled caller still waits for it, so
+    @staticmethod
+    async def _in_thread(
+        executor: ThreadPoolExecutor | None, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """`fn` in one of the pool's disk threads; a cancelled caller still waits for it, so
         nothing writes into the output dir after the pool has returned.
 
         Not anyio.to_thread: with 64 callers it costs ~80 us of CPU per call (its limiter, scopes
         and hand-off to a worker of its own), a plain executor ~30 us, and images are saved once
         per item (benchmarks/README.md). A few threads, not anyio's forty: a wave of 64 answers
-        does not start 40 threads taking turns at the GIL."""
-        assert self._savers is not None, "run() first"
+        does not start 40 threads taking turns at the GIL. asyncio's executor, since runner runs
+        on asyncio only (aiohttp needs it)."""
+        assert executor is not None, "run() first"
         with anyio.CancelScope(shield=True):
-            result = await asyncio.get_running_loop().run_in_executor(self._savers, lambda: fn(*args, **kwargs))
+            result = await asyncio.get_running_loop().run_in_executor(executor, lambda: fn(*args, **kwargs))
         return result
 
     def _next_item(self) -> Item | None:
@@ -176,19 +185,17 @@ class Pool:
                 price = self.prices.item(item)
                 files = self._on_disk.pop(int(item.item_id, 16), None)
                 if files is not None:
-                    found = await self._in_thread(self.writer.recovered, item, files)
+                    found = await self._in_thread(self._savers, self.writer.recovered, item, files)
                     if found is not None:
                         self.budget.settle(0.0, found["cost_usd"], 0)  # paid for before the crash
                         await send.send(found)
                         continue
                 reserved = self.budget.reserve(price)
                 if reserved is None:
-                    spent = f"${self.budget.spent:.2f} spent of max_cost_usd {self.budget.max_usd:g}"
-                    # The items in flight fit the budget (each holds its reservation): they go on.
-                    self.stop(f"budget reached: {spent}", "budget", True, drain=True)
+                    self._budget_reached()
                     continue
                 started = time.monotonic()
-                run = _ItemRun(item)
+                run = _ItemRun(item, price, reserved)
                 try:
                     # The first attempt outside tenacity: most succeed, and a tenacity call costs
                     # ~25 us of CPU per item (benchmarks/README.md). A retryable failure enters it
@@ -203,18 +210,18 @@ class Pool:
                     where = self.on_bug(e, f"item {item.item_id}")
                     outcome = Failure("internal", None, f"internal error: {type(e).__name__} (details in {where})")
                 if outcome is None:  # never answered (requests cancelled): nothing to record, the next run sends it
-                    self.budget.settle(reserved, 0.0, 1)
+                    self.budget.settle(run.reserved, 0.0, 0)
                     continue
                 images = len(outcome.images) if isinstance(outcome, Success) else 0
                 cost = price * images  # billed per image generated; failures are not billed
-                self.budget.settle(reserved, cost, images)
+                self.budget.settle(run.reserved, cost, images)
                 self._judge(outcome)  # before anything else awaits: an abort stops new items at once
                 elapsed = time.monotonic() - started
                 finished = Finished(
                     item, outcome, run.attempts, run.latency, elapsed, cost, run.retried, run.interrupted
                 )
                 try:
-                    record = await self._in_thread(self.writer.record, finished)
+                    record = await self._in_thread(self._savers, self.writer.record, finished)
                 except RunnerError:
                     raise
                 except Exception as e:  # a bug while saving or recording: that item alone
@@ -245,6 +252,12 @@ class Pool:
                 # Stopped while waiting for a slot: nothing sent; a retry that never went is cut short.
                 run.interrupted = run.last is not None
                 return run.last
+            reserved = self.budget.top_up(run.reserved, run.price)
+            if reserved is None:  # answers now hold more images than when it reserved: it no longer fits
+                self._budget_reached()
+                run.interrupted = run.last is not None
+                return run.last
+            run.reserved = reserved
             run.attempts += 1
             self.stats.requests += 1
             t0 = time.monotonic()
@@ -261,6 +274,11 @@ class Pool:
             self.log(said)
         run.last = outcome
         return outcome
+
+    def _budget_reached(self) -> None:
+        spent = f"${self.budget.spent:.2f} spent of max_cost_usd {self.budget.max_usd:g}"
+        # No new item starts; the ones in flight go on, each request within its reservation.
+        self.stop(f"budget reached: {spent}", "budget", True, drain=True)
 
     async def _sleep(self, seconds: float) -> None:
         """A backoff that a stop (Ctrl+C, abort, budget) cuts short."""
@@ -298,7 +316,7 @@ class Pool:
                         batch.append(recv.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
-                records = await self._in_thread(self.writer.commit, batch)
+                records = await self._in_thread(self._committer, self.writer.commit, batch)
                 for rec in records:
                     self._count(rec)
                 if self.progress:

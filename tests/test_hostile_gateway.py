@@ -296,3 +296,21 @@ def test_an_answer_that_trickles_times_out_within_timeout_s(tmp_path: Path, host
     held = hostile.stats()["held"][bad_prompt("trickle")]
     assert len(held) >= 2
     assert max(held) < timeout_s + 1 + 2 * TRICKLE_S, held
+
+
+def test_items_waiting_for_a_slot_when_answers_grow_are_not_sent_past_the_budget(
+    tmp_path: Path, hostile: HostileServer
+) -> None:
+    # Two items reserve one image's price each; the first is sent and its answer holds 10
+    # images; the second is still waiting for its rate slot (5 s later). It must not go out
+    # on its old reservation: one more 10-image answer would pass the budget.
+    budget = 12 * PRICE
+    prompts = [f"{bad_prompt('images10')} {i}" for i in range(4)]
+    path = write_spec(
+        tmp_path, hostile.base_url, prompts=prompts, concurrency=2, requests_per_minute=12, max_cost_usd=budget
+    )
+    proc = run_cli("run", str(path), "--no-progress", timeout=60)
+    assert proc.returncode == 3 and "budget reached" in proc.stderr, proc.stderr[-3000:]
+    assert sum(hostile.stats()["paid"].values()) == 1
+    records = strict_records(tmp_path / "out")
+    assert [r["status"] for r in records] == ["ok"] and records[0]["cost_usd"] == pytest.approx(10 * PRICE)

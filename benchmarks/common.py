@@ -42,7 +42,7 @@ from runner.job import RunOptions, RunResult, run_job_async  # noqa: E402
 from runner.spec import JobSpec, load_spec  # noqa: E402, F401  (load_spec: for the scripts)
 
 KEY = "sk-bench-0123456789"
-# 'aiohttp': runner's own default transport (aiohttp, as make_http_client builds it); 'httpx': httpx's own pool.
+# 'aiohttp': runner's own default transport (aiohttp, as runner.http.make_http builds it); 'httpx': httpx's own pool.
 TRANSPORTS = ("httpx", "aiohttp")
 os.environ.pop("RUNNER_HTTP_TRANSPORT", None)  # 'aiohttp' rows must be runner's default, whatever the shell says
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -258,35 +258,9 @@ def run_aiohttp_loop(
     return asyncio.run(aiohttp_loop(base_url, payloads, concurrency, out, durable))
 
 
-async def httpx_loop(base_url: str, payloads: Sequence[dict[str, Any]], concurrency: int, transport: str) -> Timing:
-    """The same minimal loop through httpx's API: runner's make_http_client over the given transport.
-    Its distance to the aiohttp loop is what httpx's API costs, before any runner bookkeeping."""
-    from runner.client import make_http_client
-
-    sem = asyncio.Semaphore(concurrency)
-    ok = 0
-    t0, c0 = time.perf_counter(), cpu_now()
-    http = make_http_client(base_url, KEY, 300.0, concurrency, make_transport(transport, concurrency))
-    async with http:
-
-        async def one(body: dict[str, Any]) -> None:
-            nonlocal ok
-            async with sem:
-                resp = await http.post("chat/completions", json=body)
-                json.loads(resp.content)
-                ok += resp.status_code == 200
-
-        await asyncio.gather(*(one(b) for b in payloads))
-    return Timing(time.perf_counter() - t0, cpu_now() - c0, len(payloads), ok)
-
-
-def run_httpx_loop(base_url: str, payloads: Sequence[dict[str, Any]], concurrency: int, transport: str) -> Timing:
-    return asyncio.run(httpx_loop(base_url, payloads, concurrency, transport))
-
-
 # -- the runner --------------------------------------------------------------------------------------
 def make_transport(kind: str, concurrency: int) -> httpx.AsyncBaseTransport | None:
-    """'aiohttp': None, i.e. runner's own default (aiohttp, built by make_http_client); 'httpx': httpx's own pool.
+    """'aiohttp': None, i.e. runner's own default (aiohttp, built by runner.http.make_http); 'httpx': httpx's own pool.
 
     (Before 2026-11-27 'httpx' returned None too, so the committed 'httpx' rows ran over aiohttp.)"""
     if kind == "aiohttp":

@@ -182,51 +182,54 @@ class Pool:
         retrying = self._retrying()
         async with send:
             while (item := self._next_item()) is not None:
-                price = self.prices.item(item)
-                files = self._on_disk.pop(int(item.item_id, 16), None)
-                if files is not None:
-                    found = await self._in_thread(self._savers, self.writer.recovered, item, files)
-                    if found is not None:
-                        self.budget.settle(0.0, found["cost_usd"], 0)  # paid for before the crash
-                        await send.send(found)
-                        continue
-                reserved = self.budget.reserve(price)
-                if reserved is None:
-                    self._budget_reached()
-                    continue
-                started = time.monotonic()
-                run = _ItemRun(item, price, reserved)
-                try:
-                    # The first attempt outside tenacity: most succeed, and a tenacity call costs
-                    # ~25 us of CPU per item (benchmarks/README.md). A retryable failure enters it
-                    # as attempt 1, replayed, so its waits and stops apply from there as before.
-                    outcome: Outcome | None = await self._attempt(run)
-                    if _retryable(outcome):
-                        run.replay = True
-                        outcome = await retrying(self._again, run)
-                except (RunnerError, anyio.get_cancelled_exc_class()):
-                    raise
-                except Exception as e:  # a bug: this item fails as `internal`, the run goes on
-                    where = self.on_bug(e, f"item {item.item_id}")
-                    outcome = Failure("internal", None, f"internal error: {type(e).__name__} (details in {where})")
-                if outcome is None:  # never answered (requests cancelled): nothing to record, the next run sends it
-                    self.budget.settle(run.reserved, 0.0, 0)
-                    continue
-                images = len(outcome.images) if isinstance(outcome, Success) else 0
-                cost = price * images  # billed per image generated; failures are not billed
-                self.budget.settle(run.reserved, cost, images)
-                self._judge(outcome)  # before anything else awaits: an abort stops new items at once
-                elapsed = time.monotonic() - started
-                finished = Finished(
-                    item, outcome, run.attempts, run.latency, elapsed, cost, run.retried, run.interrupted
-                )
-                try:
-                    record = await self._in_thread(self._savers, self.writer.record, finished)
-                except RunnerError:
-                    raise
-                except Exception as e:  # a bug while saving or recording: that item alone
-                    record = self.writer.bug_record(item.record_fields(), e, run.attempts)
-                await send.send(record)
+                record = await self._one(item, retrying)
+                if record is not None:
+                    await send.send(record)
+
+    async def _one(self, item: Item, retrying: AsyncRetrying) -> Record | None:
+        """One item from start to record (None: nothing to record). A function of its own so
+        that its answer and images are let go as it returns, not held through the next item."""
+        price = self.prices.item(item)
+        files = self._on_disk.pop(int(item.item_id, 16), None)
+        if files is not None:
+            found = await self._in_thread(self._savers, self.writer.recovered, item, files)
+            if found is not None:
+                self.budget.settle(0.0, found["cost_usd"], 0)  # paid for before the crash
+                return found
+        reserved = self.budget.reserve(price)
+        if reserved is None:
+            self._budget_reached()
+            return None
+        started = time.monotonic()
+        run = _ItemRun(item, price, reserved)
+        try:
+            # The first attempt outside tenacity: most succeed, and a tenacity call costs ~20 us
+            # of CPU per item (benchmarks/bench_hot_path.py). A retryable failure enters it as
+            # attempt 1, replayed, so its waits and stops apply from there as before.
+            outcome: Outcome | None = await self._attempt(run)
+            if _retryable(outcome):
+                run.replay = True
+                outcome = await retrying(self._again, run)
+        except (RunnerError, anyio.get_cancelled_exc_class()):
+            raise
+        except Exception as e:  # a bug: this item fails as `internal`, the run goes on
+            where = self.on_bug(e, f"item {item.item_id}")
+            outcome = Failure("internal", None, f"internal error: {type(e).__name__} (details in {where})")
+        if outcome is None:  # never answered (requests cancelled): nothing to record, the next run sends it
+            self.budget.settle(run.reserved, 0.0, 0)
+            return None
+        images = len(outcome.images) if isinstance(outcome, Success) else 0
+        cost = price * images  # billed per image generated; failures are not billed
+        self.budget.settle(run.reserved, cost, images)
+        self._judge(outcome)  # before anything else awaits: an abort stops new items at once
+        elapsed = time.monotonic() - started
+        finished = Finished(item, outcome, run.attempts, run.latency, elapsed, cost, run.retried, run.interrupted)
+        try:
+            return await self._in_thread(self._savers, self.writer.record, finished)
+        except RunnerError:
+            raise
+        except Exception as e:  # a bug while saving or recording: that item alone
+            return self.writer.bug_record(item.record_fields(), e, run.attempts)
 
     async def _again(self, run: _ItemRun) -> Outcome | None:
         if run.replay:

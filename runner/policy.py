@@ -269,10 +269,10 @@ class CircuitBreaker:
 
 
 class StopWhen(stop_base):
-    """tenacity's stop condition for "the run is stopping" (Ctrl+C, abort, budget)."""
+    """tenacity's stop condition for "the run or this item is stopping" (Ctrl+C, abort, budget)."""
 
-    def __init__(self, stopping: Callable[[], bool]) -> None:
+    def __init__(self, stopping: Callable[[RetryCallState], bool]) -> None:
         self.stopping = stopping
 
     def __call__(self, retry_state: RetryCallState) -> bool:
-        return self.stopping()
+        return self.stopping(retry_state)

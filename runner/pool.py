@@ -171,7 +171,9 @@ class Pool:
         """One tenacity controller per worker: attempts, backoff (the server's wait first), a
         stop (Ctrl+C, abort, budget) ends the retries, and the last outcome is returned as is."""
         return AsyncRetrying(
-            stop=stop_after_attempt(self.max_attempts) | StopWhen(lambda: self.stopping),
+            # the run stops, or this item does (a retry that no longer fits the budget)
+            stop=stop_after_attempt(self.max_attempts)
+            | StopWhen(lambda state: self.stopping or state.args[0].interrupted),
             wait=self.backoff,
             retry=retry_if_result(_retryable),
             sleep=self._sleep,

@@ -222,6 +222,7 @@ SCENARIOS: dict[str, Scenario] = {
     "message_null": _const(lambda ex: http(b'{"id": "m", "choices": [{"index": 0, "message": null}]}')),
     "fake_png": _const(lambda ex: http(completion(json.dumps("![i](data:image/png;base64,bm90IGEgcG5nIGF0IGFsbA==)")))),
     "images10": _images(10),
+    "busy3": _const(lambda ex: http(error_body("overloaded"), "503 Service Unavailable", ("Retry-After: 3",))),
     # 7. slow
     "trickle": _trickle,
 }

@@ -314,3 +314,20 @@ def test_items_waiting_for_a_slot_when_answers_grow_are_not_sent_past_the_budget
     assert sum(hostile.stats()["paid"].values()) == 1
     records = strict_records(tmp_path / "out")
     assert [r["status"] for r in records] == ["ok"] and records[0]["cost_usd"] == pytest.approx(10 * PRICE)
+
+
+def test_a_retry_that_no_longer_fits_the_budget_ends_its_item(tmp_path: Path, hostile: HostileServer) -> None:
+    # One item's answer holds 10 images while the other waits 3 s (Retry-After) to retry: by
+    # then a 10-image answer no longer fits, so the retry is not sent and the item ends there,
+    # recorded as interrupted, rather than going through its remaining attempts' waits.
+    prompts = [f"{bad_prompt('images10')} a", f"{bad_prompt('busy3')} b"]
+    path = write_spec(
+        tmp_path, hostile.base_url, prompts=prompts, concurrency=2, max_attempts=3, max_cost_usd=12 * PRICE
+    )
+    proc = run_cli("run", str(path), "--no-progress", timeout=60)
+    assert proc.returncode == 3 and "budget reached" in proc.stderr, proc.stderr[-3000:]
+    by_prompt = {r["prompt"][-1]: r for r in strict_records(tmp_path / "out")}
+    assert by_prompt["a"]["status"] == "ok"
+    busy = by_prompt["b"]
+    assert busy["status"] == "failed" and busy["interrupted"] and busy["attempts"] == 1
+    assert busy["retried"] == {"server_error": 1}

@@ -31,6 +31,7 @@ from common import (
     mock_server,
     run_aiohttp_loop,
     run_runner,
+    save_file,
     scratch,
     split_items,
     table,
@@ -47,19 +48,7 @@ def raw_fsync_ms(folder: Path, size: int, count: int) -> tuple[float, float]:
     for durable in (False, True):
         t0 = time.perf_counter()
         for i in range(count):
-            tmp, path = folder / f".{i}.tmp", folder / f"{i}.png"
-            with tmp.open("wb") as f:
-                f.write(data)
-                if durable:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
-            if durable:
-                fd = os.open(folder, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            save_file(str(folder), f"{i}.png", data, durable)
         results.append((time.perf_counter() - t0) / count * 1e3)
         for p in folder.iterdir():
             p.unlink()

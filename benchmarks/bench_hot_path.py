@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import resource
 import sys
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,15 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
-from common import machine, median, table
+from common import cpu_now, machine, median, table
 from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt
 
 TASKS = 64
-
-
-def cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def nothing() -> None:
@@ -47,11 +41,11 @@ async def per_call_us(make: Callable[[], Callable[[], Awaitable[object]]], calls
         for _ in range(each):
             await call()
 
-    c0 = cpu_s()
+    c0 = cpu_now()
     async with anyio.create_task_group() as tg:
         for _ in range(TASKS):
             tg.start_soon(task)
-    return (cpu_s() - c0) / (each * TASKS) * 1e6
+    return (cpu_now() - c0) / (each * TASKS) * 1e6
 
 
 async def measure(calls: int, repeat: int) -> list[list[str]]:
@@ -126,13 +120,13 @@ async def stream_us(items: int) -> float:
             async for _ in r:
                 pass
 
-    c0 = cpu_s()
+    c0 = cpu_now()
     async with anyio.create_task_group() as tg:
         tg.start_soon(feed)
         async with recv:
             for _ in range(TASKS):
                 tg.start_soon(drain, recv.clone())
-    return (cpu_s() - c0) / items * 1e6
+    return (cpu_now() - c0) / items * 1e6
 
 
 def main() -> int:

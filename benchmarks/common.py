@@ -228,7 +228,7 @@ async def aiohttp_loop(
                 content = answer["choices"][0]["message"]["content"]
                 start = content.index(";base64,") + 8
                 image = base64.b64decode(content[start : content.index(")", start)])
-                await loop.run_in_executor(None, _save, f"{folders}/{i % 256:02x}", f"{i}.jpg", image, durable)
+                await loop.run_in_executor(None, save_file, f"{folders}/{i % 256:02x}", f"{i}.jpg", image, durable)
                 image_bytes += len(image)
                 ok += status == 200
 
@@ -236,7 +236,8 @@ async def aiohttp_loop(
     return Timing(time.perf_counter() - t0, cpu_now() - c0, len(payloads), ok, {"image_bytes": image_bytes})
 
 
-def _save(folder: str, name: str, data: bytes, durable: bool) -> None:
+def save_file(folder: str, name: str, data: bytes, durable: bool) -> None:
+    """Write folder/name through a temp file and a rename; with `durable`, the file and the folder fsynced."""
     tmp = f"{folder}/.{name}.tmp"
     with open(tmp, "wb") as f:
         f.write(data)

@@ -95,7 +95,7 @@ class Budget:
     def reserve(self, price: float) -> float | None:
         """The amount reserved for an item of this price per image, or None when it does not fit."""
         amount = price * self.images_per_answer
-        if self.max_usd is not None and self.spent + self.in_flight + amount > self.max_usd + 1e-9:
+        if not self._fits(amount):
             return None
         self.in_flight += amount
         return amount
@@ -106,10 +106,13 @@ class Budget:
         amount = price * self.images_per_answer
         if amount <= reserved:
             return reserved
-        if self.max_usd is not None and self.spent + self.in_flight - reserved + amount > self.max_usd + 1e-9:
+        if not self._fits(amount - reserved):
             return None
         self.in_flight += amount - reserved
         return amount
+
+    def _fits(self, more: float) -> bool:
+        return self.max_usd is None or self.spent + self.in_flight + more <= self.max_usd + 1e-9
 
     def settle(self, reserved: float, actual: float, images: int) -> None:
         self.in_flight -= reserved

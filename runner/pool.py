@@ -86,7 +86,6 @@ class Pool:
         self._savers: ThreadPoolExecutor | None = None  # images saved, lines built
         self._committer: ThreadPoolExecutor | None = None  # lines appended: never queued behind saves
         self._items: Iterator[Item] = iter(())
-        self._no_new_items = False
         self._on_disk: dict[int, list[str]] = {}
 
     @property
@@ -99,7 +98,6 @@ class Pool:
         reason stands."""
         if self.stats.stop_reason is None:
             self.stats.stop_reason, self.stats.stop_kind, self.stats.abort = reason, kind, abort
-        self._no_new_items = True
         if not drain:
             self._stopping.set()
 
@@ -159,7 +157,7 @@ class Pool:
 
         Workers take items straight from the planner's iterator: the event loop runs one of
         them at a time, so no feeder task and stream are needed between (~13 us per item)."""
-        if self._no_new_items:
+        if self.stats.stop_reason is not None:  # stopped, draining or not: no new item
             return None
         try:
             return next(self._items, None)

@@ -51,12 +51,12 @@ from common import (
     write_spec,
 )
 
-from runner.items import iter_items
-from runner.job import RunOptions, run_job_async
+from runner.engine.job import RunOptions, run_job_async
+from runner.engine.plan import estimate
 from runner.output import image_relpath
 from runner.output.manifest import scan
-from runner.plan import estimate
 from runner.pricing import PriceTable
+from runner.spec.items import iter_items
 
 PNG_STUB = b"\x89PNG\r\n\x1a\n" + b"\x00" * 60  # size + mtime is what resume checks; --verify would hash it
 TARGETS = {"dry run s": 30.0, "dry run MB": 300.0, "resume s": 10.0}

@@ -9,10 +9,10 @@ __version__ = "0.2.0"
 
 # The public API, imported on first use: `runner --help` should not pay for httpx and tenacity.
 _EXPORTS = {
-    "Item": "items", "Shard": "items", "iter_items": "items",
+    "Item": "spec", "Shard": "spec", "iter_items": "spec",
     "JobSpec": "spec", "load_spec": "spec",
-    "RunOptions": "job", "RunResult": "job", "run_job": "job", "run_job_async": "job",
-    "PriceTable": "pricing", "estimate": "plan", "Record": "record",
+    "RunOptions": "engine.job", "RunResult": "engine.job", "run_job": "engine.job", "run_job_async": "engine.job",
+    "PriceTable": "pricing", "estimate": "engine.plan", "Record": "record",
     "RunnerError": "errors", "SpecError": "errors", "UsageError": "errors", "RunAborted": "errors",
     "OutputError": "errors", "OutputLocked": "errors",
 }  # fmt: skip
@@ -23,13 +23,13 @@ __all__ = [
 ]  # fmt: skip
 
 if TYPE_CHECKING:
+    from .engine.job import RunOptions, RunResult, run_job, run_job_async
+    from .engine.plan import estimate
     from .errors import OutputError, OutputLocked, RunAborted, RunnerError, SpecError, UsageError
-    from .items import Item, Shard, iter_items
-    from .job import RunOptions, RunResult, run_job, run_job_async
-    from .plan import estimate
     from .pricing import PriceTable
     from .record import Record
-    from .spec import JobSpec, load_spec
+    from .spec.items import Item, Shard, iter_items
+    from .spec.parse import JobSpec, load_spec
 
 
 def __getattr__(name: str) -> Any:

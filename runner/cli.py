@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("RUNNER_DEBUG"):
             raise
         from .errors import secrets_in_env, write_details
-        from .policy import clean_message
+        from .safety import clean_message
 
         where = write_details(e, f"runner {' '.join(map(str, argv or sys.argv[1:]))}")
         why = clean_message(f"{type(e).__name__}: {e}", None)
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _say(text: str) -> None:
-    from .policy import printable
+    from .safety import printable
 
     print(printable(text), file=sys.stderr, flush=True)
 
@@ -56,10 +56,10 @@ def _say(text: str) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import anyio
 
-    from .checks import check_url
-    from .job import RunOptions, describe, run_job, summary_dict
-    from .notify import notify
-    from .spec import load_spec
+    from .engine.job import RunOptions, describe, run_job, summary_dict
+    from .engine.notify import notify
+    from .spec.checks import check_url
+    from .spec.parse import load_spec
 
     if args.dry_run:
         return cmd_estimate(args)
@@ -139,9 +139,9 @@ def _fault_rates(specs: list[str]) -> list[tuple[str, float]]:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from .plan import estimate
-    from .policy import printable
-    from .spec import load_spec
+    from .engine.plan import estimate
+    from .safety import printable
+    from .spec.parse import load_spec
 
     spec = load_spec(args.job)
     est = estimate(spec, args.out, args.shard, args.concurrency)
@@ -154,8 +154,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _estimate_text(est: dict[str, Any]) -> str:
+    from .engine.progress import duration
     from .pricing import usd
-    from .progress import duration
 
     rows = [f"{'model':<16}{'size':>6}{'items':>10}{'done':>10}{'remaining':>11}{'$/image':>10}{'cost $':>12}"]
     for r in est["by_model"]:
@@ -189,7 +189,7 @@ def _size(n: int) -> str:
 def cmd_report(args: argparse.Namespace) -> int:
     from .output import is_remote, open_view
     from .quality import analyze
-    from .report import format_quality, format_text, read_manifests, summarize
+    from .report.summary import format_quality, format_text, read_manifests, summarize
 
     remote = is_remote(args.out)
     if args.html and remote:
@@ -205,7 +205,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     summary["output_dir"] = str(args.out)
     summary.update(quality)
     if args.html:
-        from .gallery import write_html
+        from .report.gallery import write_html
 
         title = summary.get("name") or Path(args.out).name
         records = list(manifests.latest.values())
@@ -224,8 +224,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import Filters, export_imagefolder, export_webdataset
     from .output import is_remote, open_view
     from .output.remote import upload_dir
-    from .policy import printable
-    from .report import read_manifests, summarize
+    from .report.summary import read_manifests, summarize
+    from .safety import printable
 
     filters = Filters(args.exclude_duplicates, args.exclude_mismatched, Filters.parse_where(args.where))
     remote = is_remote(args.out)

@@ -6,7 +6,7 @@ import argparse
 import math
 
 from . import __version__
-from .items import Shard
+from .spec.items import Shard
 
 EXIT_HELP = """exit status: 0 every item ok; 1 some items failed (now or before); 2 bad spec
 or usage (no key set included: nothing was sent); 3 run aborted (bad key, no balance,

@@ -56,7 +56,7 @@ def write_details(exc: BaseException, context: str, secret: str | None = None) -
     import time
     import traceback
 
-    from .policy import safe_text
+    from .safety import safe_text
 
     text = safe_text("".join(traceback.format_exception(exc)), secret, limit=200_000)
     for value in secrets_in_env():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .items import Item
 from .models import MODELS, effective_size
+from .spec.items import Item
 
 INPUT_IMAGE = "input_image"  # the pricing key of a reference image's price
 

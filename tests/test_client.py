@@ -11,8 +11,8 @@ import anyio
 import httpx
 import pytest
 
-from runner.answer import Success, _cut_images, parse_completion
-from runner.job import RunOptions, run_job_async
+from runner.engine.job import RunOptions, run_job_async
+from runner.gateway.answer import Success, _cut_images, parse_completion
 from runner.mock import render_image
 from runner.policy import Failure
 from runner.spec import load_spec

@@ -21,8 +21,8 @@ from urllib.parse import unquote
 
 import pytest
 
-from runner.gallery import write_html
 from runner.record import Record, parse_line, supersedes
+from runner.report.gallery import write_html
 
 from .conftest import item_id, png
 

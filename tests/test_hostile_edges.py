@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from runner.answer import Success, parse_completion
+from runner.gateway.answer import Success, parse_completion
 from runner.mock import render_image
-from runner.policy import clean_message, safe_text
 from runner.record import check
+from runner.safety import clean_message, safe_text
 
 from .conftest import KEY, MockGateway, StartGateway, cli_env, read_manifest, run_cli, start_cli, write_spec
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from runner.items import iter_items
 from runner.spec import load_spec
+from runner.spec.items import iter_items
 
 from .conftest import MockGateway, StartGateway, latest, read_manifest, run_cli, start_cli, write_spec
 from .hostile import png

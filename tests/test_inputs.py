@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from runner.items import item_id, iter_items
 from runner.mock import MockGateway, render_image, request_digest
 from runner.spec import ImageConfig, load_spec
+from runner.spec.items import item_id, iter_items
 
 from .conftest import StartGateway, latest, read_manifest, run_cli, write_spec
 

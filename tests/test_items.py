@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from runner.items import Shard, item_id, iter_items
-from runner.plan import estimate
+from runner.engine.plan import estimate
 from runner.spec import ImageConfig, load_spec
+from runner.spec.items import Shard, item_id, iter_items
 
 from .conftest import run_cli
 

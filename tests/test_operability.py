@@ -170,12 +170,12 @@ def test_a_finished_run_notifies_a_webhook_and_a_command_without_the_key(
 def test_a_bug_exits_70_with_one_line_and_the_details_in_a_file(
     tmp_path: Path, mock: MockGateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import runner.job  # imported before patching: it binds make_plan by name
+    import runner.engine.job  # imported before patching: it binds make_plan by name
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError(f"a bug near {KEY}")
 
-    monkeypatch.setattr(runner.job, "make_plan", broken)
+    monkeypatch.setattr(runner.engine.job, "make_plan", broken)
     path = write_spec(tmp_path, mock.base_url)
     proc = run_cli("run", str(path), "--no-progress")
     assert proc.returncode == 70 and "Traceback" not in proc.stderr
@@ -189,16 +189,16 @@ def test_a_bug_exits_70_with_one_line_and_the_details_in_a_file(
 def test_a_bug_with_one_item_fails_that_item_alone(
     tmp_path: Path, mock: MockGateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import runner.client
+    import runner.gateway.client
 
-    real = runner.client.request_body
+    real = runner.gateway.client.request_body
 
     def sometimes_broken(item: Any, *args: Any) -> Any:
         if "poison" in item.prompt:
             raise KeyError("a bug")
         return real(item, *args)
 
-    monkeypatch.setattr(runner.client, "request_body", sometimes_broken)
+    monkeypatch.setattr(runner.gateway.client, "request_body", sometimes_broken)
     path = write_spec(tmp_path, mock.base_url, prompts=["a", "b", "poison pill"])
     proc = run_cli("run", str(path), "--no-progress")
     assert proc.returncode == 1, proc.stderr
@@ -208,7 +208,7 @@ def test_a_bug_with_one_item_fails_that_item_alone(
     assert error["kind"] == "internal" and "KeyError" in error["message"]
     assert Path(error["message"].rsplit("details in ", 1)[1].rstrip(")")).is_file()
     # a rerun tries it again (the next version may not have the bug)
-    monkeypatch.setattr(runner.client, "request_body", real)
+    monkeypatch.setattr(runner.gateway.client, "request_body", real)
     assert run_cli("run", str(path), "--no-progress").returncode == 0
 
 

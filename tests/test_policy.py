@@ -10,7 +10,7 @@ import anyio
 import pytest
 from tenacity import AsyncRetrying, RetryCallState
 
-from runner.limits import AdaptiveConcurrency, RateLimiter
+from runner.engine.limits import AdaptiveConcurrency, RateLimiter
 from runner.policy import (
     POLICY,
     Action,

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from runner.errors import UsageError
-from runner.report import format_text, percentile, summarize
+from runner.report.summary import format_text, percentile, summarize
 
 from .conftest import item_id, png, run_cli
 

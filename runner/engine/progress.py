@@ -12,7 +12,7 @@ from typing import Protocol
 
 from tqdm import tqdm
 
-from .pricing import usd
+from ..pricing import usd
 
 
 def status_line(stats: RunStats, now: float | None = None) -> str:

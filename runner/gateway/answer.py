@@ -9,8 +9,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .imageinfo import is_whole_image
-from .policy import MAX_TEXT, Failure, clean_message, safe_json, safe_text
+from ..imageinfo import is_whole_image
+from ..policy import Failure
+from ..safety import MAX_TEXT, clean_message, safe_json, safe_text
 
 _B64_STEP = 1 << 20  # base64 characters decoded per step (a multiple of 4)
 _DATA_URI = re.compile(r"data:(image/[A-Za-z0-9.+-]+);base64,([A-Za-z0-9+/=\s]*)")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import SpecError
+from ..errors import SpecError
 
 KINDS = {".txt": "txt", ".jsonl": "jsonl", ".csv": "csv"}
 RESERVED = ("id", "prompt", "images")  # columns with a meaning; every other one is a label

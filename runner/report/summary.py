@@ -9,11 +9,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
-from .output.manifest import iter_records, manifest_paths, read_snapshot
-from .policy import printable
-from .pricing import money, usd
-from .record import Record, size_of, supersedes
+from ..errors import UsageError
+from ..output.manifest import iter_records, manifest_paths, read_snapshot
+from ..pricing import money, usd
+from ..record import Record, size_of, supersedes
+from ..safety import printable
 
 MAX_EXAMPLES = 3  # distinct messages kept per failure kind
 MAX_INPUTS_SHOWN = 50

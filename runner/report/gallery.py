@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, TypeGuard
 from urllib.parse import quote, urlsplit
 
-from .output.files import atomic_file
-from .pricing import usd
-from .record import Record, safe_relpath, size_of
+from ..output.files import atomic_file
+from ..pricing import usd
+from ..record import Record, safe_relpath, size_of
 
 MAX_OPTIONS = 1000  # values a filter offers (the most frequent); the page says when there are more
 FLAGS = ("duplicate", "near-duplicate", "wrong shape", "uniform")  # bits 1, 2, 4, 8 of an item's flags
@@ -34,7 +34,7 @@ def _clean(value: Any) -> str:
 
 
 def _static(name: str) -> str:
-    return files("runner").joinpath("static", name).read_text(encoding="utf-8")
+    return files("runner.report").joinpath("static", name).read_text(encoding="utf-8")
 
 
 def _json_for_script(value: Any) -> str:

@@ -7,12 +7,13 @@ from typing import Any
 
 import anyio.to_thread
 
+from ..policy import Failure, classify_status
+from ..safety import clean_message
+from ..spec.inputs import InputError, Inputs
+from ..spec.items import Item
 from .answer import Outcome, parse_completion
 from .deadline import Deadlines
 from .http import Fault, Http
-from .inputs import InputError, Inputs
-from .items import Item
-from .policy import Failure, classify_status, clean_message
 
 # Big answers (a 2K image is a few MB of base64) are parsed off the event loop, and so are
 # request bodies that carry big reference images.

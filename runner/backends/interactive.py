@@ -15,17 +15,17 @@ from anyio.abc import ObjectSendStream
 from anyio.streams.memory import MemoryObjectReceiveStream
 from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt
 
-from .answer import Outcome, Success
-from .client import Client
-from .errors import RunnerError
-from .items import Item
-from .limits import AdaptiveConcurrency, Budget, RateLimiter
-from .output import Store
-from .policy import POLICY, Action, CircuitBreaker, Failure, ServerWaitOrBackoff, StopWhen
-from .pricing import PriceTable
-from .progress import Progress, RunStats
-from .record import Record
-from .writer import Finished, OnBug, Writer
+from ..engine.limits import AdaptiveConcurrency, Budget, RateLimiter
+from ..engine.progress import Progress, RunStats
+from ..engine.writer import Finished, OnBug, Writer
+from ..errors import RunnerError
+from ..gateway.answer import Outcome, Success
+from ..gateway.client import Client
+from ..output import Store
+from ..policy import POLICY, Action, CircuitBreaker, Failure, ServerWaitOrBackoff, StopWhen
+from ..pricing import PriceTable
+from ..record import Record
+from ..spec.items import Item
 
 P = ParamSpec("P")
 T = TypeVar("T")

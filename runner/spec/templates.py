@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import SpecError
+from ..errors import SpecError
 from .sources import columns, file_kind, read_values
 
 VAR_FILE_KEYS = {"file", "column"}

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from json.encoder import encode_basestring as _quote
 from typing import Any
 
-from .errors import SpecError, UsageError
+from ..errors import SpecError, UsageError
 from .inputs import InputError, InputImage
+from .parse import JobSpec
 from .sources import iter_prompts
-from .spec import ImageConfig, JobSpec, Params
+from .values import ImageConfig, Params
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from .errors import SpecError
+from ..errors import SpecError
 
 # A job spec is small; past this many values (counting every alias expansion) it is a bomb
 # (`a: &a [x, x]`, `b: &b [*a, *a]`, ... nine levels of ten is a billion values from 600 bytes).

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from .answer import Outcome, Success
-from .imageinfo import dimensions, is_whole_image
-from .items import Item
-from .output import MIME_TYPES, Store, image_relpath
-from .pricing import PriceTable
-from .record import ErrorRec, ImageFile, Record, encode, make_record
+from ..gateway.answer import Outcome, Success
+from ..imageinfo import dimensions, is_whole_image
+from ..output import MIME_TYPES, Store, image_relpath
+from ..pricing import PriceTable
+from ..record import ErrorRec, ImageFile, Record, encode, make_record
+from ..spec.items import Item
 
 OnBug = Callable[[BaseException, str], str]  # (exception, what was being done) -> where the details went
 

@@ -15,20 +15,21 @@ from typing import Any
 import anyio
 import httpx
 
-from .client import Client
-from .deadline import Deadlines
-from .errors import RunnerError, UsageError, write_details
-from .http import Http, make_http
-from .items import Shard
+from ..backends.interactive import Pool
+from ..errors import RunnerError, UsageError, write_details
+from ..gateway.client import Client
+from ..gateway.deadline import Deadlines
+from ..gateway.http import Http, make_http
+from ..output import Store, open_store
+from ..output.manifest import read_snapshot
+from ..policy import PERMANENT, ServerWaitOrBackoff
+from ..pricing import PriceTable, usd
+from ..safety import printable
+from ..spec.items import Shard
+from ..spec.parse import JobSpec, spec_summary
 from .limits import Budget
-from .output import Store, open_store
-from .output.manifest import read_snapshot
 from .plan import Plan, budget_share, make_plan, pending, rpm_share
-from .policy import PERMANENT, ServerWaitOrBackoff, printable
-from .pool import Pool
-from .pricing import PriceTable, usd
 from .progress import Bar, Quiet, RunStats, status_line
-from .spec import JobSpec, spec_summary
 
 Log = Callable[[str], None]
 
@@ -99,7 +100,7 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions(), log: Log = print)
 
 async def run_job_async(spec: JobSpec, options: RunOptions = RunOptions(), log: Log = print) -> RunResult:
     if options.mock:
-        from .mock import MockConfig, MockGateway
+        from ..mock import MockConfig, MockGateway
 
         # Real pixel sizes (image_scale 1): a rehearsal's report and gallery look like the real thing;
         # and the mock speaks the API format the job was written for.

@@ -10,16 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import SpecError
 from . import checks
-from .checks import Checker, Params, check_url, describe
-from .errors import SpecError
+from .checks import Checker, check_url, describe
 from .inputs import InputError, Inputs, check_request
 from .sources import columns, file_kind, iter_prompts
 from .templates import Template, parse_template, placeholders
+from .values import DEFAULT_CONFIG, ImageConfig, Params
 from .yamlfile import load_yaml
 
 DEFAULT_BASE_URL = "https://api.getinfinityblue.com/v1"
-DEFAULT_CONFIG = "1:1"  # when image_configs is absent: one square image at the model's default size
 API_FORMATS = ("nanobanana", "openai-compatible")
 TOP_KEYS = {
     "name", "model", "image_configs", "repeats", "prompts", "prompt_files", "output_dir",
@@ -30,19 +30,6 @@ TOP_KEYS = {
 PROMPT_KEYS = {"id", "prompt", "model", "image_configs", "repeats", "images", "params", "vars"}
 TEMPLATE_KEYS = {"id", "template", "vars", "combine", "sample", "seed", "model", "image_configs", "repeats"}
 TEMPLATE_KEYS |= {"images", "params"}
-
-
-@dataclass(frozen=True)
-class ImageConfig:
-    aspect_ratio: str
-    image_size: str | None = None
-
-    def as_sent(self) -> dict[str, str]:
-        """The `image_config` object exactly as the request carries it."""
-        d = {"aspect_ratio": self.aspect_ratio}
-        if self.image_size is not None:
-            d["image_size"] = self.image_size
-        return d
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .items import Item, Shard, iter_items, iter_keyed
-from .models import MODELS, effective_size
-from .output import ResumeState, open_view
-from .output.manifest import manifest_paths, read_snapshot, scan
-from .pricing import PriceTable, money, usd
-from .spec import JobSpec
+from ..models import MODELS, effective_size
+from ..output import ResumeState, open_view
+from ..output.manifest import manifest_paths, read_snapshot, scan
+from ..pricing import PriceTable, money, usd
+from ..spec.items import Item, Shard, iter_items, iter_keyed
+from ..spec.parse import JobSpec
 
 
 @dataclass

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
-from .errors import SpecError
-from .models import MODELS
-
-if TYPE_CHECKING:
-    from .spec import ImageConfig
-
-Params = tuple[tuple[str, Any], ...]  # sorted (name, value) pairs: frozen and hashable
+from ..errors import SpecError
+from ..models import MODELS
+from .values import ImageConfig, Params
 
 CONFIG_KEYS = {"aspect_ratio", "image_size"}
 
@@ -99,8 +95,6 @@ class Checker:
         return name
 
     def configs(self, value: Any, key: str) -> tuple[ImageConfig, ...]:
-        from .spec import ImageConfig
-
         if not isinstance(value, list) or not value:
             raise self.fail(key, "expected a non-empty list of {aspect_ratio, image_size} mappings")
         out = []

@@ -1,0 +1,1 @@
+"""How one request is made and read: the HTTP seam, the request formats, answers, time limits."""

@@ -36,10 +36,14 @@ if str(ROOT) not in sys.path:  # `python benchmarks/bench_x.py` from anywhere
 import aiohttp  # noqa: E402
 import httpx  # noqa: E402
 
-from runner.engine.job import RunOptions, RunResult, run_job_async  # noqa: E402
-from runner.gateway.client import request_body  # noqa: E402
+from runner import RunOptions, RunResult, run_job_async  # noqa: E402
+
+try:  # the layout after issue 19; RUNNER_SRC may name a copy from before it
+    from runner.gateway.formats import request_body
+except ImportError:
+    from runner.client import request_body  # type: ignore[no-redef]
+from runner import iter_items  # noqa: E402
 from runner.spec import JobSpec, load_spec  # noqa: E402, F401  (load_spec: for the scripts)
-from runner.spec.items import iter_items  # noqa: E402
 
 KEY = "sk-bench-0123456789"
 # 'aiohttp': runner's own default transport (aiohttp, as runner.http.make_http builds it); 'httpx': httpx's own pool.

@@ -54,10 +54,8 @@ def _say(text: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import anyio
 
-    from .engine.job import RunOptions, describe, run_job, summary_dict
-    from .engine.notify import notify
+    from .engine.job import RunOptions, describe, run_job
     from .spec.checks import check_url
     from .spec.parse import load_spec
 
@@ -84,18 +82,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         durable=not args.no_fsync,
         grace_s=args.grace,
         handle_signals=True,
+        notify_url=args.notify_url,
+        on_finish=args.on_finish,
+        rerun_command=_rerun_command(args),
     )
     result = run_job(spec, options, log=_say)
-    lines = describe(result, _rerun_command(args))
-    for line in lines:
+    for line in describe(result, _rerun_command(args)):
         _say(line)
-    url, on_finish = args.notify_url or spec.notify_url, args.on_finish or spec.on_finish
-    if url or on_finish:
-        anyio.run(
-            lambda: notify(
-                summary_dict(result), lines[0], url=url, command=on_finish, key_env=spec.api_key_env, log=_say
-            )
-        )
     return result.exit_code
 
 

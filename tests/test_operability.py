@@ -189,16 +189,16 @@ def test_a_bug_exits_70_with_one_line_and_the_details_in_a_file(
 def test_a_bug_with_one_item_fails_that_item_alone(
     tmp_path: Path, mock: MockGateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import runner.gateway.client
+    from runner.gateway.formats import ChatFormat
 
-    real = runner.gateway.client.request_body
+    real = ChatFormat.request
 
-    def sometimes_broken(item: Any, *args: Any) -> Any:
+    def sometimes_broken(self: ChatFormat, item: Any, *args: Any) -> Any:
         if "poison" in item.prompt:
             raise KeyError("a bug")
-        return real(item, *args)
+        return real(self, item, *args)
 
-    monkeypatch.setattr(runner.gateway.client, "request_body", sometimes_broken)
+    monkeypatch.setattr(ChatFormat, "request", sometimes_broken)
     path = write_spec(tmp_path, mock.base_url, prompts=["a", "b", "poison pill"])
     proc = run_cli("run", str(path), "--no-progress")
     assert proc.returncode == 1, proc.stderr
@@ -208,7 +208,7 @@ def test_a_bug_with_one_item_fails_that_item_alone(
     assert error["kind"] == "internal" and "KeyError" in error["message"]
     assert Path(error["message"].rsplit("details in ", 1)[1].rstrip(")")).is_file()
     # a rerun tries it again (the next version may not have the bug)
-    monkeypatch.setattr(runner.gateway.client, "request_body", real)
+    monkeypatch.setattr(ChatFormat, "request", real)
     assert run_cli("run", str(path), "--no-progress").returncode == 0
 
 

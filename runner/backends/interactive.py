@@ -1,35 +1,26 @@
-"""The worker pool: workers take items, send limited and retried requests, save images in a few threads; one task group-commits the lines."""
+"""The interactive backend: a pool of workers that take items, send limited and retried requests, and hand the answers to the run's sink."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import ParamSpec, TypeVar
 
 import anyio
 from anyio.abc import ObjectSendStream
-from anyio.streams.memory import MemoryObjectReceiveStream
 from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt
 
-from ..engine.limits import AdaptiveConcurrency, Budget, RateLimiter
-from ..engine.progress import Progress, RunStats
-from ..engine.writer import Finished, OnBug, Writer
+from ..engine.limits import MONOTONIC, AdaptiveConcurrency, Clock, RateLimiter
+from ..engine.session import Session
+from ..engine.writer import Finished
 from ..errors import RunnerError
 from ..gateway.answer import Outcome, Success
 from ..gateway.client import Client
-from ..output import Store
 from ..policy import POLICY, Action, CircuitBreaker, Failure, ServerWaitOrBackoff, StopWhen
 from ..pricing import PriceTable
 from ..record import Record
 from ..spec.items import Item
-
-P = ParamSpec("P")
-T = TypeVar("T")
-Log = Callable[[str], None]
 
 
 @dataclass
@@ -48,43 +39,40 @@ class _ItemRun:
 
 
 class Pool:
+    """`concurrency` workers over one Client; a rate limiter, AIMD concurrency, a circuit breaker
+    and the run's budget are shared. Implements backends.Backend."""
+
     def __init__(
         self,
+        session: Session,
         client: Client,
-        store: Store,
         prices: PriceTable,
         *,
         concurrency: int,
         requests_per_minute: float,
         max_attempts: int,
-        budget: Budget,
         breaker_limit: int,
         backoff: ServerWaitOrBackoff | None = None,
-        progress: Progress | None = None,
-        run_id: str = "",
-        log: Log = print,
-        on_bug: OnBug | None = None,
+        clock: Clock = MONOTONIC,
     ) -> None:
+        self.session = session
         self.client = client
-        self.store = store
         self.prices = prices
-        self.concurrency = AdaptiveConcurrency(concurrency)
-        self.rate = RateLimiter(requests_per_minute)
+        self.concurrency = AdaptiveConcurrency(concurrency, clock=clock)
+        self.rate = RateLimiter(requests_per_minute, clock)
         self.max_attempts = max_attempts
-        self.budget = budget
         self.breaker = CircuitBreaker(breaker_limit)
         self.backoff = backoff or ServerWaitOrBackoff()
-        self.progress = progress
-        self.run_id = run_id
-        self.log = log
-        self.on_bug = on_bug or (lambda e, what: "nowhere")
-        self.writer = Writer(store, prices, run_id, self.on_bug)
-        self.stats = RunStats()
         self.workers = concurrency
-        self._stopping = anyio.Event()
+        # The session's parts, bound once: the hot path reads them per item.
+        self.stats = session.stats
+        self.budget = session.budget
+        self.writer = session.writer
+        self.sink = session.sink
+        self.log = session.log
+        self.progress = session.progress
+        self._stopping = session.stopping
         self._requests_cancelled = False
-        self._savers: ThreadPoolExecutor | None = None  # images saved, lines built
-        self._committer: ThreadPoolExecutor | None = None  # lines appended: never queued behind saves
         self._items: Iterator[Item] = iter(())
         self._on_disk: dict[int, list[str]] = {}
 
@@ -92,65 +80,37 @@ class Pool:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    def stop(self, reason: str, kind: str, abort: bool = False, *, drain: bool = False) -> None:
-        """Start no new items; the ones in flight finish and are recorded. Unless `drain`, they
-        also send nothing more: no first request still waiting for a slot, no retry. The first
-        reason stands."""
-        if self.stats.stop_reason is None:
-            self.stats.stop_reason, self.stats.stop_kind, self.stats.abort = reason, kind, abort
-        if not drain:
-            self._stopping.set()
+    def interrupt(self) -> None:
+        self.session.interrupt()
 
     def cancel_requests(self) -> None:
         """Give up on the requests in flight (a second Ctrl+C, the grace period over).
 
         Only the HTTP requests are cancelled: images already received are still saved and
-        recorded, and the writer drains, so nothing that was paid for and is in hand is lost."""
+        recorded, and the sink drains, so nothing that was paid for and is in hand is lost."""
         self._requests_cancelled = True
-        self.stop("interrupted", "interrupt")
+        self.session.stop("interrupted", "interrupt")
         self.client.deadlines.cancel_all()
 
-    def interrupt(self) -> None:
-        self.stats.signalled = True
-        self.stop("interrupted", "interrupt")
-
-    async def run(self, items: Iterable[Item], on_disk: dict[int, list[str]] | None = None) -> RunStats:
+    async def run(self, items: Iterable[Item], on_disk: dict[int, list[str]] | None = None) -> None:
         """Send every item. `on_disk`: image files named by item ids without an ok record (a kill
         between an image and its line leaves them); such an item's whole images are recorded
         (`recovered`), not bought again, when its turn comes."""
         self._on_disk = on_disk or {}
         self._items = iter(items)
-        # Records are small (their images are on disk): room for what a commit delay gathers.
-        done_send, done_recv = anyio.create_memory_object_stream[Record](max(self.workers * 2, 1024))
-        self._savers = ThreadPoolExecutor(SAVE_THREADS, thread_name_prefix="runner-save")
-        self._committer = ThreadPoolExecutor(1, thread_name_prefix="runner-commit")
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._write, done_recv)
-                async with done_send:
-                    for _ in range(self.workers):
-                        tg.start_soon(self._work, done_send.clone())
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(self.client.deadlines.run)
+                async with anyio.create_task_group() as tg:
+                    send = self.sink.start(tg, self.workers * 2)
+                    async with send:
+                        for _ in range(self.workers):
+                            tg.start_soon(self._work, send.clone())
+                outer.cancel_scope.cancel()  # the deadlines' clock
         finally:
-            for executor in (self._savers, self._committer):
-                executor.shutdown(wait=True)  # every call was awaited (shielded): the threads are idle
-        return self.stats
-
-    @staticmethod
-    async def _in_thread(
-        executor: ThreadPoolExecutor | None, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs
-    ) -> T:
-        """`fn` in one of the pool's disk threads; a cancelled caller still waits for it, so
-        nothing writes into the output dir after the pool has returned.
-
-        Not anyio.to_thread: with 64 callers it costs ~80 us of CPU per call (its limiter, scopes
-        and hand-off to a worker of its own), a plain executor ~30 us, and images are saved once
-        per item (benchmarks/README.md). A few threads, not anyio's forty: a wave of 64 answers
-        does not start 40 threads taking turns at the GIL. asyncio's executor, since runner runs
-        on asyncio only (aiohttp needs it)."""
-        assert executor is not None, "run() first"
-        with anyio.CancelScope(shield=True):
-            result = await asyncio.get_running_loop().run_in_executor(executor, lambda: fn(*args, **kwargs))
-        return result
+            self.sink.shutdown()
+            with anyio.CancelScope(shield=True):
+                await self.client.http.aclose()
 
     def _next_item(self) -> Item | None:
         """The next item for a worker, or None once the items are done or the run stops.
@@ -162,7 +122,7 @@ class Pool:
         try:
             return next(self._items, None)
         except RunnerError as e:  # a prompt or image file changed under a running job
-            self.stop(f"the spec's files changed during the run: {e}", "abort", True)
+            self.session.stop(f"the spec's files changed during the run: {e}", "abort", True)
             return None
 
     def _retrying(self) -> AsyncRetrying:
@@ -192,13 +152,13 @@ class Pool:
         price = self.prices.item(item)
         files = self._on_disk.pop(int(item.item_id, 16), None)
         if files is not None:
-            found = await self._in_thread(self._savers, self.writer.recovered, item, files)
+            found = await self.sink.save(self.writer.recovered, item, files)
             if found is not None:
                 self.budget.settle(0.0, found["cost_usd"], 0)  # paid for before the crash
                 return found
         reserved = self.budget.reserve(price)
         if reserved is None:
-            self._budget_reached()
+            self.session.budget_reached()
             return None
         started = time.monotonic()
         run = _ItemRun(item, price, reserved)
@@ -213,7 +173,7 @@ class Pool:
         except (RunnerError, anyio.get_cancelled_exc_class()):
             raise
         except Exception as e:  # a bug: this item fails as `internal`, the run goes on
-            where = self.on_bug(e, f"item {item.item_id}")
+            where = self.session.on_bug(e, f"item {item.item_id}")
             outcome = Failure("internal", None, f"internal error: {type(e).__name__} (details in {where})")
         if outcome is None:  # never answered (requests cancelled): nothing to record, the next run sends it
             self.budget.settle(run.reserved, 0.0, 0)
@@ -225,7 +185,7 @@ class Pool:
         elapsed = time.monotonic() - started
         finished = Finished(item, outcome, run.attempts, run.latency, elapsed, cost, run.retried, run.interrupted)
         try:
-            return await self._in_thread(self._savers, self.writer.record, finished)
+            return await self.sink.save(self.writer.record, finished)
         except RunnerError:
             raise
         except Exception as e:  # a bug while saving or recording: that item alone
@@ -257,7 +217,7 @@ class Pool:
                 return run.last
             reserved = self.budget.top_up(run.reserved, run.price)
             if reserved is None:  # answers now hold more images than when it reserved: it no longer fits
-                self._budget_reached()
+                self.session.budget_reached()
                 run.interrupted = run.last is not None
                 return run.last
             run.reserved = reserved
@@ -278,11 +238,6 @@ class Pool:
         run.last = outcome
         return outcome
 
-    def _budget_reached(self) -> None:
-        spent = f"${self.budget.spent:.2f} spent of max_cost_usd {self.budget.max_usd:g}"
-        # No new item starts; the ones in flight go on, each request within its reservation.
-        self.stop(f"budget reached: {spent}", "budget", True, drain=True)
-
     async def _sleep(self, seconds: float) -> None:
         """A backoff that a stop (Ctrl+C, abort, budget) cuts short."""
         with anyio.move_on_after(seconds):
@@ -293,53 +248,15 @@ class Pool:
             self.breaker.success()
             return
         if outcome.action is Action.ABORT and not outcome.final:
-            self.stop(f"{outcome.kind}: {outcome.message} ({POLICY[outcome.kind].what})", "abort", True)
+            reason = f"{outcome.kind}: {outcome.message} ({POLICY[outcome.kind].what})"
+            self.session.stop(reason, "abort", True, failure=outcome.kind)
         elif self.breaker.failure(outcome.kind):
-            self.stop(
+            self.session.stop(
                 f"circuit breaker: {self.breaker.count} items in a row failed with {outcome.kind} "
                 f"(last: {outcome.message}); max_consecutive_failures is {self.breaker.limit}",
                 "breaker",
                 True,
             )
-
-    # -- the writer -------------------------------------------------------------------------
-    async def _write(self, recv: MemoryObjectReceiveStream[Record]) -> None:
-        async with recv:
-            async for first in recv:
-                # Group commit (as databases' commit_delay): the lines that come within
-                # COMMIT_DELAY_S of the first share its write and fsync, one per wave of answers
-                # rather than one per few items (~0.1 ms of CPU per item, benchmarks/README.md).
-                # Their images are durable already: a crash meanwhile loses no paid image (the
-                # next run adopts it). Shielded: a batch in hand is always written.
-                with anyio.CancelScope(shield=True):
-                    await anyio.sleep(COMMIT_DELAY_S)
-                batch = [first]
-                while len(batch) < 1024:
-                    try:
-                        batch.append(recv.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                records = await self._in_thread(self._committer, self.writer.commit, batch)
-                for rec in records:
-                    self._count(rec)
-                if self.progress:
-                    self.progress.update(self.stats)
-
-    def _count(self, rec: Record) -> None:
-        s = self.stats
-        if rec["status"] == "ok":
-            s.ok += 1
-            s.recovered += rec.get("recovered", False)
-        elif rec.get("interrupted"):
-            s.interrupted += 1
-        else:
-            s.failed += 1
-            s.failures_by_kind[rec["error"]["kind"]] += 1
-        s.spent_usd += rec["cost_usd"]
-
-
-SAVE_THREADS = 8
-COMMIT_DELAY_S = 0.05
 
 
 def _retryable(outcome: Outcome | None) -> bool:

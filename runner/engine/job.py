@@ -1,4 +1,4 @@
-"""A whole run: lock the output dir, resume from its manifest, run the pool, summarise."""
+"""A whole run: lock the output dir, resume from its manifest, hand what is left to a backend, summarise, notify."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -15,21 +14,19 @@ from typing import Any
 import anyio
 import httpx
 
-from ..backends.interactive import Pool
+from ..backends import Backend, make_backend
 from ..errors import RunnerError, UsageError, write_details
-from ..gateway.client import Client
-from ..gateway.deadline import Deadlines
-from ..gateway.http import Http, make_http
-from ..output import Store, open_store
-from ..output.manifest import read_snapshot
-from ..policy import PERMANENT, ServerWaitOrBackoff
-from ..pricing import PriceTable, usd
-from ..safety import printable
+from ..output import ResumeState, Store, open_store
+from ..pricing import PriceTable
 from ..spec.items import Shard
 from ..spec.parse import JobSpec, spec_summary
-from .limits import Budget
-from .plan import Plan, budget_share, make_plan, pending, rpm_share
+from .budget import Budget
+from .notify import notify
+from .plan import Plan, budget_share, make_plan, pending
 from .progress import Bar, Quiet, RunStats, status_line
+from .session import Session
+from .summary import describe, summary_dict
+from .writer import Writer
 
 Log = Callable[[str], None]
 
@@ -50,8 +47,9 @@ class RunOptions:
     durable: bool = True
     grace_s: float = 30.0  # after Ctrl+C, how long in-flight requests may take before they are cancelled
     handle_signals: bool = False
-    notify_url: str | None = None
-    on_finish: str | None = None
+    notify_url: str | None = None  # POST the summary here when the run ends (overrides the spec's)
+    on_finish: str | None = None  # run this shell command when the run ends (overrides the spec's)
+    rerun_command: str | None = None  # how the summary tells a person to resume (the CLI passes its own)
     transport: httpx.AsyncBaseTransport | None = None
     api_key: str | None = field(default=None, repr=False)  # given directly (tests, embedding); else from api_key_env
 
@@ -99,6 +97,19 @@ def run_job(spec: JobSpec, options: RunOptions = RunOptions(), log: Log = print)
 
 
 async def run_job_async(spec: JobSpec, options: RunOptions = RunOptions(), log: Log = print) -> RunResult:
+    """Run every item not yet done in the output dir; then notify (options' or the spec's
+    notify_url and on_finish) with the summary. Raises only for a bad spec, a run-wide fault
+    (RunAborted) or usage; failures of items are in the result and the manifest."""
+    result = await _run_with_key(spec, options, log)
+    url = options.notify_url or spec.notify_url
+    command = options.on_finish or spec.on_finish
+    if url or command:
+        text = describe(result, options.rerun_command or "runner run JOB.yaml")[0]
+        await notify(summary_dict(result), text, url=url, command=command, key_env=spec.api_key_env, log=log)
+    return result
+
+
+async def _run_with_key(spec: JobSpec, options: RunOptions, log: Log) -> RunResult:
     if options.mock:
         from ..mock import MockConfig, MockGateway
 
@@ -131,18 +142,8 @@ async def _run(spec: JobSpec, options: RunOptions, log: Log, base_url: str, key:
 
 async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str, key: str, store: Store) -> RunResult:
     result = RunResult(store.display, key_env=spec.api_key_env)
-    if store.repaired_bytes:
-        log(
-            f"repaired {store.manifest_name}: set aside a torn last line ({store.repaired_bytes} bytes) in {store.manifest_name}.torn"
-        )
-    if store.damaged_lines:
-        log(
-            f"set aside {store.damaged_lines} damaged line(s) of {store.manifest_name} in {store.manifest_name}.torn; "
-            "their items are recovered from their images, or run again"
-        )
-    if store.removed_temps:
-        log(f"removed {store.removed_temps} temporary file(s) left by an earlier run that died")
-    previous = read_snapshot(store.path)  # what the dir remembers of its last run ({} if nothing)
+    _say_repairs(store, log)
+    previous = store.read_snapshot()  # what the dir remembers of its last run ({} if nothing)
     state = await anyio.to_thread.run_sync(store.scan, options.verify)
     mock_made = bool(previous.get("made_by_mock"))
     if mock_made != options.mock and state.known_count():  # never mix mock images and paid ones in one dir
@@ -174,39 +175,29 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
     max_cost = options.max_cost_usd if options.max_cost_usd is not None else spec.max_cost_usd
     result.max_cost_usd = max_cost
     run_id = uuid.uuid4().hex[:12]
-    deadlines = Deadlines(tick_s=min(1.0, max(0.05, spec.timeout_s / 20)))
-    http = make_http(base_url, key, spec.timeout_s, concurrency, options.transport)
     bar_mode = options.progress and sys.stderr.isatty()
     shown: Bar | Quiet = Bar(plan.to_run) if bar_mode else Quiet(log)
-    client = Client(
-        http, key, spec.timeout_s, deadlines=deadlines, max_response_bytes=int(spec.max_response_mb * 2**20),
-        api_format=spec.api_format, inputs=spec.inputs,
-    )  # fmt: skip
-    pool = Pool(
-        client,
-        store,
-        prices,
-        concurrency=concurrency,
-        requests_per_minute=rpm_share(spec, options.shard),
-        max_attempts=spec.max_attempts,
-        budget=Budget(budget_share(max_cost, state.spent_usd, options.shard), state.spent_usd),
-        breaker_limit=spec.max_consecutive_failures,
-        backoff=ServerWaitOrBackoff(spec.backoff_base_s, spec.backoff_max_s),
-        progress=shown if bar_mode else None,
-        run_id=run_id,
+    on_bug = lambda e, what: write_details(e, f"run {run_id}: {what}", key)  # noqa: E731
+    session = Session(
+        Writer(store, prices, run_id, on_bug),
+        Budget(budget_share(max_cost, state.spent_usd, options.shard), state.spent_usd),
         log=shown.write,
-        on_bug=lambda e, what: write_details(e, f"run {run_id}: {what}", key),
+        progress=shown if bar_mode else None,
+        on_bug=on_bug,
     )
-    pool.stats.total = plan.to_run
-    result.stats = pool.stats
+    backend = make_backend(
+        spec, session, prices, base_url=base_url, api_key=key, concurrency=concurrency, shard=options.shard,
+        transport=options.transport,
+    )  # fmt: skip
+    session.stats.total = plan.to_run
+    result.stats = session.stats
     try:
-        async with _closing(http), anyio.create_task_group() as tg:
+        async with anyio.create_task_group() as tg:
             if options.handle_signals:
-                tg.start_soon(_watch_signals, pool, options.grace_s, tg.cancel_scope, shown.write)
-            tg.start_soon(deadlines.run)
+                tg.start_soon(_watch_signals, backend, options.grace_s, tg.cancel_scope, shown.write)
             if not bar_mode and options.status_every > 0:
-                tg.start_soon(_status_lines, pool.stats, options.status_every, shown.write)
-            await pool.run(pending(spec, state, options.shard, options.retry_failed), orphans)
+                tg.start_soon(_status_lines, session.stats, options.status_every, shown.write)
+            await backend.run(pending(spec, state, options.shard, options.retry_failed), orphans)
             tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # A run-wide fault raised inside a task (disk full) ends the run as itself, not as a group.
@@ -216,16 +207,28 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
     return result
 
 
-@asynccontextmanager
-async def _closing(http: Http) -> AsyncIterator[Http]:
-    try:
-        yield http
-    finally:
-        await http.aclose()
+def _say_repairs(store: Store, log: Log) -> None:
+    """What opening the output dir had to mend, said once."""
+    name = store.manifest_name
+    if store.repaired_bytes:
+        log(f"repaired {name}: set aside a torn last line ({store.repaired_bytes} bytes) in {name}.torn")
+    if store.damaged_lines:
+        log(
+            f"set aside {store.damaged_lines} damaged line(s) of {name} in {name}.torn; "
+            "their items are recovered from their images, or run again"
+        )
+    if store.removed_temps:
+        log(f"removed {store.removed_temps} temporary file(s) left by an earlier run that died")
 
 
 def _drift(
-    spec: JobSpec, options: RunOptions, state: Any, plan: Plan, store: Store, log: Log, previous: dict[str, Any]
+    spec: JobSpec,
+    options: RunOptions,
+    state: ResumeState,
+    plan: Plan,
+    store: Store,
+    log: Log,
+    previous: dict[str, Any],
 ) -> None:
     """Say how the spec changed since the output dir last ran it (spec drift); remember this one,
     how many items it has (for `report`), and whether mock images are in the dir."""
@@ -243,7 +246,7 @@ def _drift(
     store.write_snapshot(summary)
 
 
-def _plan_parts(plan: Plan, state: Any) -> list[str]:
+def _plan_parts(plan: Plan, state: ResumeState) -> list[str]:
     parts = [f"{plan.items} items"]
     if plan.done:
         parts.append(f"{plan.done} already done (skipped)")
@@ -278,7 +281,7 @@ async def _status_lines(stats: RunStats, every: float, write: Log) -> None:
         write(status_line(stats))
 
 
-async def _watch_signals(pool: Pool, grace_s: float, scope: anyio.CancelScope, write: Log) -> None:
+async def _watch_signals(backend: Backend, grace_s: float, scope: anyio.CancelScope, write: Log) -> None:
     # SIGHUP is a closed terminal or ssh session: the same as Ctrl+C, drained, not dropped.
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for _ in signals:
@@ -286,88 +289,15 @@ async def _watch_signals(pool: Pool, grace_s: float, scope: anyio.CancelScope, w
         write(
             f"interrupted: no new items start; waiting up to {grace_s:g}s for requests in flight (Ctrl+C again cancels them)"
         )
-        pool.interrupt()
+        backend.interrupt()
         with anyio.move_on_after(grace_s) as grace:
             async for _ in signals:
                 break
         write(
             f"{'grace period over' if grace.cancelled_caught else 'second interrupt'}: cancelling the requests in flight"
         )
-        pool.cancel_requests()  # what is already in hand is still saved and recorded
+        backend.cancel_requests()  # what is already in hand is still saved and recorded
         async for _ in signals:
             write("third interrupt: stopping now")
             scope.cancel()
             return
-
-
-def summary_dict(result: RunResult) -> dict[str, Any]:
-    """The run's outcome as JSON (for --notify-url and --on-finish): no key, no prompts."""
-    s = result.stats
-    return {
-        "output_dir": result.out_dir, "exit_code": result.exit_code, "items": result.items,
-        "skipped_done": result.skipped_done, "skipped_failed": result.skipped_failed, "ok": s.ok,
-        "failed": s.failed, "interrupted": s.interrupted, "recovered": s.recovered, "retries": s.retries,
-        "retries_by_kind": dict(s.retries_by_kind), "requests": s.requests, "failures_by_kind": dict(s.failures_by_kind),
-        "spent_usd": round(s.spent_usd, 6), "total_spent_usd": round(result.total_spent_usd, 6),
-        "stop_reason": s.stop_reason,
-    }  # fmt: skip
-
-
-def describe(result: RunResult, command: str = "runner run JOB.yaml") -> list[str]:
-    """The closing summary a person reads, and what to do next."""
-    s = result.stats
-    lines = [
-        f"{s.ok} ok, {s.failed} failed, {s.retries} retries, {s.requests} requests, "
-        f"{usd(s.spent_usd)} spent this run ({usd(result.total_spent_usd)} in all) -> {result.out_dir}"
-    ]
-    if s.retries_by_kind:
-        lines.append("retried: " + ", ".join(f"{k}={v}" for k, v in sorted(s.retries_by_kind.items())))
-    if s.failures_by_kind:
-        lines.append("failures: " + ", ".join(f"{k}={v}" for k, v in sorted(s.failures_by_kind.items())))
-    if s.recovered:
-        lines.append(f"{s.recovered} items recovered from whole images on disk (not bought again)")
-    if s.stop_kind == "budget":
-        lines.append(
-            f"stopped: budget reached: {usd(result.total_spent_usd)} spent of max_cost_usd {result.max_cost_usd:g}"
-        )
-    elif s.stop_reason and s.stop_kind != "interrupt":
-        lines.append(f"stopped: {printable(s.stop_reason)}")
-    lines += [f"next: {hint}" for hint in _next_steps(result, command)]
-    return lines
-
-
-def _next_steps(result: RunResult, command: str) -> list[str]:
-    s = result.stats
-    if s.signalled:
-        if s.done >= s.total and not s.failed and not s.interrupted:
-            return ["interrupted, but every item had finished: nothing is left to run"]
-        cut = f"; {s.interrupted} cut short in a retry wait" if s.interrupted else ""
-        return [
-            f"interrupted: the requests in flight were recorded{cut}; rerun the same command to resume "
-            f"(`{command}`): done items are skipped and never paid for twice"
-        ]
-    if s.stop_kind == "budget":
-        return [
-            f"raise max_cost_usd in the spec or pass --max-cost (more than {result.max_cost_usd:g}), then `{command}` goes on"
-        ]
-    if s.stop_kind == "abort":
-        kind = (s.stop_reason or "").split(":", 1)[0]
-        hint = {
-            "auth": f"check the key in ${result.key_env}: the gateway refused it",
-            "no_balance": f"top up the balance of the key in ${result.key_env}",
-            "forbidden": f"the key in ${result.key_env} may not use this model: check `model` or the key",
-            "not_found": "check base_url (or --base-url): the gateway answered 404 or redirected",
-        }.get(kind, "see the reason above")
-        return [f"{hint}; then `{command}` resumes"]
-    if s.stop_kind == "breaker":
-        return [f"the service kept failing: wait a while, then `{command}` resumes"]
-    hints = []
-    permanent = sum(n for k, n in s.failures_by_kind.items() if k in PERMANENT) + result.skipped_failed
-    retryable = s.failed - sum(n for k, n in s.failures_by_kind.items() if k in PERMANENT) + s.interrupted
-    if retryable:
-        hints.append(f"{retryable} items failed with errors a retry may cure: `{command}` tries them again")
-    if permanent:
-        hints.append(
-            f"{permanent} items failed permanently (refused or no image): `{command} --retry-failed` tries them again"
-        )
-    return hints

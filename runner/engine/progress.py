@@ -13,6 +13,7 @@ from typing import Protocol
 from tqdm import tqdm
 
 from ..pricing import usd
+from ..record import Record
 
 
 def status_line(stats: RunStats, now: float | None = None) -> str:
@@ -98,6 +99,7 @@ class RunStats:
     retries_by_kind: Counter[str] = field(default_factory=Counter)
     stop_reason: str | None = None  # why new items stopped starting (abort, budget, interrupt)
     stop_kind: str | None = None  # budget | abort | breaker | interrupt
+    stop_failure: str | None = None  # the failure kind that aborted the run (auth, no_balance, ...)
     abort: bool = False
     signalled: bool = False
     started: float = field(default_factory=time.monotonic)
@@ -105,3 +107,15 @@ class RunStats:
     @property
     def done(self) -> int:
         return self.ok + self.failed + self.interrupted
+
+    def count(self, rec: Record) -> None:
+        """A committed record, counted once."""
+        if rec["status"] == "ok":
+            self.ok += 1
+            self.recovered += rec.get("recovered", False)
+        elif rec.get("interrupted"):
+            self.interrupted += 1
+        else:
+            self.failed += 1
+            self.failures_by_kind[rec["error"]["kind"]] += 1
+        self.spent_usd += rec["cost_usd"]

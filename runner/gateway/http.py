@@ -1,6 +1,6 @@
 """The run's one HTTP seam: aiohttp directly by default, or any httpx transport (what tests inject).
 
-Both adapters do the same thing, `post(body, cap) -> (status, headers, body)`, and turn every
+Both adapters do the same thing, `post(url, body, cap) -> (status, headers, body)`, and turn every
 fault of their library into a `Fault` with a failure kind, so the client never sees a library's
 exception. aiohttp directly, not through httpx's API: the httpx and httpx-aiohttp layers cost
 0.4-0.9 ms of CPU per request, 15-25 points of throughput against a bare loop
@@ -38,20 +38,22 @@ def too_big(cap: int, why: str, status: int) -> Fault:
 
 
 class Http(Protocol):
-    url: str
-
-    async def post(self, content: bytes, cap: int) -> tuple[int, Mapping[str, str], bytes]: ...
+    async def post(self, url: str, content: bytes, cap: int) -> tuple[int, Mapping[str, str], bytes]: ...
     async def aclose(self) -> None: ...
 
 
 def make_http(
-    base_url: str, api_key: str, timeout_s: float, concurrency: int, transport: httpx.AsyncBaseTransport | None = None
+    base_url: str,
+    auth_headers: Mapping[str, str],
+    timeout_s: float,
+    concurrency: int,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> Http:
-    """The run's HTTP client, its pool sized to concurrency: aiohttp, unless an httpx transport is
-    given (tests, benchmarks) or RUNNER_HTTP_TRANSPORT=httpx. The whole request is bounded by
-    the caller's Deadlines (which do not count a stopped process), so there is no read timeout
-    here; connecting is bounded by min(timeout_s, 30 s)."""
-    headers = {"Authorization": f"Bearer {api_key}", "User-Agent": "runner"}
+    """The run's HTTP client for requests under `base_url`, its pool sized to concurrency: aiohttp,
+    unless an httpx transport is given (tests, benchmarks) or RUNNER_HTTP_TRANSPORT=httpx. The
+    whole request is bounded by the caller's Deadlines (which do not count a stopped process), so
+    there is no read timeout here; connecting is bounded by min(timeout_s, 30 s)."""
+    headers = {**auth_headers, "User-Agent": "runner"}
     if transport is None and os.environ.get("RUNNER_HTTP_TRANSPORT", "aiohttp") != "httpx":
         return AiohttpHttp(base_url, headers, min(timeout_s, 30.0), concurrency)
     return HttpxHttp(base_url, headers, min(timeout_s, 30.0), concurrency, transport)
@@ -70,7 +72,6 @@ class AiohttpHttp:
     def __init__(self, base_url: str, headers: dict[str, str], connect_s: float, concurrency: int) -> None:
         import aiohttp
 
-        self.url = base_url + "/chat/completions"
         self._headers = {**headers, **_HEADERS}
         self._proxy = env_proxy(base_url)
         # certifi's CAs, as httpx uses, for https; loading them costs ~20 ms, so not for plain http
@@ -79,13 +80,13 @@ class AiohttpHttp:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_s)
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False)
 
-    async def post(self, content: bytes, cap: int) -> tuple[int, Mapping[str, str], bytes]:
+    async def post(self, url: str, content: bytes, cap: int) -> tuple[int, Mapping[str, str], bytes]:
         import aiohttp
 
         status = 0
         try:
             async with self._session.post(
-                self.url, data=content, headers=self._headers, proxy=self._proxy, allow_redirects=False
+                url, data=content, headers=self._headers, proxy=self._proxy, allow_redirects=False
             ) as resp:
                 status = resp.status
                 return status, resp.headers, await self._read(resp, cap)
@@ -131,7 +132,6 @@ class HttpxHttp:
         concurrency: int,
         transport: httpx.AsyncBaseTransport | None,
     ) -> None:
-        self.url = base_url + "/chat/completions"
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         self._client = httpx.AsyncClient(
             headers=headers,
@@ -141,10 +141,10 @@ class HttpxHttp:
             follow_redirects=False,
         )
 
-    async def post(self, content: bytes, cap: int) -> tuple[int, Mapping[str, str], bytes]:
+    async def post(self, url: str, content: bytes, cap: int) -> tuple[int, Mapping[str, str], bytes]:
         status = 0
         try:
-            async with self._client.stream("POST", self.url, content=content, headers=_HEADERS) as resp:
+            async with self._client.stream("POST", url, content=content, headers=_HEADERS) as resp:
                 status = resp.status_code
                 declared = resp.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > cap and "content-encoding" not in resp.headers:

@@ -25,6 +25,7 @@ from .manifest import (
     index_name,
     index_valid,
     manifest_name,
+    read_snapshot,
     rebuild_index,
     repair,
     scan,
@@ -245,6 +246,10 @@ class LocalStore:
             self._offset += written
         except OSError as e:
             raise output_error(e, self.display) from None
+
+    def read_snapshot(self) -> dict[str, Any]:
+        """What the dir remembers of the spec it last ran (spec.json), or {}."""
+        return read_snapshot(self.path)
 
     def write_snapshot(self, summary: dict[str, Any]) -> None:
         try:

@@ -24,7 +24,7 @@ from typing import Any, BinaryIO, cast
 
 from ..errors import OutputError, UsageError
 from ..record import Record
-from .manifest import IMAGE_FILE, SPEC_SNAPSHOT, ResumeState, manifest_name, scan
+from .manifest import IMAGE_FILE, SPEC_SNAPSHOT, ResumeState, manifest_name, read_snapshot, scan
 
 HINT = "remote output dirs need runner's optional s3 extra: pip install -e '.[s3]' in its checkout (fsspec and s3fs)"
 
@@ -174,6 +174,10 @@ class RemoteStore:
     def append(self, records: list[Record], lines: list[bytes]) -> None:
         self._seq += 1
         self._put(f"{self._part}-{self._seq:06d}.jsonl", b"".join(lines))
+
+    def read_snapshot(self) -> dict[str, Any]:
+        """What the dir remembers of the spec it last ran (spec.json), or {}."""
+        return read_snapshot(self.path)
 
     def write_snapshot(self, summary: dict[str, Any]) -> None:
         self._put(SPEC_SNAPSHOT, json.dumps(summary, indent=2).encode())

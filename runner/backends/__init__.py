@@ -1,0 +1,75 @@
+"""How items get answers: one interface, one implementation per way of asking, chosen once by `make_backend`.
+
+- `interactive.Pool`: a pool of concurrent requests, each answered in seconds (every api_format);
+- `batch` (Google's Batch Mode): the items written to a file, submitted as batches, collected later.
+
+The job hands a backend the items to run and the image files found on disk without a record;
+the backend puts every finished item through the session's sink, so the manifest, the resume
+and the report never know which backend ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import httpx
+
+    from ..engine.session import Session
+    from ..pricing import PriceTable
+    from ..spec import Item, JobSpec
+    from ..spec.items import Shard
+
+
+class Backend(Protocol):
+    async def run(self, items: Iterable[Item], on_disk: dict[int, list[str]] | None = None) -> None:
+        """Get answers for `items` (recorded through the session's sink) until they are done or the run stops."""
+        ...
+
+    def interrupt(self) -> None:
+        """A first Ctrl+C: start nothing new; what is in flight finishes and is recorded."""
+        ...
+
+    def cancel_requests(self) -> None:
+        """A second Ctrl+C: give up on what is in flight (what is already in hand is still recorded)."""
+        ...
+
+
+def make_backend(
+    spec: JobSpec,
+    session: Session,
+    prices: PriceTable,
+    *,
+    base_url: str,
+    api_key: str,
+    concurrency: int,
+    shard: Shard | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> Backend:
+    """The backend a spec asks for, with the request format of its `api_format`."""
+    from ..engine.plan import rpm_share
+    from ..gateway.client import Client
+    from ..gateway.deadline import Deadlines
+    from ..gateway.formats import make_format
+    from ..gateway.http import make_http
+    from ..policy import ServerWaitOrBackoff
+    from .interactive import Pool
+
+    request_format = make_format(spec.api_format)
+    http = make_http(base_url, request_format.auth_headers(api_key), spec.timeout_s, concurrency, transport)
+    client = Client(
+        http, api_key, spec.timeout_s, request_format, base_url=base_url, inputs=spec.inputs,
+        deadlines=Deadlines(tick_s=min(1.0, max(0.05, spec.timeout_s / 20))),
+        max_response_bytes=int(spec.max_response_mb * 2**20),
+    )  # fmt: skip
+    return Pool(
+        session,
+        client,
+        prices,
+        concurrency=concurrency,
+        requests_per_minute=rpm_share(spec, shard),
+        max_attempts=spec.max_attempts,
+        breaker_limit=spec.max_consecutive_failures,
+        backoff=ServerWaitOrBackoff(spec.backoff_base_s, spec.backoff_max_s),
+    )

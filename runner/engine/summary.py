@@ -1,0 +1,84 @@
+"""What a run says when it ends: the summary a person reads, the next steps, and the JSON a webhook gets."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..policy import PERMANENT
+from ..pricing import usd
+from ..safety import printable
+
+if TYPE_CHECKING:
+    from .job import RunResult
+
+
+def summary_dict(result: RunResult) -> dict[str, Any]:
+    """The run's outcome as JSON (for --notify-url and --on-finish): no key, no prompts."""
+    s = result.stats
+    return {
+        "output_dir": result.out_dir, "exit_code": result.exit_code, "items": result.items,
+        "skipped_done": result.skipped_done, "skipped_failed": result.skipped_failed, "ok": s.ok,
+        "failed": s.failed, "interrupted": s.interrupted, "recovered": s.recovered, "retries": s.retries,
+        "retries_by_kind": dict(s.retries_by_kind), "requests": s.requests, "failures_by_kind": dict(s.failures_by_kind),
+        "spent_usd": round(s.spent_usd, 6), "total_spent_usd": round(result.total_spent_usd, 6),
+        "stop_reason": s.stop_reason,
+    }  # fmt: skip
+
+
+def describe(result: RunResult, command: str = "runner run JOB.yaml") -> list[str]:
+    """The closing summary a person reads, and what to do next."""
+    s = result.stats
+    lines = [
+        f"{s.ok} ok, {s.failed} failed, {s.retries} retries, {s.requests} requests, "
+        f"{usd(s.spent_usd)} spent this run ({usd(result.total_spent_usd)} in all) -> {result.out_dir}"
+    ]
+    if s.retries_by_kind:
+        lines.append("retried: " + ", ".join(f"{k}={v}" for k, v in sorted(s.retries_by_kind.items())))
+    if s.failures_by_kind:
+        lines.append("failures: " + ", ".join(f"{k}={v}" for k, v in sorted(s.failures_by_kind.items())))
+    if s.recovered:
+        lines.append(f"{s.recovered} items recovered from whole images on disk (not bought again)")
+    if s.stop_kind == "budget":
+        lines.append(
+            f"stopped: budget reached: {usd(result.total_spent_usd)} spent of max_cost_usd {result.max_cost_usd:g}"
+        )
+    elif s.stop_reason and s.stop_kind != "interrupt":
+        lines.append(f"stopped: {printable(s.stop_reason)}")
+    lines += [f"next: {hint}" for hint in _next_steps(result, command)]
+    return lines
+
+
+def _next_steps(result: RunResult, command: str) -> list[str]:
+    s = result.stats
+    if s.signalled:
+        if s.done >= s.total and not s.failed and not s.interrupted:
+            return ["interrupted, but every item had finished: nothing is left to run"]
+        cut = f"; {s.interrupted} cut short in a retry wait" if s.interrupted else ""
+        return [
+            f"interrupted: the requests in flight were recorded{cut}; rerun the same command to resume "
+            f"(`{command}`): done items are skipped and never paid for twice"
+        ]
+    if s.stop_kind == "budget":
+        return [
+            f"raise max_cost_usd in the spec or pass --max-cost (more than {result.max_cost_usd:g}), then `{command}` goes on"
+        ]
+    if s.stop_kind == "abort":
+        hint = {
+            "auth": f"check the key in ${result.key_env}: the gateway refused it",
+            "no_balance": f"top up the balance of the key in ${result.key_env}",
+            "forbidden": f"the key in ${result.key_env} may not use this model: check `model` or the key",
+            "not_found": "check base_url (or --base-url): the gateway answered 404 or redirected",
+        }.get(s.stop_failure or "", "see the reason above")
+        return [f"{hint}; then `{command}` resumes"]
+    if s.stop_kind == "breaker":
+        return [f"the service kept failing: wait a while, then `{command}` resumes"]
+    hints = []
+    permanent = sum(n for k, n in s.failures_by_kind.items() if k in PERMANENT) + result.skipped_failed
+    retryable = s.failed - sum(n for k, n in s.failures_by_kind.items() if k in PERMANENT) + s.interrupted
+    if retryable:
+        hints.append(f"{retryable} items failed with errors a retry may cure: `{command}` tries them again")
+    if permanent:
+        hints.append(
+            f"{permanent} items failed permanently (refused or no image): `{command} --retry-failed` tries them again"
+        )
+    return hints

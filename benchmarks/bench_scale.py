@@ -53,7 +53,7 @@ from common import (
 
 from runner.engine.job import RunOptions, run_job_async
 from runner.engine.plan import estimate
-from runner.output import image_relpath
+from runner.output import LocalSource, image_relpath
 from runner.output.manifest import scan
 from runner.pricing import PriceTable
 from runner.spec.items import iter_items
@@ -102,7 +102,7 @@ def phase_iter(d: Path) -> dict[str, Any]:
 
 def phase_scan(d: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
-    state = scan(d / "out")
+    state = scan(d / "out", LocalSource(d / "out").intact)
     return {"done": len(state.done), "bad_images": len(state.bad_images), "total_s": time.perf_counter() - t0}
 
 

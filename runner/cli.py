@@ -8,7 +8,6 @@ import os
 import shlex
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from .cliargs import EXIT_INTERNAL, build_parser
@@ -180,30 +179,12 @@ def _size(n: int) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .output import is_remote, open_view
-    from .quality import analyze
-    from .report.summary import format_quality, format_text, read_manifests, summarize
+    from .report import report
+    from .report.summary import format_quality, format_text
 
-    remote = is_remote(args.out)
-    if args.html and remote:
-        raise UsageError("--html needs a local output dir: the gallery links to the image files")
-    with open_view(args.out) as (local, source):
-        manifests = read_manifests(local)
-        summary = summarize(manifests)
-        try:
-            cache = None if remote else local / ".quality-cache.tsv"
-            quality = analyze(manifests.latest.values(), source, near_threshold=args.near_threshold, cache_path=cache)
-        except ValueError as e:
-            raise UsageError(f"--near-threshold: {e}") from None
-    summary["output_dir"] = str(args.out)
-    summary.update(quality)
-    if args.html:
-        from .report.gallery import write_html
-
-        title = summary.get("name") or Path(args.out).name
-        records = list(manifests.latest.values())
-        shown = write_html(Path(args.html), Path(args.out), records, summary, title=title, quality=quality)
-        _say(f"gallery: {args.html} ({shown} images)")
+    summary = report(args.out, near_threshold=args.near_threshold, html=args.html)
+    if "gallery" in summary:
+        _say(f"gallery: {summary['gallery']['path']} ({summary['gallery']['images']} images)")
     if args.json:
         print(json.dumps(summary, indent=2, ensure_ascii=False))
     else:
@@ -212,44 +193,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from .export import Filters, export_imagefolder, export_webdataset
-    from .output import is_remote, open_view
-    from .output.remote import upload_dir
-    from .report.summary import read_manifests, summarize
+    from .export import Filters, export_dataset
     from .safety import printable
 
     filters = Filters(args.exclude_duplicates, args.exclude_mismatched, Filters.parse_where(args.where))
-    remote = is_remote(args.out)
-    sub = "" if args.format == "imagefolder" else "webdataset"
-    with open_view(args.out) as (local, source), tempfile.TemporaryDirectory(prefix="runner-export-") as tmp:
-        manifests = read_manifests(local)
-        summary = summarize(manifests)
-        if args.to:
-            dest = Path(args.to)
-        elif remote:
-            dest = Path(tmp)  # written here, then uploaded into the remote output dir
-        else:
-            dest = Path(args.out) / sub if sub else Path(args.out)
-            if sub:  # inside the output dir: a link planted there must not send shards elsewhere
-                _real_folder(Path(args.out), sub)
-        records = list(manifests.latest.values())
-        if args.format == "imagefolder":
-            # In the output dir itself the images are where they belong: nothing to place.
-            in_place = (remote and not args.to) or dest.resolve() == Path(args.out).resolve()
-            result = export_imagefolder(
-                records, source, dest, filters=filters, summary=summary, copy_files=not in_place
-            )
-        else:
-            result = export_webdataset(
-                records, source, dest, shard_size=args.shard_size, filters=filters, summary=summary
-            )
-        where = str(dest)
-        if remote and not args.to:
-            where = upload_dir(str(args.out), dest, sub)
+    result = export_dataset(args.out, args.format, to=args.to, filters=filters, shard_size=args.shard_size)
+    where = result.location
     if args.json:
-        print(json.dumps({**result.as_dict(), "dest": where}, indent=2))
+        print(json.dumps(result.as_dict(), indent=2))
         return 0
     skipped = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in result.skipped.items())
     _say(f"wrote {result.written} items as {args.format} to {where}" + (f"; skipped: {skipped}" if skipped else ""))
@@ -262,18 +213,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         _say(f'load it: datasets.load_dataset("webdataset", data_files="{where}/shard-*.tar")')
     return 0
-
-
-def _real_folder(out: Path, name: str) -> None:
-    from .output.files import Jail, output_error
-
-    jail = Jail(out)
-    try:
-        jail.dir_fd(name, create=True)
-    except OSError as e:
-        raise output_error(e, str(out)) from None
-    finally:
-        jail.close()
 
 
 def cmd_mock_server(args: argparse.Namespace) -> int:

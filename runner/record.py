@@ -16,10 +16,11 @@ aside, reports count it.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, NotRequired, TypedDict, cast
 
 from .models import MODELS, effective_size
@@ -188,11 +189,16 @@ def parse_line(line: bytes) -> Record | None:
         return None
 
 
-def latest(records: Iterable[Record]) -> dict[str, Record]:
-    """item_id -> the record that counts (the input may already be the latest ones: then a no-op)."""
+Intact = Callable[[Mapping[str, Any]], bool]  # is an ok record's image there and whole?
+
+
+def latest(records: Iterable[Record], intact: Intact) -> dict[str, Record]:
+    """item_id -> the record that counts, by `supersedes` (the input may already be the latest
+    ones: then a no-op that never asks `intact`)."""
     last: dict[str, Record] = {}
     for rec in records:
-        if supersedes(rec, last.get(rec["item_id"])):
+        old = last.get(rec["item_id"])
+        if old is None or supersedes(rec["status"], old["status"], functools.partial(intact, old)):
             last[rec["item_id"]] = rec
     return last
 
@@ -206,13 +212,18 @@ def size_of(rec: Record) -> str:
     return str(sent) if sent is not None else "?"
 
 
-def supersedes(new: Record, old: Record | None) -> bool:
-    """Does `new` replace `old` as the record that counts for an item?
+def supersedes(new: str, old: str | None, old_intact: Callable[[], bool]) -> bool:
+    """THE rule for which manifest line counts for an item (resume, report, gallery and export all
+    use it): does a line of status `new`, read after one of status `old` (None: the first),
+    replace it? `old_intact` says whether the old ok line's image is there and whole; it is asked
+    only when a failure follows an ok.
 
-    The later line does, except that a failure never replaces an ok: an ok item is not sent
-    again unless its image went bad, so a failure read after an ok comes from another
-    manifest (shards, remote parts) whose lines are not in time order with this one."""
-    return old is None or new["status"] == "ok" or old["status"] != "ok"
+    The later line replaces the earlier, except that a failure does not replace an ok whose image
+    is intact. An ok item is sent again only when its image went bad, so a failure after an ok
+    with a bad image is that redo failing: it counts. A failure after an ok with an intact image
+    comes from another manifest (shards, remote parts) whose lines are not in time order with
+    this one: the ok stands."""
+    return old is None or new == "ok" or old != "ok" or not old_intact()
 
 
 def images_of(rec: Record) -> list[ImageFile]:
@@ -246,8 +257,8 @@ def make_record(
     request_id: str | None,
     usage: dict[str, Any] | None,
     cost_usd: float,
-    latency_s: float,
-    elapsed_s: float,
+    latency_s: float | None,
+    elapsed_s: float | None,
     finished_at: str,
     run_id: str,
     images: list[ImageFile] | None = None,
@@ -266,8 +277,8 @@ def make_record(
         "request_id": request_id,
         "usage": usage,
         "cost_usd": round(cost_usd, 6),
-        "latency_s": round(latency_s, 3),
-        "elapsed_s": round(elapsed_s, 3),
+        "latency_s": None if latency_s is None else round(latency_s, 3),
+        "elapsed_s": None if elapsed_s is None else round(elapsed_s, 3),
     }
     if retried:
         rec["retried"] = dict(retried)

@@ -20,6 +20,7 @@ import yaml
 
 from runner import cli
 from runner.mock import MockConfig, MockGateway
+from runner.record import ErrorRec, ImageFile, Record, make_record
 
 ROOT = Path(__file__).resolve().parent.parent
 StartGateway = Callable[..., MockGateway]
@@ -147,3 +148,63 @@ def png(width: int = 4, height: int = 3, rgb: tuple[int, int, int] = (200, 40, 4
 def item_id(n: int) -> str:
     """A stable 20-hex-digit id for hand-written records."""
     return hashlib.sha256(str(n).encode()).hexdigest()[:20]
+
+
+def manifest_line(
+    out: Path | None,
+    n: int | str,
+    *,
+    status: str | None = None,
+    error: dict[str, Any] | None = None,
+    prompt: str = "A red fox in fresh snow",
+    prompt_id: str = "fox",
+    model: str = "nanobanana_pro",
+    config: dict[str, Any] | tuple[str, str | None] = ("16:9", "2K"),
+    vars_: dict[str, str] | None = None,
+    repeat: int = 0,
+    attempts: int = 1,
+    retried: dict[str, int] | None = None,
+    cost: float | None = None,
+    latency: float | None = 10.0,
+    at: str = "2026-11-25T08:00:00.000+00:00",
+    run: str = "run1",
+    image: bytes | None = None,
+    images: list[ImageFile] | None = None,
+    inputs: list[dict[str, Any]] | None = None,
+    params: dict[str, Any] | None = None,
+    usage: dict[str, Any] | None = None,
+) -> Record:
+    """The one factory of manifest lines for tests, through runner's own make_record. An ok line
+    (no `error`) writes its image under `out` where the writer would (`image`, or a small PNG of
+    its own colour), unless `images` gives the image entries as they are (no files)."""
+    iid = item_id(n) if isinstance(n, int) else n
+    if isinstance(config, tuple):
+        config = {"aspect_ratio": config[0], "image_size": config[1]}
+    fields: dict[str, Any] = {
+        "item_id": iid, "prompt_id": prompt_id, "prompt": prompt, "model": model,
+        "image_config": {"aspect_ratio": config.get("aspect_ratio"), "image_size": config.get("image_size")},
+        "repeat": repeat, "vars": vars_,
+    }  # fmt: skip
+    if inputs is not None:
+        fields["inputs"] = inputs
+    if params is not None:
+        fields["params"] = params
+    failed = error is not None or status == "failed"
+    if not failed and images is None:
+        assert out is not None, "an ok line writes its image: give `out`"
+        data = image if image is not None else png(rgb=tuple(hashlib.sha256(iid.encode()).digest()[:3]))  # type: ignore[arg-type]
+        rel = f"images/{iid[:2]}/{iid}.png"
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
+        width, height = struct.unpack(">II", data[16:24]) if data[12:16] == b"IHDR" else (None, None)
+        images = [{"image_path": rel, "mime": "image/png", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                   "mtime_ns": (out / rel).stat().st_mtime_ns, "width": width, "height": height}]  # fmt: skip
+    err: ErrorRec | None = None
+    if failed:
+        err = error or {"kind": "server_error", "status": 503, "message": "overloaded"}  # type: ignore[assignment]
+    return make_record(
+        fields, status="failed" if failed else "ok", attempts=attempts, request_id=f"chatcmpl-{n}",
+        usage=usage, cost_usd=cost if cost is not None else (0.0 if failed else 0.134), latency_s=latency,
+        elapsed_s=None if latency is None else latency + 1, finished_at=at, run_id=run, images=images or None,
+        error=err, retried=retried,
+    )  # fmt: skip

@@ -11,7 +11,6 @@ import os
 import re
 import select
 import shutil
-import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,10 +20,12 @@ from urllib.parse import unquote
 
 import pytest
 
-from runner.record import Record, parse_line, supersedes
+from runner.output import LocalSource
+from runner.record import Record, parse_line
+from runner.record import latest as latest_records
 from runner.report.gallery import write_html
 
-from .conftest import item_id, png
+from .conftest import item_id, manifest_line, png
 
 EVIL = '<img src=x onerror="window.pwned=3"><script>window.pwned=1</script>'
 HOSTILE = EVIL + "</script><!-- \x00\x07\x1b[31m \ud800 \u202eRTL\u202c \u2028 &amp;"
@@ -39,41 +40,9 @@ def store_input(out: Path, data: bytes) -> dict[str, Any]:
     return {"path": "refs/product.png", "sha256": sha, "mime": "image/png", "bytes": len(data), "stored": stored}
 
 
-def line(
-    out: Path,
-    n: int,
-    *,
-    prompt: str = "A red fox in fresh snow",
-    prompt_id: str = "fox",
-    model: str = "nanobanana_pro",
-    config: tuple[str, str | None] = ("16:9", "2K"),
-    vars_: dict[str, str] | None = None,
-    error: dict[str, Any] | None = None,
-    image: bytes | None = None,
-    inputs: list[dict[str, Any]] | None = None,
-    attempts: int = 1,
-    retried: dict[str, int] | None = None,
-) -> dict[str, Any]:
-    """One manifest line; an ok one writes its image where the writer would."""
-    iid = item_id(n)
-    rec: dict[str, Any] = {
-        "item_id": iid, "prompt_id": prompt_id, "prompt": prompt, "model": model,
-        "image_config": {"aspect_ratio": config[0], "image_size": config[1]}, "repeat": 0, "vars": vars_,
-        "inputs": inputs or [], "params": {}, "status": "failed" if error else "ok", "attempts": attempts,
-        "retried": retried or {}, "request_id": f"chatcmpl-{n}", "usage": None, "cost_usd": 0.0 if error else 0.134,
-        "latency_s": 12.5, "elapsed_s": 13.0, "finished_at": "2026-11-25T08:00:00+00:00", "run_id": "run1",
-    }  # fmt: skip
-    if error:
-        rec["error"] = error
-        return rec
-    data = image if image is not None else png(rgb=(n * 37 % 256, 90, 160))
-    rel = f"images/{iid[:2]}/{iid}.png"
-    (out / rel).parent.mkdir(parents=True, exist_ok=True)
-    (out / rel).write_bytes(data)
-    width, height = struct.unpack(">II", data[16:24])
-    rec.update(image_path=rel, mime="image/png", bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
-               mtime_ns=(out / rel).stat().st_mtime_ns, width=width, height=height)  # fmt: skip
-    return rec
+def line(out: Path, n: int, **fields: Any) -> Record:
+    return manifest_line(out, n, latency=12.5, inputs=fields.pop("inputs", []), params={}, retried=fields.pop("retried", {}),
+                         at="2026-11-25T08:00:00+00:00", **fields)  # fmt: skip
 
 
 def write_manifest(out: Path, lines: list[dict[str, Any]]) -> None:
@@ -83,13 +52,9 @@ def write_manifest(out: Path, lines: list[dict[str, Any]]) -> None:
 
 def latest(out: Path) -> list[Record]:
     """What the CLI hands the gallery: the record that counts for each item, read back from the manifest."""
-    last: dict[str, Record] = {}
-    for raw in (out / "manifest.jsonl").read_bytes().splitlines():
-        rec = parse_line(raw)
-        assert rec is not None, raw
-        if supersedes(rec, last.get(rec["item_id"])):
-            last[rec["item_id"]] = rec
-    return list(last.values())
+    records = [parse_line(raw) for raw in (out / "manifest.jsonl").read_bytes().splitlines()]
+    assert None not in records
+    return list(latest_records(records, LocalSource(out).intact).values())  # type: ignore[arg-type]
 
 
 def summary_of(records: list[Record]) -> dict[str, Any]:

@@ -18,6 +18,8 @@ from runner.imageinfo import dimensions, dimensions_of_file, dimensions_of_strea
 from runner.quality import LocalSource, analyze, duplicate_groups
 from runner.quality.phash import CACHE_HEADER, near_pairs
 
+from .conftest import manifest_line
+
 try:  # the mock's image module may move; Pillow covers the same formats if it does
     from runner.mock import render_image
 except ImportError:  # pragma: no cover
@@ -179,42 +181,24 @@ class OutDir:
         minute: int = 0,
     ) -> dict[str, Any]:
         iid = item_id(n)
-        rec: dict[str, Any] = {
-            "item_id": iid, "prompt_id": f"p{n % 3}", "prompt": prompt or f"prompt number {n}", "model": model,
-            "image_config": {"aspect_ratio": ratio, "image_size": size}, "repeat": n % 2, "vars": vars_,
-            "status": "failed" if error else "ok", "attempts": 1, "request_id": f"chatcmpl-{n}",
-            "usage": {"prompt_tokens": 9, "completion_tokens": 1120, "total_tokens": 1129},
-            "cost_usd": 0.0 if error else 0.134, "latency_s": 10.0 + n, "elapsed_s": 11.0 + n,
-            "finished_at": f"2026-11-25T08:{minute:02d}:00.000+00:00", "run_id": "run1",
-        }  # fmt: skip
-        if inputs is not None:
-            rec["inputs"] = inputs
-        if params is not None:
-            rec["params"] = params
-        if error:
-            rec["error"] = {"kind": error, "status": None, "message": "refused"}
-            self.records.append(rec)
-            return rec
-        assert data is not None
-        ext = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}[mime]
-        rel = f"images/{iid[:2]}/{iid}.{ext}"
-        rec.update(image_path=rel, mime=mime, **self._file(rel, data))
-        w, h = dimensions(data) or (None, None)
-        rec.update(width=w if record_size else None, height=h if record_size else None)
-        if extra:
-            rec["extra_images"] = []
-            for j, more in enumerate(extra, 1):
-                extra_rel = f"images/{iid[:2]}/{iid}-{j}.png"
-                ew, eh = dimensions(more) or (None, None)
-                rec["extra_images"].append(
-                    {
-                        "image_path": extra_rel,
-                        "mime": "image/png",
-                        **self._file(extra_rel, more),
-                        "width": ew,
-                        "height": eh,
-                    }
-                )
+        images: list[Any] = []
+        if not error:
+            assert data is not None
+            ext = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}[mime]
+            files = [(f"images/{iid[:2]}/{iid}.{ext}", mime, data)]
+            files += [(f"images/{iid[:2]}/{iid}-{j}.png", "image/png", more) for j, more in enumerate(extra or [], 1)]
+            for k, (rel, kind, blob) in enumerate(files):
+                w, h = dimensions(blob) or (None, None)
+                known = record_size or k > 0
+                images.append({"image_path": rel, "mime": kind, **self._file(rel, blob),
+                               "width": w if known else None, "height": h if known else None})  # fmt: skip
+        rec = manifest_line(
+            None, iid, error={"kind": error, "status": None, "message": "refused"} if error else None,
+            prompt=prompt or f"prompt number {n}", prompt_id=f"p{n % 3}", model=model, config=(ratio, size),
+            vars_=vars_, repeat=n % 2, latency=10.0 + n, at=f"2026-11-25T08:{minute:02d}:00.000+00:00",
+            images=images or None, inputs=inputs, params=params,
+            usage={"prompt_tokens": 9, "completion_tokens": 1120, "total_tokens": 1129},
+        )  # fmt: skip
         self.records.append(rec)
         return rec
 
@@ -322,11 +306,12 @@ def test_without_pillow_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 def test_duplicate_groups_merge_and_order() -> None:
     def rec(i: str, *shas: str) -> Any:
-        images = [
-            {"image_path": f"images/{i}-{k}.png", "mime": "image/png", "bytes": 1, "sha256": s}
+        images: list[Any] = [
+            {"image_path": f"images/{i}-{k}.png", "mime": "image/png", "bytes": 1, "sha256": s, "mtime_ns": None,
+             "width": None, "height": None}
             for k, s in enumerate(shas)
-        ]
-        return {"item_id": i, "status": "ok", **images[0], "extra_images": images[1:]}
+        ]  # fmt: skip
+        return manifest_line(None, i, images=images)
 
     # c links a's and b's groups; d repeats its own image (one item: no group)
     records = [rec("e", "x"), rec("a", "s1"), rec("b", "s2"), rec("c", "s1", "s2"), rec("d", "s3", "s3"), rec("f", "x")]
@@ -379,8 +364,9 @@ def test_every_documented_and_mock_size_has_its_ratio() -> None:
     from runner.quality import shape_checks
 
     def rec(i: int, model: str, ratio: str, size: str | None, wh: tuple[int, int]) -> Any:
-        return {"item_id": f"{i:x}", "status": "ok", "model": model, "image_config": {"aspect_ratio": ratio, "image_size": size},
-                "image_path": f"images/{i}.png", "mime": "image/png", "bytes": 1, "sha256": "", "width": wh[0], "height": wh[1]}  # fmt: skip
+        image: Any = {"image_path": f"images/{i}.png", "mime": "image/png", "bytes": 1, "sha256": "", "mtime_ns": None,
+                      "width": wh[0], "height": wh[1]}  # fmt: skip
+        return manifest_line(None, f"{i:x}", model=model, config=(ratio, size), images=[image])
 
     records: list[Any] = []
     for model, info in MODELS.items():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -10,64 +9,23 @@ from typing import Any
 import pytest
 
 from runner.errors import UsageError
-from runner.report.summary import format_text, percentile, summarize
+from runner.output import open_view
+from runner.record import Record
+from runner.report.summary import format_text, percentile, read_manifests, summarize
 
-from .conftest import item_id, png, run_cli
+from .conftest import item_id, manifest_line, run_cli
 
 EVIL = "<img src=x onerror=alert(1)><script>alert(2)</script>"
 
 
-def record(
-    out: Path,
-    n: int,
-    *,
-    status: str = "ok",
-    prompt: str = "A red fox in fresh snow",
-    prompt_id: str = "fox",
-    model: str = "nanobanana_pro",
-    config: dict[str, Any] | None = None,
-    vars_: dict[str, str] | None = None,
-    attempts: int = 1,
-    cost: float = 0.134,
-    latency: float | None = 10.0,
-    at: str = "2026-11-25T08:00:00.000+00:00",
-    run: str = "run1",
-    error: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    iid = item_id(n)
-    rec: dict[str, Any] = {
-        "item_id": iid,
-        "prompt_id": prompt_id,
-        "prompt": prompt,
-        "model": model,
-        "image_config": config if config is not None else {"aspect_ratio": "16:9", "image_size": "2K"},
-        "repeat": 0,
-        "vars": vars_,
-        "status": status,
-        "attempts": attempts,
-        "request_id": f"chatcmpl-{n}",
-        "usage": {"prompt_tokens": 9, "completion_tokens": 1359, "total_tokens": 1368},
-        "cost_usd": cost if status == "ok" else 0,
-        "latency_s": latency,
-        "elapsed_s": (latency or 0) + 1,
-        "finished_at": at,
-        "run_id": run,
-    }
-    if status == "ok":
-        data = png(rgb=(n * 30 % 256, 90, 160))
-        rel = f"images/{iid[:2]}/{iid}.png"
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        (out / rel).write_bytes(data)
-        rec.update(
-            image_path=rel,
-            mime="image/png",
-            bytes=len(data),
-            sha256=hashlib.sha256(data).hexdigest(),
-            mtime_ns=(out / rel).stat().st_mtime_ns,
-        )
-    else:
-        rec["error"] = error
-    return rec
+def report_of(out: Path) -> dict[str, Any]:
+    with open_view(out) as view:
+        return summarize(read_manifests(view))
+
+
+def record(out: Path, n: int, *, status: str = "ok", **fields: Any) -> Record:
+    return manifest_line(out, n, status=status, usage={"prompt_tokens": 9, "completion_tokens": 1359, "total_tokens": 1368},
+                         **fields)  # fmt: skip
 
 
 def write_lines(path: Path, records: list[dict[str, Any]], tail: str = "") -> None:
@@ -110,7 +68,7 @@ def out(tmp_path: Path) -> Path:
 
 
 def test_summarize_exact_numbers(out: Path) -> None:
-    s = summarize(out)
+    s = report_of(out)
     assert (s["items"], s["ok"], s["failed"]) == (6, 4, 2)
     assert s["failures_by_kind"] == {"content_filter": 1, "server_error": 1}  # rate_limited was superseded
     assert s["failure_examples"] == {"content_filter": ["<b>blocked</b> by filter"], "server_error": ["overloaded"]}
@@ -138,7 +96,7 @@ def test_summarize_nothing_ok_and_single_stamp(tmp_path: Path) -> None:
         tmp_path / "manifest.jsonl",
         [record(tmp_path, 1, status="failed", latency=None, error={"kind": "auth", "status": 401, "message": "m"})],
     )
-    s = summarize(tmp_path)
+    s = report_of(tmp_path)
     assert s["latency_s"] == {"p50": None, "p95": None, "max": None}
     assert s["throughput_per_hour"] is None
     assert s["failures_by_kind"] == {"auth": 1}
@@ -151,7 +109,7 @@ def test_failure_examples_are_distinct_and_at_most_three(tmp_path: Path) -> None
         for n in range(10)
     ]
     write_lines(tmp_path / "manifest.jsonl", recs)
-    assert summarize(tmp_path)["failure_examples"] == {"timeout": ["m0", "m1", "m2"]}
+    assert report_of(tmp_path)["failure_examples"] == {"timeout": ["m0", "m1", "m2"]}
 
 
 def test_percentile_nearest_rank() -> None:
@@ -163,14 +121,14 @@ def test_percentile_nearest_rank() -> None:
 
 def test_no_manifest_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="no manifest"):
-        summarize(tmp_path)
+        report_of(tmp_path)
     with pytest.raises(UsageError, match="no such directory"):
-        summarize(tmp_path / "missing")
+        report_of(tmp_path / "missing")
     assert run_cli("export", str(tmp_path)).returncode == 2
 
 
 def test_format_text(out: Path) -> None:
-    text = format_text(summarize(out))
+    text = format_text(report_of(out))
     assert "ok 4, failed 2" in text
     assert "$0.441" in text
     assert "p50 20.0s" in text and "p95 40.0s" in text

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from runner.output import LocalSource
 from runner.output.files import Jail
 from runner.output.manifest import index_name, index_valid, rebuild_index, scan
 
@@ -230,9 +231,9 @@ def test_the_resume_index_agrees_with_the_manifest_and_is_rebuilt_when_stale(tmp
     out = tmp_path / "out"
     manifest = out / "manifest.jsonl"
     assert index_valid(manifest)
-    from_index = scan(out)
+    from_index = scan(out, LocalSource(out).intact)
     (out / index_name(manifest.name)).unlink()
-    from_json = scan(out)
+    from_json = scan(out, LocalSource(out).intact)
     assert (from_index.done, from_index.permanent, from_index.spent_usd) == (
         from_json.done, from_json.permanent, from_json.spent_usd,
     ) and len(from_index.done) == 3  # fmt: skip
@@ -276,3 +277,41 @@ def test_a_second_interrupt_cancels_requests_but_keeps_what_was_received(tmp_pat
     assert ok_lines(tmp_path / "out") == 0
     assert run_cli("run", str(path), "--no-progress").returncode == 0
     assert_all_ok_and_intact(tmp_path / "out", 4)
+
+
+def test_resume_and_report_agree_on_which_line_counts(tmp_path: Path, gateway: StartGateway) -> None:
+    """One rule (record.supersedes) for resume and report: an ok item whose image went bad, was sent
+    again and failed is failed for both; an ok whose image is intact stands against a failure read
+    after it from another manifest."""
+    polite, refusing = gateway(), gateway(fault_rates=(("content_filter", 1.0),))
+    path = write_spec(tmp_path, polite.base_url, prompts=["a cat", "a dog"])
+    out = tmp_path / "out"
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    cat = next(r for r in latest(out).values() if r["prompt"] == "a cat")
+    image = out / cat["image_path"]
+    image.write_bytes(b"\x89PNG" + image.read_bytes()[4:-1])  # corrupt, same name: the redo is due
+    proc = run_cli("run", str(path), "--no-progress", "--base-url", refusing.base_url)
+    assert proc.returncode == 1 and "1 recorded ok but image missing or corrupt" in proc.stderr
+    assert refusing.stats()["requests"] == 1  # the dog was not sent again
+
+    def both() -> tuple[dict[str, object], dict[str, object]]:
+        report = json.loads(run_cli("report", str(out), "--json").stdout)
+        estimate = json.loads(run_cli("estimate", str(path), "--json").stdout)
+        return report, estimate
+
+    report, estimate = both()
+    assert (report["ok"], report["failed"], report["failures_by_kind"]) == (1, 1, {"content_filter": 1})
+    assert (estimate["done"], estimate["failed_permanently"]) == (1, 1)
+    assert "nothing to run: the rest failed permanently" in run_cli("run", str(path), "--no-progress").stderr
+    # A failure of the dog read after its ok, from another manifest (shards): its image is intact, the ok stands.
+    dog = next(r for r in latest(out).values() if r["prompt"] == "a dog")
+    late = {**dog, "status": "failed", "error": {"kind": "content_filter", "status": 200, "message": "x"}}
+    for key in ("image_path", "mime", "bytes", "sha256", "mtime_ns", "width", "height"):
+        late.pop(key)
+    (out / "manifest.shard-0-of-1.jsonl").write_text(json.dumps(late) + "\n")
+    report, estimate = both()
+    assert (report["ok"], report["failed"]) == (1, 1) and (estimate["done"], estimate["failed_permanently"]) == (1, 1)
+    # ...but once the dog's image is gone too, the failure counts for both
+    (out / dog["image_path"]).unlink()
+    report, estimate = both()
+    assert (report["ok"], report["failed"]) == (0, 2) and (estimate["done"], estimate["failed_permanently"]) == (0, 2)

@@ -9,7 +9,6 @@ from typing import Any
 
 from ..models import MODELS, effective_size
 from ..output import ResumeState, open_view
-from ..output.manifest import manifest_paths, read_snapshot, scan
 from ..pricing import PriceTable, money, usd
 from ..spec.items import Item, Shard, iter_items, iter_keyed
 from ..spec.parse import JobSpec
@@ -64,11 +63,11 @@ def make_plan(
 ) -> Plan:
     plan = Plan()
     for key, fields in iter_keyed(spec, shard):
-        _, _, _, model, config, _, _, inputs, _ = fields
-        size = effective_size(model, config.image_size)
+        model, inputs = fields.model, fields.inputs
+        size = effective_size(model, fields.config.image_size)
         line = plan.lines.get((model, size))
         if line is None:
-            line = plan.lines[(model, size)] = Line(model, size, prices.per_image(model, config.image_size))
+            line = plan.lines[(model, size)] = Line(model, size, prices.per_image(model, fields.config.image_size))
         line.items += 1
         plan.items += 1
         plan.known_seen += state.known(key)
@@ -110,10 +109,9 @@ def estimate(
 ) -> dict[str, Any]:
     """Count, price and time the job without sending anything (no key needed)."""
     target = out or spec.output_dir
-    with open_view(target) as (local, source):
-        sizes = getattr(source, "sizes", None)
-        state = scan(local, image_sizes=sizes) if local.is_dir() and manifest_paths(local) else ResumeState()
-        made_by_mock = bool(read_snapshot(local).get("made_by_mock")) if local.is_dir() else False
+    with open_view(target) as view:
+        state = view.scan()
+        made_by_mock = bool(view.snapshot().get("made_by_mock"))
     plan = make_plan(spec, state, PriceTable(spec.pricing), shard)
     conc = concurrency or spec.concurrency
     rpm = rpm_share(spec, shard)

@@ -12,6 +12,7 @@ files from, and a local destination; both stream one item at a time and return a
 
 from .card import CARD, render, size_category, write_card
 from .common import ExportResult, Filters
+from .dataset import FORMATS, export_dataset
 from .imagefolder import METADATA, export_imagefolder, var_columns
 from .webdataset import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SIZE, export_webdataset, shard_name
 
@@ -19,9 +20,11 @@ __all__ = [
     "CARD",
     "DEFAULT_SHARD_BYTES",
     "DEFAULT_SHARD_SIZE",
+    "FORMATS",
     "METADATA",
     "ExportResult",
     "Filters",
+    "export_dataset",
     "export_imagefolder",
     "export_webdataset",
     "render",

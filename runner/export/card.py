@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from ..output.files import atomic_file
+from ..report.summary import Summary
 from .common import ExportResult, Selection
 
 CARD = "README.md"
@@ -43,7 +44,7 @@ def write_card(
     dest: Path,
     result: ExportResult,
     chosen: Selection,
-    summary: dict[str, Any],
+    summary: Summary | None,
     features: list[dict[str, Any]],
     data_files: str | None = None,
 ) -> str:
@@ -57,12 +58,13 @@ def write_card(
 def render(
     result: ExportResult,
     chosen: Selection,
-    summary: dict[str, Any],
+    report: Summary | None,
     features: list[dict[str, Any]],
     data_files: str | None = None,
 ) -> str:
     from .. import __version__
 
+    summary: dict[str, Any] = dict(report) if report else {}  # the card says less without the report's facts
     has_inputs = any(rec.get("inputs") for rec in chosen.records)
     name = str(summary.get("name") or result.dest.name)
     meta: dict[str, Any] = {

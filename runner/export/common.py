@@ -54,6 +54,7 @@ class ExportResult:
     linked: int = 0  # image and reference files hardlinked into dest
     copied: int = 0  # ... or copied (another filesystem, or a remote source)
     warnings: list[str] = field(default_factory=list)
+    location: str = ""  # where the dataset ended up: dest, or the remote URL it was uploaded to
 
     def skip(self, reason: str, item_id: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -64,7 +65,7 @@ class ExportResult:
     def as_dict(self) -> dict[str, Any]:
         return {
             "format": self.format,
-            "dest": str(self.dest),
+            "dest": self.location or str(self.dest),
             "written": self.written,
             "files": self.files,
             "skipped": self.skipped,
@@ -90,7 +91,7 @@ def select(records: Iterable[Record], source: ImageSource, filters: Filters, res
     copy a duplicate group keeps is one that is exported."""
     kept: list[Record] = []
     labels: set[str] = set()
-    for rec in latest(records).values():
+    for rec in latest(records, source.intact).values():
         labels.update(str(k) for k in rec.get("vars") or {})
         if rec["status"] != "ok":
             result.skip("failed", rec["item_id"])

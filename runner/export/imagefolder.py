@@ -31,6 +31,7 @@ from typing import Any
 from ..output.files import atomic_file
 from ..output.source import ImageSource, read_dimensions
 from ..record import Record
+from ..report.summary import Summary
 from .common import ExportResult, Filters, all_files, local_inputs, place, require_records, select, size_of
 
 METADATA = "metadata.jsonl"
@@ -74,7 +75,7 @@ def export_imagefolder(
     dest: Path,
     *,
     filters: Filters | None = None,
-    summary: dict[str, Any] | None = None,
+    summary: Summary | None = None,
     card: bool = True,
     copy_files: bool = True,
 ) -> ExportResult:
@@ -109,7 +110,7 @@ def export_imagefolder(
     result.files.append(METADATA)
     if card:
         features = features_of(columns, extras)
-        result.files.append(write_card(dest, result, chosen, summary or {}, features))
+        result.files.append(write_card(dest, result, chosen, summary, features))
     return result
 
 

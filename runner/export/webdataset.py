@@ -32,6 +32,7 @@ from typing import IO, Any, BinaryIO
 from ..output.files import atomic_file
 from ..output.source import ImageSource
 from ..record import Record, images_of
+from ..report.summary import Summary
 from .common import ExportResult, Filters, extension, local_inputs, require_records, select, size_of
 from .schema import Shape, leading, present
 
@@ -107,7 +108,7 @@ def export_webdataset(
     shard_size: int = DEFAULT_SHARD_SIZE,
     max_shard_bytes: int | None = DEFAULT_SHARD_BYTES,
     filters: Filters | None = None,
-    summary: dict[str, Any] | None = None,
+    summary: Summary | None = None,
     card: bool = True,
 ) -> ExportResult:
     """Write DEST/shard-NNNNNN.tar (each through a temporary name) and, with `card`, DEST/README.md.
@@ -136,7 +137,7 @@ def export_webdataset(
         signature = Counter(fields_of(rec) for rec in chosen.records).most_common(1)
         for name in signature[0][0] if signature else ("png", "json"):
             features.append(shape.feature("json") if name == "json" else {"name": name, "dtype": "image"})
-        result.files.append(write_card(dest, result, chosen, summary or {}, features, "shard-*.tar"))
+        result.files.append(write_card(dest, result, chosen, summary, features, "shard-*.tar"))
     return result
 
 

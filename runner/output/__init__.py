@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from ..record import Record
 from .local import LocalStore
-from .manifest import ResumeState
+from .manifest import ResumeState, manifest_paths, read_snapshot, scan
 from .remote import RemoteStore, is_remote, remote_view
 from .source import ImageSource, LocalSource
 
+QUALITY_CACHE = ".quality-cache.tsv"
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 MIME_TYPES = {ext: mime for mime, ext in EXTENSIONS.items()}  # of the images runner saves
 
@@ -53,14 +55,40 @@ def image_relpath(item_id: str, mime: str, index: int = 0) -> str:
     return f"images/{item_id[:2]}/{item_id}{suffix}.{EXTENSIONS.get(mime, 'bin')}"
 
 
+@dataclass
+class View:
+    """Read-only access to an output dir, for report, estimate and export: its manifests (a
+    temporary local copy for a remote dir), its files, its resume state, what it remembers."""
+
+    path: Path  # the manifests, readable here
+    source: ImageSource
+    display: str  # how messages name the dir
+    remote: bool
+
+    def has_manifests(self) -> bool:
+        return self.path.is_dir() and bool(manifest_paths(self.path))
+
+    def scan(self, verify: bool = False) -> ResumeState:
+        """The resume state, by the same rule and the same image check as a run's."""
+        return scan(self.path, lambda rec: self.source.intact(rec, verify)) if self.has_manifests() else ResumeState()
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the dir remembers of the spec it last ran (spec.json), or {}."""
+        return read_snapshot(self.path) if self.path.is_dir() else {}
+
+    def quality_cache(self) -> Path | None:
+        """Where the report keeps its image hashes between runs (None: nowhere, for now, on a remote dir)."""
+        return None if self.remote else self.path / QUALITY_CACHE
+
+
 @contextmanager
-def open_view(target: str | Path) -> Iterator[tuple[Path, ImageSource]]:
-    """Read-only access for report, estimate and export: (dir holding the manifests, images)."""
+def open_view(target: str | Path) -> Iterator[View]:
+    """Read-only access for report, estimate and export."""
     if is_remote(target):
-        with remote_view(str(target)) as view:
-            yield view
+        with remote_view(str(target)) as (path, source):
+            yield View(path, source, str(target), True)
     else:
-        yield Path(target), LocalSource(Path(target))
+        yield View(Path(target), LocalSource(Path(target)), str(target), False)
 
 
 __all__ = [
@@ -70,6 +98,7 @@ __all__ = [
     "RemoteStore",
     "ResumeState",
     "Store",
+    "View",
     "image_relpath",
     "is_remote",
     "open_store",

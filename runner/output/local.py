@@ -21,6 +21,7 @@ from .manifest import (
     SPEC_SNAPSHOT,
     TORN_SUFFIX,
     ResumeState,
+    image_intact,
     index_lines,
     index_name,
     index_valid,
@@ -155,7 +156,8 @@ class LocalStore:
 
     # -- resume -----------------------------------------------------------------------------
     def scan(self, verify: bool) -> ResumeState:
-        return scan(self.path, verify)
+        root = str(self.path)  # a plain string: a Path per image made resume twice as slow
+        return scan(self.path, lambda rec: image_intact(root, rec, verify))
 
     def orphans(self, state: ResumeState) -> dict[int, list[str]]:
         """Image files named by an item id that has no ok record (a kill between saving an image

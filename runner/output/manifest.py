@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import OutputError
 from ..policy import PERMANENT
-from ..record import Record, parse_line
+from ..record import Intact, Record, parse_line, supersedes
 from .files import Jail, open_regular, output_error
 
 MANIFEST = "manifest.jsonl"
@@ -215,7 +215,7 @@ def _index_rows(manifest: Path) -> Iterator[dict[str, Any]]:
             yield row
 
 
-def image_intact(out: Path, rec: Mapping[str, Any], full: bool = False) -> bool:
+def image_intact(out: Path | str, rec: Mapping[str, Any], full: bool = False) -> bool:
     """Is the record's image there and whole? Size and mtime as recorded are trusted (like rsync);
     otherwise, or with `full`, the sha256 decides. A link is never an intact image."""
     rel = rec.get("image_path")
@@ -270,10 +270,9 @@ class ResumeState:
         return sum(1 for s in sets for key in s if owns(key))
 
 
-def scan(out: Path, full_verify: bool = False, image_sizes: dict[str, int] | None = None) -> ResumeState:
-    """Resolve the latest record per item and check the images of the ok ones.
-
-    `image_sizes` ({image_path: size}, from a remote listing) replaces the local file check."""
+def scan(out: Path, intact: Intact) -> ResumeState:
+    """Resolve the record that counts per item (record.supersedes, the one rule) and sort the items
+    into done, bad image, retryable and permanent; `intact` checks an ok record's image."""
     state = ResumeState()
     bad: list[int] = []
     rows = (rec for p in manifest_paths(out) for rec in (_index_rows(p) if index_valid(p) else _records(p, bad)))
@@ -283,17 +282,14 @@ def scan(out: Path, full_verify: bool = False, image_sizes: dict[str, int] | Non
         except ValueError:  # an index row edited by hand
             continue
         state.spent_usd += rec["cost_usd"] if isinstance(rec.get("cost_usd"), (int, float)) else 0.0
-        if key in state.done:  # an ok with an intact image stands (see record.supersedes)
-            continue
-        if state.known(key):  # a later record supersedes an earlier one
+        if state.known(key):
+            old = "ok" if key in state.done or key in state.bad_images else "failed"
+            if not supersedes(rec.get("status", ""), old, lambda: key in state.done):  # noqa: B023
+                continue
             for s in (state.done, state.retryable, state.permanent, state.bad_images):
                 s.discard(key)
         if rec.get("status") == "ok":
-            if image_sizes is not None:
-                intact = image_sizes.get(rec.get("image_path") or "") == rec.get("bytes")
-            else:
-                intact = image_intact(out, rec, full_verify)
-            (state.done if intact else state.bad_images).add(key)
+            (state.done if intact(rec) else state.bad_images).add(key)
         else:
             kind = (rec.get("error") or {}).get("kind")
             (state.permanent if kind in PERMANENT else state.retryable).add(key)

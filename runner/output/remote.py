@@ -17,7 +17,8 @@ import json
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -26,6 +27,7 @@ from ..errors import OutputError, UsageError
 from ..record import Record
 from .manifest import IMAGE_FILE, SPEC_SNAPSHOT, ResumeState, manifest_name, read_snapshot, scan
 
+VERIFY_THREADS = 16  # objects read at once by --verify: an object store is latency-bound, not bandwidth-bound
 HINT = "remote output dirs need runner's optional s3 extra: pip install -e '.[s3]' in its checkout (fsspec and s3fs)"
 
 
@@ -66,6 +68,34 @@ class RemoteSource:
 
     def __init__(self, fs: Any, root: str, sizes: dict[str, int]) -> None:
         self.fs, self.root, self.sizes = fs, root, sizes
+        self._hashes: dict[str, str] | None = None  # image path -> sha256, read once for a full check
+
+    def intact(self, rec: Mapping[str, Any], full: bool = False) -> bool:
+        """An object whose size is the recorded one is trusted; with `full`, its sha256 decides
+        (every image is read once, VERIFY_THREADS at a time, on the first full check)."""
+        rel = rec.get("image_path")
+        if not isinstance(rel, str) or self.sizes.get(rel) != rec.get("bytes"):
+            return False
+        if not full:
+            return True
+        if self._hashes is None:
+            self._hashes = self._hash_all()
+        return self._hashes.get(rel) == rec.get("sha256")
+
+    def _hash_all(self) -> dict[str, str]:
+        def digest(rel: str) -> tuple[str, str | None]:
+            h = hashlib.sha256()
+            try:
+                with self.open(rel) as f:
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+            except OSError:
+                return rel, None
+            return rel, h.hexdigest()
+
+        images = [rel for rel in self.sizes if rel.startswith("images/")]
+        with ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="runner-verify") as pool:
+            return {rel: sha for rel, sha in pool.map(digest, images) if sha is not None}
 
     def open(self, rel: str) -> BinaryIO:
         if rel not in self.sizes:
@@ -140,7 +170,7 @@ class RemoteStore:
         self._tmp.cleanup()
 
     def scan(self, verify: bool) -> ResumeState:
-        return scan(self.path, image_sizes=self.source.sizes)
+        return scan(self.path, lambda rec: self.source.intact(rec, verify))
 
     def orphans(self, state: ResumeState) -> dict[int, list[str]]:
         found: dict[int, list[str]] = {}

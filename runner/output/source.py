@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Mapping
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from ..imageinfo import dimensions_of_stream
 from ..record import safe_relpath
 from .files import Jail
+from .manifest import image_intact
 
 
 class ImageSource(Protocol):
@@ -23,6 +25,10 @@ class ImageSource(Protocol):
     def exists(self, rel: str) -> bool: ...
 
     def local_path(self, rel: str) -> Path | None: ...
+
+    def intact(self, rec: Mapping[str, Any], full: bool = False) -> bool:
+        """Is an ok record's image there and whole (size, and the sha256 where it must be read)?"""
+        ...
 
 
 class LocalSource:
@@ -49,6 +55,10 @@ class LocalSource:
 
     def local_path(self, rel: str) -> Path | None:
         return self.root / rel if self.exists(rel) else None
+
+    def intact(self, rec: Mapping[str, Any], full: bool = False) -> bool:
+        """Size and mtime as recorded are trusted (like rsync); otherwise, or with `full`, the sha256 decides."""
+        return image_intact(self.root, rec, full)
 
 
 def read_dimensions(source: ImageSource, rel: str) -> tuple[int, int] | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from ..models import MODELS, effective_size, pixel_size
 from ..output.source import ImageSource, LocalSource, read_dimensions
@@ -203,13 +203,28 @@ def near_duplicates(
     }
 
 
+class Quality(TypedDict):
+    """What analyze finds (the quality keys of `runner report --json`)."""
+
+    duplicates: list[list[str]]
+    near_duplicates: list[list[str]] | None
+    near_duplicates_note: str
+    near_threshold: int
+    size_mismatches: list[str]
+    size_off: list[str]
+    pixel_sizes: list[dict[str, Any]]
+    uniform: list[str] | None
+    unreadable: list[str]
+    hashes: dict[str, Any] | None
+
+
 def analyze(
     records: Iterable[Record],
     source: ImageSource,
     *,
     near_threshold: int = DEFAULT_NEAR_THRESHOLD,
     cache_path: Path | None = None,
-) -> dict[str, Any]:
+) -> Quality:
     """The quality of a run's images, over the latest record of each item (ok and failed given; the
     failed ones have no image and are passed over). Keys, all JSON-ready:
 
@@ -231,8 +246,8 @@ def analyze(
     """
     if not 0 <= near_threshold <= MAX_THRESHOLD:
         raise ValueError(f"near threshold must be 0..{MAX_THRESHOLD} bits, got {near_threshold}")
-    ok = [rec for rec in latest(records).values() if rec["status"] == "ok"]
-    result: dict[str, Any] = {"duplicates": duplicate_groups(ok)}
+    ok = [rec for rec in latest(records, source.intact).values() if rec["status"] == "ok"]
+    duplicates = duplicate_groups(ok)
     shapes = shape_checks(ok, source)
     missing = pillow_missing()
     if missing is None:
@@ -242,7 +257,8 @@ def analyze(
         near = {"near_duplicates": None, "uniform": None, "hashes": None, "unreadable": []}
         note = NEAR_NOTE_MISSING.format(why=missing)
     unreadable = set(shapes["unreadable"]) | set(near["unreadable"])
-    result.update(
+    return Quality(
+        duplicates=duplicates,
         near_duplicates=near["near_duplicates"],
         near_duplicates_note=note,
         near_threshold=near_threshold,
@@ -253,4 +269,3 @@ def analyze(
         unreadable=[rec["item_id"] for rec in ok if rec["item_id"] in unreadable],
         hashes=near["hashes"],
     )
-    return result

@@ -18,7 +18,9 @@ from urllib.parse import quote, urlsplit
 
 from ..output.files import atomic_file
 from ..pricing import usd
+from ..quality import Quality
 from ..record import Record, safe_relpath, size_of
+from .summary import Summary
 
 MAX_OPTIONS = 1000  # values a filter offers (the most frequent); the page says when there are more
 FLAGS = ("duplicate", "near-duplicate", "wrong shape", "uniform")  # bits 1, 2, 4, 8 of an item's flags
@@ -145,19 +147,20 @@ def _refs(inputs: list[Any], base: str) -> tuple[list[tuple[str | None, str]], b
     return refs, web
 
 
-def _quality_index(quality: dict[str, Any] | None) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+def _quality_index(quality: Quality | None) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
     """item_id -> its duplicate group, its near-duplicate group, its shape / uniform flag bits."""
-    q = quality or {}
-    dup = {iid: g for g, group in enumerate(q.get("duplicates") or []) for iid in group}
-    near = {iid: g for g, group in enumerate(q.get("near_duplicates") or []) for iid in group}
+    if quality is None:
+        return {}, {}, {}
+    dup = {iid: g for g, group in enumerate(quality["duplicates"]) for iid in group}
+    near = {iid: g for g, group in enumerate(quality["near_duplicates"] or []) for iid in group}
     bits: dict[str, int] = {}
-    for bit, key in ((4, "size_mismatches"), (8, "uniform")):
-        for iid in q.get(key) or []:
+    for bit, flagged in ((4, quality["size_mismatches"]), (8, quality["uniform"])):
+        for iid in flagged or []:
             bits[iid] = bits.get(iid, 0) | bit
     return dup, near, bits
 
 
-def _items(records: Iterable[Record], quality: dict[str, Any] | None, base: str) -> tuple[dict[str, Any], int, bool]:
+def _items(records: Iterable[Record], quality: Quality | None, base: str) -> tuple[dict[str, Any], int, bool]:
     """The data island: one column per field, each repeated text sent once. Returns (data, ok items, web refs)."""
     in_dup, in_near, bits = _quality_index(quality)
     status, error = _Facet("status", "status", "ok", "failed", by_count=False), _Facet("error", "error")
@@ -235,12 +238,8 @@ def _items(records: Iterable[Record], quality: dict[str, Any] | None, base: str)
     facets = [status.data(count), error.data(count), model.data(count), aspect.data(count), size.data(count)]
     facets += [var_facets[k].data(count) for k in sorted(var_facets)]
     if quality is not None:
-        keys = ("duplicates", "near_duplicates", "size_mismatches", "uniform")
-        given = [
-            (name, bit)
-            for name, bit, key in zip(FLAGS, (1, 2, 4, 8), keys, strict=True)
-            if quality.get(key) is not None
-        ]
+        found = (quality["duplicates"], quality["near_duplicates"], quality["size_mismatches"], quality["uniform"])
+        given = [(name, bit) for name, bit, ids in zip(FLAGS, (1, 2, 4, 8), found, strict=True) if ids is not None]
         opts = [name for name, _ in given] + ["none of these"]
         facets.append({"key": "flag", "label": "flags", "opts": opts, "bits": [bit for _, bit in given] + [0],
                        "order": list(range(len(opts))), "v": fl})  # fmt: skip
@@ -271,7 +270,7 @@ def _kinds(counts: Any) -> str:
     return " (" + ", ".join(f"<bdi>{html.escape(_clean(k))}</bdi> {int(n)}" for k, n in counts.items()) + ")"
 
 
-def _header(title: str, out_dir: Path, summary: dict[str, Any], quality: dict[str, Any] | None) -> str:
+def _header(title: str, out_dir: Path, summary: Summary, quality: Quality | None) -> str:
     esc = html.escape
     lat = summary.get("latency_s") or {}
     p50, p95 = (("-" if lat.get(k) is None else f"{lat[k]:.1f}s") for k in ("p50", "p95"))
@@ -307,10 +306,10 @@ def write_html(
     html_file: Path,
     out_dir: Path,
     records: Iterable[Record],
-    summary: dict[str, Any],
+    summary: Summary,
     *,
     title: str,
-    quality: dict[str, Any] | None = None,
+    quality: Quality | None = None,
 ) -> int:
     """Write the gallery of `out_dir` to `html_file` (atomically); returns the number of output images shown.
 

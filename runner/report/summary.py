@@ -2,31 +2,96 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from ..errors import UsageError
-from ..output.manifest import iter_records, manifest_paths, read_snapshot
+from ..output import View
+from ..output.manifest import iter_records
 from ..pricing import money, usd
 from ..record import Record, size_of, supersedes
 from ..safety import printable
 
 MAX_EXAMPLES = 3  # distinct messages kept per failure kind
+
+
+class Latency(TypedDict):
+    p50: float | None
+    p95: float | None
+    max: float | None
+
+
+class ModelLine(TypedDict):
+    model: str
+    image_size: str
+    ok: int
+    failed: int
+    cost_usd: NotRequired[float]
+
+
+class Summary(TypedDict):
+    """What `runner report --json` prints: `summarize`'s keys, then the quality's (runner.quality.analyze)
+    and, with --html, the gallery's. Gallery, card and text all read this one shape."""
+
+    output_dir: str
+    name: str | None
+    spec_items: int | None
+    made_by_mock: bool
+    items: int
+    ok: int
+    failed: int
+    interrupted: int
+    recovered: int
+    failures_by_kind: dict[str, int]
+    failure_examples: dict[str, list[str]]
+    cost_usd: float
+    latency_s: Latency
+    percentiles: str
+    requests: int
+    retries: int
+    retries_by_kind: dict[str, int]
+    throughput_per_hour: float | None
+    busy_s: float
+    by_model: list[ModelLine]
+    runs: int
+    first_finished_at: str | None
+    last_finished_at: str | None
+    lines: int
+    bad_lines: int
+    vars: dict[str, dict[str, int]]
+    inputs: dict[str, int]
+    distinct_inputs: int
+    # runner.quality.analyze
+    duplicates: NotRequired[list[list[str]]]
+    near_duplicates: NotRequired[list[list[str]] | None]
+    near_duplicates_note: NotRequired[str]
+    near_threshold: NotRequired[int]
+    size_mismatches: NotRequired[list[str]]
+    size_off: NotRequired[list[str]]
+    pixel_sizes: NotRequired[list[dict[str, Any]]]
+    uniform: NotRequired[list[str] | None]
+    unreadable: NotRequired[list[str]]
+    hashes: NotRequired[dict[str, Any] | None]
+    gallery: NotRequired[dict[str, Any]]
+
+
 MAX_INPUTS_SHOWN = 50
 
 
-def require_manifest(out: Path) -> None:
-    """Raise a UsageError unless `out` is an output dir with at least one manifest."""
-    if out.suffix in (".yaml", ".yml") and out.is_file():
+def require_manifest(view: View) -> None:
+    """Raise a UsageError unless `view` is an output dir with at least one manifest."""
+    out = Path(view.display)
+    if not view.remote and out.suffix in (".yaml", ".yml") and out.is_file():
         raise UsageError(f"{out} is a job spec; give its output dir (`runner estimate {out}` names it)")
-    if not out.is_dir():
+    if not view.remote and not out.is_dir():
         raise UsageError(f"{out}: no such directory (expected a runner output directory)")
-    if not manifest_paths(out):
-        raise UsageError(f"{out}: no manifest.jsonl here; is this the output_dir of a run?")
+    if not view.has_manifests():
+        raise UsageError(f"{view.display}: no manifest.jsonl here; is this the output_dir of a run?")
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -53,10 +118,11 @@ def _when(value: Any) -> datetime | None:
 
 @dataclass
 class Manifests:
-    """One pass over every manifest line of an output dir: the record that counts per item,
-    and what every line adds (cost, attempts, retries: each line stands for requests made)."""
+    """One pass over every manifest line of an output dir: the record that counts per item
+    (record.supersedes), and what every line adds (cost, attempts, retries: each line stands for
+    requests made)."""
 
-    out: Path
+    view: View
     latest: dict[str, Record] = field(default_factory=dict)
     lines: int = 0
     damaged: int = 0
@@ -69,13 +135,14 @@ class Manifests:
     last: datetime | None = None
 
 
-def read_manifests(out: Path) -> Manifests:
-    require_manifest(out)
-    m = Manifests(out)
+def read_manifests(view: View) -> Manifests:
+    require_manifest(view)
+    m = Manifests(view)
     bad: list[int] = []
-    for rec in iter_records(out, bad):
+    for rec in iter_records(view.path, bad):
         m.lines += 1
-        if supersedes(rec, m.latest.get(rec["item_id"])):
+        old = m.latest.get(rec["item_id"])
+        if old is None or supersedes(rec["status"], old["status"], functools.partial(view.source.intact, old)):
             m.latest[rec["item_id"]] = rec
         spent = float(rec.get("cost_usd") or 0.0)
         m.cost += spent
@@ -110,18 +177,17 @@ def _busy_seconds(spans: list[list[float]]) -> float:
     return total
 
 
-def summarize(source: Manifests | Path) -> dict[str, Any]:
+def summarize(m: Manifests) -> Summary:
     """The report of an output dir: what `runner report --json` prints.
 
     Item counts, failures and latency come from the latest record of each item; cost, requests
     and retries from every line, since each line stands for attempts that were made (and paid).
     Latency percentiles are nearest-rank (always an observed value)."""
-    m = source if isinstance(source, Manifests) else read_manifests(source)
     ok = failed = interrupted = recovered = 0
     kinds: Counter[str] = Counter()
     examples: dict[str, list[str]] = {}
     latencies: list[float] = []
-    per_line: dict[tuple[str, str], dict[str, Any]] = {}
+    per_line: dict[tuple[str, str], ModelLine] = {}
     var_counts: dict[str, Counter[str]] = {}
     inputs: Counter[str] = Counter()
     for rec in m.latest.values():
@@ -153,10 +219,10 @@ def summarize(source: Manifests | Path) -> dict[str, Any]:
     for key, line in per_line.items():
         line["cost_usd"] = money(m.cost_by_line.get(key, 0.0))
     busy_h = _busy_seconds(list(m.runs.values())) / 3600
-    spec = read_snapshot(m.out)
+    spec = m.view.snapshot()
     retries = sum(m.retries_by_kind.values())
     return {
-        "output_dir": str(m.out),
+        "output_dir": m.view.display,
         "name": spec.get("name") if isinstance(spec.get("name"), str) else None,
         "spec_items": spec.get("items") if isinstance(spec.get("items"), int) else None,
         "made_by_mock": bool(spec.get("made_by_mock")),
@@ -196,7 +262,7 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}s"
 
 
-def format_text(summary: dict[str, Any]) -> str:
+def format_text(summary: Summary) -> str:
     """A compact human-readable table of a summary (every server-made string made printable)."""
     lat = summary.get("latency_s") or {}
     items = f"{summary['items']}  (ok {summary['ok']}, failed {summary['failed']}"
@@ -253,7 +319,7 @@ def format_text(summary: dict[str, Any]) -> str:
     return printable("\n".join(text))
 
 
-def format_quality(summary: dict[str, Any]) -> str:
+def format_quality(summary: Summary) -> str:
     """The quality part of the report (runner.quality.analyze's keys) as text."""
 
     def ids(items: list[str]) -> str:
@@ -273,10 +339,9 @@ def format_quality(summary: dict[str, Any]) -> str:
     else:
         groups = f"{len(near)} groups ({sum(map(len, near))} items)" if near else "none"
         text.append(f"  near duplicates: {groups} ({summary.get('near_duplicates_note', '')})")
-    for key, what in (("size_mismatches", "not the aspect ratio asked for (beyond 2%)"),
-                      ("size_off", "far from the size asked for (the built-in mock makes them 1/8 size)"),
-                      ("uniform", "a single colour"), ("unreadable", "unreadable")):  # fmt: skip
-        found = summary.get(key) or []
+    for found, what in ((summary.get("size_mismatches"), "not the aspect ratio asked for (beyond 2%)"),
+                        (summary.get("size_off"), "far from the size asked for (the built-in mock makes them 1/8 size)"),
+                        (summary.get("uniform"), "a single colour"), (summary.get("unreadable"), "unreadable")):  # fmt: skip
         if found:
             text.append(f"  {what}: {len(found)}, e.g. {ids(found)}")
     for row in summary.get("pixel_sizes") or []:

@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from json.encoder import encode_basestring as _quote
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import SpecError, UsageError
 from .inputs import InputError, InputImage
@@ -111,12 +111,26 @@ def iter_items(spec: JobSpec, shard: Shard | None = None) -> Iterator[Item]:
         yield Item(*fields)
 
 
-def iter_keyed(spec: JobSpec, shard: Shard | None = None) -> Iterator[tuple[int, tuple[Any, ...]]]:
+class ItemFields(NamedTuple):
+    """An Item's fields, in its order (Item(*fields) builds it): planning reads them without the Item."""
+
+    item_id: str
+    prompt_id: str
+    prompt: str
+    model: str
+    config: ImageConfig
+    repeat: int
+    vars: dict[str, str] | None
+    inputs: tuple[InputImage, ...]
+    params: Params
+
+
+def iter_keyed(spec: JobSpec, shard: Shard | None = None) -> Iterator[tuple[int, ItemFields]]:
     """(id as an integer, the Item's fields) of iter_items, without building the items: for planning."""
     return _expand(spec, shard)
 
 
-def _expand(spec: JobSpec, shard: Shard | None) -> Iterator[tuple[int, tuple[Any, ...]]]:
+def _expand(spec: JobSpec, shard: Shard | None) -> Iterator[tuple[int, ItemFields]]:
     seen: set[int] = set()  # ints, not strings: a million ids stay in tens of MB
     for pid, text, model, configs, repeats, vars_, inputs, params in _iter_prompts(spec):
         for config in configs:
@@ -127,7 +141,7 @@ def _expand(spec: JobSpec, shard: Shard | None) -> Iterator[tuple[int, tuple[Any
                     continue
                 seen.add(key)
                 if shard is None or shard.owns(key):
-                    yield key, (iid, pid, text, model, config, r, vars_, inputs, params)
+                    yield key, ItemFields(iid, pid, text, model, config, r, vars_, inputs, params)
 
 
 _Prompt = tuple[str, str, str, tuple[ImageConfig, ...], int, dict[str, str] | None, tuple[InputImage, ...], Params]

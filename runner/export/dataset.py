@@ -1,0 +1,70 @@
+"""`runner export` as a library call: read an output dir (local or remote), choose where the dataset goes, write it, upload it."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from ..output import open_view
+from ..output.files import Jail, output_error
+from ..output.remote import upload_dir
+from .common import ExportResult, Filters
+from .imagefolder import export_imagefolder
+from .webdataset import DEFAULT_SHARD_SIZE, export_webdataset
+
+FORMATS = ("imagefolder", "webdataset")
+
+
+def export_dataset(
+    out: str | Path,
+    format: str = "imagefolder",
+    *,
+    to: str | Path | None = None,
+    filters: Filters | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+) -> ExportResult:
+    """Export the ok items of an output dir with a dataset card; `result.location` says where it went.
+
+    Without `to`: `imagefolder` goes into the output dir itself (its images are already there),
+    `webdataset` into OUT/webdataset; for a remote output dir the files are written locally, then
+    uploaded there. With `to`, into that local dir (images hardlinked, or copied)."""
+    from ..report.summary import read_manifests, summarize
+
+    assert format in FORMATS, format
+    sub = "" if format == "imagefolder" else "webdataset"
+    with open_view(out) as view, tempfile.TemporaryDirectory(prefix="runner-export-") as tmp:
+        manifests = read_manifests(view)
+        summary = summarize(manifests)
+        if to is not None:
+            dest = Path(to)
+        elif view.remote:
+            dest = Path(tmp)  # written here, then uploaded into the remote output dir
+        else:
+            dest = Path(out) / sub if sub else Path(out)
+            if sub:  # inside the output dir: a link planted there must not send shards elsewhere
+                _real_folder(Path(out), sub)
+        records = list(manifests.latest.values())
+        if format == "imagefolder":
+            # In the output dir itself the images are where they belong: nothing to place.
+            in_place = (view.remote and to is None) or dest.resolve() == Path(out).resolve()
+            result = export_imagefolder(
+                records, view.source, dest, filters=filters, summary=summary, copy_files=not in_place
+            )
+        else:
+            result = export_webdataset(
+                records, view.source, dest, shard_size=shard_size, filters=filters, summary=summary
+            )
+        result.location = str(dest)
+        if view.remote and to is None:
+            result.location = upload_dir(str(out), dest, sub)
+    return result
+
+
+def _real_folder(out: Path, name: str) -> None:
+    jail = Jail(out)
+    try:
+        jail.dir_fd(name, create=True)
+    except OSError as e:
+        raise output_error(e, str(out)) from None
+    finally:
+        jail.close()

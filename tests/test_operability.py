@@ -235,3 +235,22 @@ def test_report_says_how_much_of_the_spec_has_not_run(tmp_path: Path, mock: Mock
     text = run_cli("report", str(tmp_path / "out")).stdout
     assert "2 of the 3 in the spec not yet run" in text
     assert "job spec" in run_cli("report", str(path)).stderr
+
+
+def test_the_library_notifies_as_the_cli_does(
+    tmp_path: Path, mock: MockGateway, webhook: tuple[str, list[bytes]]
+) -> None:
+    """RunOptions.notify_url and on_finish work from the library, not only from the command line."""
+    import anyio
+
+    from runner import RunOptions, load_spec, run_job_async
+
+    url, got = webhook
+    path = write_spec(tmp_path, mock.base_url, prompts=["a"])
+    marker = tmp_path / "done.json"
+    options = RunOptions(api_key=KEY, notify_url=url, on_finish=f"cat > {marker}", progress=False)
+    result = anyio.run(run_job_async, load_spec(path), options, lambda _: None)
+    assert result.exit_code == 0
+    (body,) = [json.loads(b) for b in got]
+    assert body["runner"]["ok"] == 1 and "1 ok" in body["text"]
+    assert json.loads(marker.read_text())["ok"] == 1

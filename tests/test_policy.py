@@ -7,9 +7,11 @@ from email.utils import formatdate
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 from tenacity import AsyncRetrying, RetryCallState
 
+from runner.engine.budget import Budget
 from runner.engine.limits import AdaptiveConcurrency, RateLimiter
 from runner.policy import (
     POLICY,
@@ -177,35 +179,97 @@ def test_circuit_breaker_counts_one_kind_in_a_row() -> None:
     assert not b.failure("server_error")
 
 
+class FakeClock:
+    """The limits' clock, moved by hand: waits pass at once and are recorded."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+        self.waits: list[float] = []
+
+    def now(self) -> float:
+        return self.t
+
+    async def wait(self, seconds: float, stopping: anyio.Event) -> bool:
+        await anyio.lowlevel.checkpoint()
+        if stopping.is_set():
+            return False
+        self.waits.append(seconds)
+        self.t += seconds
+        return True
+
+
 def test_rate_limiter_spaces_requests_and_pauses_for_a_server_wait() -> None:
-    async def main() -> tuple[float, float]:
-        rl, never = RateLimiter(600), anyio.Event()  # one every 0.1 s
-        t0 = anyio.current_time()
+    clock = FakeClock()
+
+    async def main() -> None:
+        rl, never = RateLimiter(600, clock), anyio.Event()  # one every 0.1 s
+        sent = []
         for _ in range(5):
             assert await rl.acquire(never)
-        spaced = anyio.current_time() - t0
-        rl.pause(0.3)
-        t1 = anyio.current_time()
+            sent.append(clock.t - 1000.0)
+        assert sent == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])  # evenly spaced: no burst
+        assert rl.pause(30.0) and not rl.pause(29.5)  # a shorter wait than the one in force says nothing
         assert await rl.acquire(never)
+        assert clock.t - 1000.0 == pytest.approx(30.4)  # everyone waited for the server's 30 s
         stopping = anyio.Event()
         rl.pause(60)
         stopping.set()
         assert not await rl.acquire(stopping)  # a stop ends the wait for a slot: nothing is sent
-        return spaced, anyio.current_time() - t1
 
-    spaced, paused = anyio.run(main)
-    assert spaced >= 0.39 and paused >= 0.29
+    anyio.run(main)
+
+
+def test_an_unlimited_rate_never_waits() -> None:
+    clock = FakeClock()
+
+    async def main() -> None:
+        rl = RateLimiter(0, clock)
+        for _ in range(100):
+            assert await rl.acquire(anyio.Event())
+
+    anyio.run(main)
+    assert clock.waits == []
+
+
+def test_budget_reserves_tops_up_and_settles() -> None:
+    b = Budget(1.0, spent_before=0.4)
+    assert b.reserve(0.25) == 0.25 and b.reserve(0.25) == 0.25
+    assert b.reserve(0.25) is None  # 0.4 spent + 0.5 in flight + 0.25 > 1.0
+    b.settle(0.25, 0.25, images=1)  # one answer came back with one image
+    assert (b.spent, b.in_flight) == (pytest.approx(0.65), 0.25)
+    b.settle(0.25, 0.0, images=0)  # a failure costs nothing and frees its reservation
+    assert b.in_flight == 0 and b.reserve(0.25) == 0.25
+    b.settle(0.25, 0.75, images=3)  # an answer of three images: every request now reserves three
+    assert b.images_per_answer == 3 and b.reserve(0.1) is None  # 1.4 spent: nothing fits any more
+    open_ended = Budget(None, spent_before=100.0)
+    assert open_ended.reserve(1e6) == 1e6 and open_ended.top_up(1e6, 2e6) == 2e6
+
+
+def test_budget_top_up_refuses_what_no_longer_fits() -> None:
+    b = Budget(1.0, spent_before=0.0)
+    held = b.reserve(0.3)
+    assert held == 0.3
+    b.settle(0.0, 0.0, images=2)  # another answer held two images
+    assert b.top_up(held, 0.3) == 0.6  # this item's next request may now cost two images
+    assert b.in_flight == pytest.approx(0.6)
+    b.settle(0.0, 0.5, images=3)
+    assert b.top_up(0.6, 0.3) is None  # 0.5 spent + 0.9 would pass 1.0: the request does not go
 
 
 def test_adaptive_concurrency_halves_once_per_burst_and_recovers() -> None:
+    clock = FakeClock()
+
     async def main() -> list[int]:
-        ac = AdaptiveConcurrency(16, cooldown_s=10)
+        ac = AdaptiveConcurrency(16, cooldown_s=10, clock=clock)
         for _ in range(20):
             ac.rate_limited()
         seen = [ac.limit]
         for _ in range(8 + 9):
             ac.succeeded()
         seen.append(ac.limit)
+        clock.t += 11  # past the cooldown: the next burst halves again
+        ac.rate_limited()
+        seen.append(ac.limit)
         return seen
 
-    assert anyio.run(main) == [8, 10]
+    assert anyio.run(main) == [8, 10, 5]

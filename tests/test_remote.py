@@ -87,3 +87,21 @@ def test_a_remote_url_without_the_extra_is_a_clear_error(tmp_path: Path) -> None
     proc = run_cli("estimate", str(path))
     assert proc.returncode == 2 and "pip install -e '.[s3]'" in proc.stderr and "Traceback" not in proc.stderr
     assert os.environ.get("AWS_ENDPOINT_URL") is None
+
+
+def test_verify_on_s3_reads_every_image(tmp_path: Path, mock: MockGateway, s3: Any) -> None:
+    """An image whose bytes changed but not its size passes the listing; --verify hashes it and redoes it."""
+    url = f"s3://{BUCKET}/jobs/v"
+    path = write_spec(tmp_path, mock.base_url, prompts=["a", "b"], output_dir=url)
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    parts = [p for p in s3.find(f"{BUCKET}/jobs/v") if p.rsplit("/", 1)[-1].startswith("manifest.part-")]
+    rec = json.loads(s3.cat_file(parts[0]).splitlines()[0])
+    key = f"{BUCKET}/jobs/v/{rec['image_path']}"
+    data = s3.cat_file(key)
+    s3.pipe_file(key, data[:-5] + b"XXXXX")  # same size, other bytes
+    before = mock.stats()["requests"]
+    assert "nothing to do" in run_cli("run", str(path), "--no-progress").stderr  # sizes match: trusted
+    proc = run_cli("run", str(path), "--no-progress", "--verify")
+    assert proc.returncode == 0 and "1 recorded ok but image missing or corrupt" in proc.stderr
+    assert mock.stats()["requests"] == before + 1
+    assert hashlib.sha256(s3.cat_file(key)).hexdigest() != hashlib.sha256(data[:-5] + b"XXXXX").hexdigest()

@@ -9,6 +9,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -28,6 +29,25 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out waiting"
         time.sleep(0.02)
+
+
+def read_until(proc: subprocess.Popen[str], text: str, timeout: float = 20.0) -> str:
+    """What the process wrote to stderr up to the line holding `text` (an event, not a time)."""
+    assert proc.stderr is not None
+    seen: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            seen.append(line)
+            if text in line:
+                found.set()
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    assert found.wait(timeout), "".join(seen)
+    return "".join(seen)
 
 
 def ok_lines(out: Path) -> int:
@@ -250,8 +270,7 @@ def test_an_interrupt_cuts_a_backoff_short_and_records_the_failure(tmp_path: Pat
     gw = gateway(fault_retry_after_s=60)  # the server asks for a 60 s wait
     path = write_spec(tmp_path, gw.base_url, prompts=["busy [fault:429]"], max_attempts=5)
     proc = start_cli("run", str(path), "--no-progress")
-    wait_for(lambda: gw.stats()["requests"] == 1)
-    time.sleep(0.3)
+    wait_for(lambda: gw.stats()["by_status"].get("429") == 1)  # answered: the run is in its backoff
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
@@ -268,9 +287,10 @@ def test_a_second_interrupt_cancels_requests_but_keeps_what_was_received(tmp_pat
     proc = start_cli("run", str(path), "--no-progress")
     wait_for(lambda: gw.stats()["in_flight"] == 4)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.2)
+    said = read_until(proc, "interrupted: no new items start")  # the first interrupt was taken
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=20)
+    err = said + err
     assert proc.returncode == 130, err
     assert "second interrupt: cancelling the requests in flight" in err
     # the cancelled requests left no records; the next run sends them and finishes

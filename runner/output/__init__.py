@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..record import Record
+from .ledger import Ledger, ledger_paths, read_ledger
 from .local import LocalStore
 from .manifest import ResumeState, manifest_paths, read_snapshot, scan
 from .remote import RemoteStore, is_remote, remote_view
@@ -33,6 +34,8 @@ class Store(Protocol):
     def open(self) -> None: ...
     def close(self) -> None: ...
     def scan(self, verify: bool) -> ResumeState: ...
+    def ledger(self) -> Ledger: ...
+    def append_ledger(self, event: dict[str, Any]) -> None: ...
     def orphans(self, state: ResumeState) -> dict[int, list[str]]: ...
     def read_image(self, rel: str) -> bytes | None: ...
     def save_image(self, rel: str, data: bytes) -> tuple[str, int | None]: ...
@@ -70,7 +73,13 @@ class View:
 
     def scan(self, verify: bool = False) -> ResumeState:
         """The resume state, by the same rule and the same image check as a run's."""
-        return scan(self.path, lambda rec: self.source.intact(rec, verify)) if self.has_manifests() else ResumeState()
+        state = scan(self.path, lambda rec: self.source.intact(rec, verify)) if self.has_manifests() else ResumeState()
+        state.add_ledger(self.ledger())
+        return state
+
+    def ledger(self) -> Ledger:
+        """The batches the dir knows of (output/ledger.py)."""
+        return read_ledger(ledger_paths(self.path)) if self.path.is_dir() else Ledger()
 
     def snapshot(self) -> dict[str, Any]:
         """What the dir remembers of the spec it last ran (spec.json), or {}."""

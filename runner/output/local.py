@@ -16,6 +16,7 @@ from typing import Any
 from ..errors import OutputError, OutputLocked
 from ..record import Record
 from .files import Jail, output_error
+from .ledger import Ledger, encode_event, ledger_name, ledger_paths, read_ledger
 from .manifest import (
     IMAGE_FILE,
     SPEC_SNAPSHOT,
@@ -54,6 +55,7 @@ class LocalStore:
         self.shard_label = f"{shard[0]}-of-{shard[1]}" if shard else None
         self.manifest_name = manifest_name(self.shard_label)
         self.manifest_path = path / self.manifest_name
+        self.ledger_name = ledger_name(self.shard_label)
         self.jail = Jail(path)
         self._lock_fds: list[int] = []
         self._manifest: int | None = None
@@ -70,6 +72,7 @@ class LocalStore:
             self._lock()
             self._check_own_files()
             self.repaired_bytes = repair(self.jail, self.manifest_name)
+            repair(self.jail, self.ledger_name)  # a kill mid-event: the torn tail is set aside, never glued to
             if self.jail.lstat(self.manifest_name) is not None and not index_valid(self.manifest_path):
                 self.damaged_lines = rebuild_index(self.jail, self.manifest_name, self.durable)
             self._manifest = self.jail.open(self.manifest_name, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
@@ -118,6 +121,7 @@ class LocalStore:
             self.manifest_name,
             self.manifest_name + TORN_SUFFIX,
             index_name(self.manifest_name),
+            self.ledger_name,
             SPEC_SNAPSHOT,
         ):
             st = self.jail.lstat(name)
@@ -157,7 +161,27 @@ class LocalStore:
     # -- resume -----------------------------------------------------------------------------
     def scan(self, verify: bool) -> ResumeState:
         root = str(self.path)  # a plain string: a Path per image made resume twice as slow
-        return scan(self.path, lambda rec: image_intact(root, rec, verify))
+        state = scan(self.path, lambda rec: image_intact(root, rec, verify))
+        state.add_ledger(self.ledger())
+        return state
+
+    def ledger(self) -> Ledger:
+        """Every batch the output dir's ledgers know (all shards')."""
+        return read_ledger(ledger_paths(self.path))
+
+    def append_ledger(self, event: dict[str, Any]) -> None:
+        """One batch event, appended and fsynced before this returns: what it says survives a kill."""
+        try:
+            fd = self.jail.open(self.ledger_name, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            try:
+                data = encode_event(event)
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, "short write", self.ledger_name)
+                os.fsync(fd)  # always, --no-fsync or not: a batch lost from here is paid for twice
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise output_error(e, self.display) from None
 
     def orphans(self, state: ResumeState) -> dict[int, list[str]]:
         """Image files named by an item id that has no ok record (a kill between saving an image

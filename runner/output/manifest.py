@@ -16,6 +16,7 @@ from ..errors import OutputError
 from ..policy import PERMANENT
 from ..record import Intact, Record, parse_line, supersedes
 from .files import Jail, open_regular, output_error
+from .ledger import Ledger
 
 MANIFEST = "manifest.jsonl"
 IMAGE_FILE = re.compile(r"([0-9a-f]{20})(?:-\d+)?\.(?:png|jpg|webp|gif)")  # images/ab/<item_id>[-n].<ext>
@@ -252,12 +253,20 @@ class ResumeState:
     retryable: set[int] = field(default_factory=set)
     permanent: set[int] = field(default_factory=set)
     bad_images: set[int] = field(default_factory=set)  # latest record ok, image missing or corrupt
+    in_batch: set[int] = field(default_factory=set)  # submitted in a batch still open (output/ledger.py)
     spent_usd: float = 0.0
+    committed_usd: float = 0.0  # what open batches may still cost (counted by the budget from submission)
     bad_lines: int = 0
 
     def pending(self, key: int, retry_failed: bool) -> bool:
-        """Will a run send this item? Not if done, nor if it failed permanently (unless retried)."""
-        return key not in self.done and (retry_failed or key not in self.permanent)
+        """Will a run send this item? Not if done, nor if it failed permanently (unless retried), nor
+        if it is in an open batch (it is collected, never submitted twice)."""
+        return key not in self.done and (retry_failed or key not in self.permanent) and key not in self.in_batch
+
+    def add_ledger(self, ledger: Ledger) -> None:
+        """Fold in what the batch ledger says is submitted and not yet collected."""
+        self.in_batch = ledger.in_batch()
+        self.committed_usd = ledger.committed_usd()
 
     def known(self, key: int) -> bool:
         return key in self.done or key in self.retryable or key in self.permanent or key in self.bad_images

@@ -25,6 +25,7 @@ from typing import Any, BinaryIO, cast
 
 from ..errors import OutputError, UsageError
 from ..record import Record
+from .ledger import Ledger, encode_event, ledger_name, ledger_paths, read_ledger
 from .manifest import IMAGE_FILE, SPEC_SNAPSHOT, ResumeState, manifest_name, read_snapshot, scan
 
 VERIFY_THREADS = 16  # objects read at once by --verify: an object store is latency-bound, not bandwidth-bound
@@ -52,7 +53,7 @@ def filesystem(url: str) -> tuple[Any, str]:
 
 def pull(fs: Any, root: str, dest: Path) -> dict[str, int]:
     """Copy manifests and the spec snapshot to `dest`; return {image path: size}."""
-    for remote in [*fs.glob(f"{root}/manifest*.jsonl"), f"{root}/{SPEC_SNAPSHOT}"]:
+    for remote in [*fs.glob(f"{root}/manifest*.jsonl"), *fs.glob(f"{root}/batches*.jsonl"), f"{root}/{SPEC_SNAPSHOT}"]:
         if remote.endswith(SPEC_SNAPSHOT) and not fs.exists(remote):
             continue
         fs.get_file(remote, str(dest / remote.rsplit("/", 1)[-1]))
@@ -154,10 +155,12 @@ class RemoteStore:
         self.shard = shard
         label = f"{shard[0]}-of-{shard[1]}" if shard else None
         self.manifest_name = manifest_name(label)
+        self.ledger_name = ledger_name(label)
         # Parts sort by name in time order: later runs' lines come later (see record.supersedes).
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         self._part = self.manifest_name.removesuffix(".jsonl") + f".part-{stamp}-{uuid.uuid4().hex[:8]}"
         self._seq = 0
+        self._events = 0
         self.source = RemoteSource(self.fs, self.root, {})
 
     def open(self) -> None:
@@ -170,7 +173,21 @@ class RemoteStore:
         self._tmp.cleanup()
 
     def scan(self, verify: bool) -> ResumeState:
-        return scan(self.path, lambda rec: self.source.intact(rec, verify))
+        state = scan(self.path, lambda rec: self.source.intact(rec, verify))
+        state.add_ledger(self.ledger())
+        return state
+
+    def ledger(self) -> Ledger:
+        return read_ledger(ledger_paths(self.path))
+
+    def append_ledger(self, event: dict[str, Any]) -> None:
+        """One batch event as an object of its own (an object store cannot append): complete or absent.
+        Names sort in time order, as the manifest parts do."""
+        self._events += 1
+        part = self.ledger_name.removesuffix(".jsonl") + self._part.removeprefix(
+            self.manifest_name.removesuffix(".jsonl")
+        )
+        self._put(f"{part}-{self._events:06d}.jsonl", encode_event(event))
 
     def orphans(self, state: ResumeState) -> dict[int, list[str]]:
         found: dict[int, list[str]] = {}

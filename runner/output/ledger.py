@@ -1,0 +1,162 @@
+"""The batch ledger: OUT/batches.jsonl, an append-only, fsynced log of what was submitted to Google's Batch API.
+
+An interactive request dies with the process; a batch lives on the server for up to 48 hours.
+So "submitted, not yet collected" is written down before anything can lose it, and a rerun
+never submits an item of an open batch again. Events, one JSON object a line:
+
+    prepare    {id, display_name, model, model_id, items: [item ids], reserved_usd, base_url, key_env, at, run_id}
+               written (and fsynced) before the input file is uploaded or the batch created
+    uploaded   {id, file}                 the input file's name on the Files API (deleted after collection)
+    created    {id, name}                 the server's name, from create or found by display name after a crash
+    state      {id, state, stats}         a change seen while polling (what `runner report` shows)
+    collected  {id, state, ok, failed, returned}   its results are in the manifest (records committed first)
+    abandoned  {id, why, state}           it never ran or ended without results: its items are to do again
+    cleaned    {id}                       its input and results files are deleted from the Files API
+    ref        {sha256, file, uri, at}    a reference image uploaded once for many requests
+    ref_deleted {file}
+
+The chat backends never write it. A damaged line (a kill mid-write) is ignored: its batch then
+counts as never prepared only if the `prepare` itself was cut, and nothing was sent for it yet.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LEDGER = "batches.jsonl"
+TERMINAL = ("collected", "abandoned")
+
+
+def ledger_name(shard_label: str | None) -> str:
+    return LEDGER if shard_label is None else f"batches.shard-{shard_label}.jsonl"
+
+
+@dataclass
+class BatchEntry:
+    """What the ledger says of one batch, folded from its events."""
+
+    id: str
+    display_name: str
+    model: str
+    model_id: str
+    items: list[str]
+    reserved_usd: float
+    prepared_at: str
+    base_url: str = ""
+    key_env: str = ""
+    file: str | None = None  # the uploaded input file
+    name: str | None = None  # batches/... once created (or found)
+    state: str | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    results_file: str | None = None
+    ended: str | None = None  # collected | abandoned
+    cleaned: bool = False
+    outcome: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def open(self) -> bool:
+        return self.ended is None
+
+
+@dataclass
+class Ledger:
+    batches: dict[str, BatchEntry] = field(default_factory=dict)
+    refs: dict[str, dict[str, Any]] = field(default_factory=dict)  # sha256 -> {file, uri, at}
+    damaged: int = 0
+
+    def open_batches(self) -> list[BatchEntry]:
+        return [b for b in self.batches.values() if b.open]
+
+    def in_batch(self) -> set[int]:
+        """Item ids (as integers) in batches still open: never submitted again."""
+        return {int(i, 16) for b in self.batches.values() if b.open for i in b.items}
+
+    def committed_usd(self) -> float:
+        """What open batches may still cost: counted by the budget from submission on."""
+        return sum(b.reserved_usd for b in self.batches.values() if b.open)
+
+    def apply(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "ref":
+            self.refs[str(event.get("sha256"))] = event
+            return
+        if kind == "ref_deleted":
+            self.refs = {k: v for k, v in self.refs.items() if v.get("file") != event.get("file")}
+            return
+        bid = event.get("id")
+        if kind == "prepare":
+            items = event.get("items")
+            if not isinstance(bid, str) or not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                self.damaged += 1
+                return
+            self.batches[bid] = BatchEntry(
+                id=bid, display_name=str(event.get("display_name", "")), model=str(event.get("model", "")),
+                model_id=str(event.get("model_id", "")), items=items,
+                reserved_usd=float(event.get("reserved_usd") or 0.0), prepared_at=str(event.get("at", "")),
+                base_url=str(event.get("base_url", "")), key_env=str(event.get("key_env", "")),
+            )  # fmt: skip
+            return
+        entry = self.batches.get(bid) if isinstance(bid, str) else None
+        if entry is None:
+            self.damaged += 1
+            return
+        if kind == "uploaded":
+            entry.file = event.get("file")
+        elif kind == "created":
+            entry.name = event.get("name")
+        elif kind == "state":
+            entry.state = event.get("state")
+            entry.stats = event.get("stats") or {}
+            entry.results_file = event.get("results_file") or entry.results_file
+        elif kind in TERMINAL:
+            entry.ended = kind
+            entry.state = event.get("state") or entry.state
+            entry.results_file = event.get("results_file") or entry.results_file
+            entry.outcome = {k: v for k, v in event.items() if k not in ("event", "id")}
+        elif kind == "cleaned":
+            entry.cleaned = True
+
+
+def read_ledger(paths: Iterable[Path]) -> Ledger:
+    """Every batch the ledgers of an output dir know (all shards), folded from their events."""
+    ledger = Ledger()
+    for path in paths:
+        for event in _events(path):
+            if event is None:
+                ledger.damaged += 1
+            else:
+                ledger.apply(event)
+    return ledger
+
+
+def _events(path: Path) -> Iterator[dict[str, Any] | None]:
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return
+    with f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                yield None
+                continue
+            yield obj if isinstance(obj, dict) else None
+
+
+def ledger_paths(out: Path) -> list[Path]:
+    """The ledgers in an output dir (one per shard), and remote parts copied beside them."""
+    try:
+        return sorted(p for p in out.iterdir() if p.name.startswith("batches") and p.name.endswith(".jsonl"))
+    except FileNotFoundError:
+        return []
+
+
+def encode_event(event: dict[str, Any]) -> bytes:
+    return json.dumps(event, ensure_ascii=False, allow_nan=False).encode() + b"\n"

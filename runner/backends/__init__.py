@@ -14,9 +14,12 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
     import httpx
 
     from ..engine.session import Session
+    from ..output import Store
     from ..pricing import PriceTable
     from ..spec import Item, JobSpec
     from ..spec.items import Shard
@@ -40,14 +43,22 @@ def make_backend(
     spec: JobSpec,
     session: Session,
     prices: PriceTable,
+    store: Store,
     *,
     base_url: str,
     api_key: str,
     concurrency: int,
     shard: Shard | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
+    awaited: Callable[[], Iterator[Item]] | None = None,
+    wait: bool = True,
+    poll_s: float | None = None,
+    run_id: str = "",
 ) -> Backend:
-    """The backend a spec asks for, with the request format of its `api_format`."""
+    """The backend a spec asks for (its `mode`), with the request format of its `api_format`.
+
+    `awaited` re-expands the items of batches still open (batch mode collects them); `wait`
+    False submits and returns (--no-wait); `poll_s` overrides the spec's batch.poll_s."""
     from ..engine.plan import rpm_share
     from ..gateway.client import Client
     from ..gateway.deadline import Deadlines
@@ -56,7 +67,20 @@ def make_backend(
     from ..policy import ServerWaitOrBackoff
     from .interactive import Pool
 
-    request_format = make_format(spec.api_format)
+    request_format = make_format(spec.api_format, dict(spec.model_ids))
+    if spec.mode == "batch":
+        from ..gateway.gemini import GeminiFormat
+        from .batch.api import GoogleBatchApi
+        from .batch.backend import BatchBackend
+
+        assert isinstance(request_format, GeminiFormat)
+        return BatchBackend(
+            session, store, GoogleBatchApi(base_url, api_key, spec.timeout_s, transport), request_format, prices,
+            spec.inputs, awaited=awaited or (lambda: iter(())), job_name=spec.name, api_key=api_key,
+            base_url=base_url, key_env=spec.api_key_env, max_requests=spec.batch_max_requests,
+            max_attempts=spec.max_attempts, poll_s=poll_s or spec.batch_poll_s, wait=wait, run_id=run_id,
+            work_dir=store.scratch_dir(),
+        )  # fmt: skip
     http = make_http(base_url, request_format.auth_headers(api_key), spec.timeout_s, concurrency, transport)
     client = Client(
         http, api_key, spec.timeout_s, request_format, base_url=base_url, inputs=spec.inputs,

@@ -44,6 +44,7 @@ class Plan:
     input_cost: float = 0.0
     lines: dict[tuple[str, str], Line] = field(default_factory=dict)
     on_disk: int = 0  # items with image files on disk but no ok line (a kill between the two); set by the run
+    in_batch: int = 0  # items in batches still open (batch mode collects them; never sent again)
 
     @property
     def remaining(self) -> int:
@@ -52,6 +53,9 @@ class Plan:
     @property
     def cost(self) -> float:
         return sum(line.remaining * line.price_usd for line in self.lines.values())
+
+
+BATCH_TURNAROUND_S = 24 * 3600.0
 
 
 def make_plan(
@@ -75,13 +79,15 @@ def make_plan(
             line.done += 1
             plan.done += 1
             continue
+        if key in state.in_batch:
+            plan.in_batch += 1
         line.remaining += 1
         plan.input_images += len(inputs)
         plan.input_bytes += sum(i.size for i in inputs)
         plan.input_cost += prices.per_input_image(model) * len(inputs)
-        if not state.pending(key, retry_failed):
+        if key not in state.in_batch and not state.pending(key, retry_failed):
             plan.skipped_failed += 1
-    plan.to_run = plan.items - plan.done - plan.skipped_failed
+    plan.to_run = plan.items - plan.done - plan.skipped_failed - plan.in_batch
     return plan
 
 
@@ -90,6 +96,14 @@ def pending(spec: JobSpec, state: ResumeState, shard: Shard | None, retry_failed
     for item in iter_items(spec, shard):
         if state.pending(int(item.item_id, 16), retry_failed):
             yield item
+
+
+def awaiting(spec: JobSpec, state: ResumeState, shard: Shard | None) -> Iterator[Item]:
+    """The items of batches still open (to collect, never to send), re-expanded from the spec."""
+    if state.in_batch:
+        for item in iter_items(spec, shard):
+            if int(item.item_id, 16) in state.in_batch:
+                yield item
 
 
 def rpm_share(spec: JobSpec, shard: Shard | None) -> float:
@@ -112,11 +126,15 @@ def estimate(
     with open_view(target) as view:
         state = view.scan()
         made_by_mock = bool(view.snapshot().get("made_by_mock"))
-    plan = make_plan(spec, state, PriceTable(spec.pricing), shard)
+    plan = make_plan(spec, state, PriceTable.of(spec), shard)
     conc = concurrency or spec.concurrency
     rpm = rpm_share(spec, shard)
     busy_s = sum(line.remaining * MODELS[line.model].latency_s for line in plan.lines.values()) / conc
     time_s = max(busy_s, plan.remaining * 60.0 / rpm) if rpm else busy_s
+    batch = spec.mode == "batch"
+    if batch:  # Google's target turnaround, whatever the size: a day
+        busy_s = time_s = BATCH_TURNAROUND_S if plan.remaining else 0.0
+        rpm = 0.0
     cost = plan.cost
     result: dict[str, Any] = {
         "name": spec.name,
@@ -131,9 +149,14 @@ def estimate(
         "estimated_input_cost_usd": money(plan.input_cost),
         "spent_usd": money(state.spent_usd),
         "estimated_time_s": round(time_s, 1),
-        "time_basis": "requests_per_minute"
+        "time_basis": "batch turnaround (results within 24 h)"
+        if batch
+        else "requests_per_minute"
         if rpm and plan.remaining * 60.0 / rpm >= busy_s
         else "concurrency x typical latency",
+        "mode": spec.mode,
+        "in_open_batches": plan.in_batch,
+        "committed_usd": money(state.committed_usd),
         "concurrency": conc,
         "requests_per_minute": rpm,
         "by_model": [line.as_dict() for line in sorted(plan.lines.values(), key=lambda x: (x.model, x.size))],
@@ -153,6 +176,11 @@ def estimate(
         )
     if state.bad_lines:
         result["warnings"].append(f"{state.bad_lines} damaged manifest lines ignored (a run sets them aside)")
+    if batch:
+        result["warnings"].append(
+            "batch mode: priced at Google's batch price (half the interactive list price unless `pricing` says "
+            "otherwise); results take up to 24 h (a batch not done in 48 h expires and is resubmitted)"
+        )
     if made_by_mock:
         result["warnings"].append(
             f"{target} holds images made by the built-in mock: `runner run` without --mock refuses it (use --out)"

@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,7 @@ class MockFile:
             "createTime": now_iso(self.created), "updateTime": now_iso(self.created),
             "expirationTime": now_iso(self.created + 48 * 3600), "sha256Hash": self.sha256, "uri": f"{base}/{self.name}",
             "state": "ACTIVE", "source": "GENERATED" if self.batch else "UPLOADED",
+            **({"downloadUri": f"{base.rsplit('/', 1)[0]}/download/v1beta/{self.name}:download?alt=media"} if self.batch else {}),
         }  # fmt: skip
 
 
@@ -441,17 +442,16 @@ class BatchService:
         (self.dir / "batches" / f"{batch_id}.json").unlink(missing_ok=True)
 
     # -- results ----------------------------------------------------------------------------
-    def results(self, file: MockFile, line: Callable[[Generation, str, str], bytes], base: str) -> Iterator[bytes]:
-        """The lines of a batch's results file, generated one at a time: in a shuffled order, with
-        the lines its outcomes say are missing, cut off or doubled. `line(gen, key, outcome)`
-        renders one line (the gateway's images)."""
+    def results(self, file: MockFile) -> Iterator[tuple[Generation | dict[str, Any], str, str]]:
+        """The lines of a batch's results file, one at a time, in no promised order: (the request as
+        a Generation, or the error it gets; its key; its outcome). Missing lines are left out; the
+        caller renders each line, cuts off the truncated ones and doubles the duplicates."""
         batch = self.batch(str(file.batch))
         with self._lock:
             self.stats["downloads"] += 1
         assert batch.lines is not None
-        rng = random.Random(batch.seed + 1)
         order = list(range(len(batch.keys)))
-        rng.shuffle(order)  # no promised order
+        random.Random(batch.seed + 1).shuffle(order)
         with self._content(batch.input_file).open("rb") as f:
             for i in order:
                 outcome = batch.lines[i]
@@ -459,33 +459,19 @@ class BatchService:
                     continue
                 f.seek(batch.offsets[i])
                 obj = json.loads(f.readline())
-                key = batch.keys[i]
                 entry: dict[str, Any] = {"inputs": [], "params": {}}
                 try:
-                    gen = parse_generate(obj.get("request"), batch.model, entry, self.file_sha)
+                    gen: Generation | dict[str, Any] = parse_generate(
+                        obj.get("request"), batch.model, entry, self.file_sha
+                    )
                 except GoogleError as e:
-                    yield _line(key, None, line_error(RPC_CODES.get(e.status, 3), e.status, e.message), i)
-                    continue
-                text = line(gen, key, outcome)
-                if outcome == "truncate":
-                    text = text[: max(10, len(text) // 2)]  # cut off mid-line: the line ends, the JSON does not
-                yield text + b"\n"
-                if outcome == "duplicate":
-                    yield text + b"\n"
-
-
-def _line(key: str, response: bytes | None, error: dict[str, Any] | None, position: int) -> bytes:
-    """One results line; the key first on even lines, last on odd ones (no promise either way)."""
-    body = json.dumps({"error": error}).encode()[1:-1] if error is not None else b'"response": ' + (response or b"{}")
-    keyed = b'"key": ' + json.dumps(key).encode()
-    return b"{" + (keyed + b", " + body if position % 2 == 0 else body + b", " + keyed) + b"}\n"
+                    gen = line_error(RPC_CODES.get(e.status, 3), e.status, e.message)
+                yield gen, batch.keys[i], outcome
 
 
 def results_line(key: str, position: int, response: bytes | None = None, error: dict[str, Any] | None = None) -> bytes:
-    """A results line without its newline (the service adds it)."""
-    return _line(key, response, error, position).rstrip(b"\n")
-
-
-async def stream(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
-    for chunk in chunks:
-        yield chunk
+    """One results line, without its newline: the key first on even positions, last on odd ones
+    (Google promises neither, so the reader must not depend on it)."""
+    body = json.dumps({"error": error}).encode()[1:-1] if error is not None else b'"response": ' + (response or b"{}")
+    keyed = b'"key": ' + json.dumps(key).encode()
+    return b"{" + (keyed + b", " + body if position % 2 == 0 else body + b", " + keyed) + b"}"

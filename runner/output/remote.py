@@ -180,6 +180,10 @@ class RemoteStore:
     def ledger(self) -> Ledger:
         return read_ledger(ledger_paths(self.path))
 
+    def scratch_dir(self) -> Path:
+        """A private local folder for big temporary files (removed with the store)."""
+        return Path(tempfile.mkdtemp(prefix="scratch-", dir=self.path))
+
     def append_ledger(self, event: dict[str, Any]) -> None:
         """One batch event as an object of its own (an object store cannot append): complete or absent.
         Names sort in time order, as the manifest parts do."""

@@ -20,12 +20,15 @@ from .values import DEFAULT_CONFIG, ImageConfig, Params
 from .yamlfile import load_yaml
 
 DEFAULT_BASE_URL = "https://api.getinfinityblue.com/v1"
-API_FORMATS = ("nanobanana", "openai-compatible")
+GEMINI_BASE_URL = "https://generativelanguage.googleapis.com/v1beta"  # the default for api_format gemini
+MODES = ("interactive", "batch")
+BATCH_KEYS = {"max_requests", "poll_s"}
+API_FORMATS = ("nanobanana", "openai-compatible", "gemini")
 TOP_KEYS = {
     "name", "model", "image_configs", "repeats", "prompts", "prompt_files", "output_dir",
     "base_url", "api_key_env", "concurrency", "requests_per_minute", "max_attempts",
     "timeout_s", "max_cost_usd", "pricing", "max_consecutive_failures", "backoff_base_s", "backoff_max_s",
-    "images", "params", "api_format", "max_response_mb", "notify_url", "on_finish",
+    "images", "params", "api_format", "max_response_mb", "notify_url", "on_finish", "mode", "batch", "model_ids",
 }  # fmt: skip
 PROMPT_KEYS = {"id", "prompt", "model", "image_configs", "repeats", "images", "params", "vars"}
 TEMPLATE_KEYS = {"id", "template", "vars", "combine", "sample", "seed", "model", "image_configs", "repeats"}
@@ -77,6 +80,10 @@ class JobSpec:
     pricing: tuple[tuple[str, tuple[tuple[str, float], ...]], ...]
     fingerprint: str  # hash of what decides the items: changes mean spec drift
     api_format: str = "nanobanana"
+    mode: str = "interactive"  # or batch: Google's Batch API (api_format gemini only)
+    batch_max_requests: int = 100  # items per batch: sized by its results file (~3.5 MB a 1K image line)
+    batch_poll_s: float = 60.0  # seconds between status checks of open batches
+    model_ids: tuple[tuple[str, str], ...] = ()  # runner model -> the Gemini API's id, over the built-in defaults
     images: tuple[str, ...] = ()  # references sent first with every prompt
     params: Params = ()  # top-level params (prompts carry them merged already)
     max_response_mb: float = 64.0
@@ -121,7 +128,11 @@ def parse_spec(raw: Any, path: Path) -> JobSpec:
     for i, ref in enumerate(images):
         _resolve(c, inputs, ref, f"images[{i}]")
     params = checks.params(c, top.get("params"), "params", {}, repeats)
-    ctx = _Context(c, base, inputs, images, dict(params), model, configs, repeats)
+    api_format = top.get("api_format", "nanobanana")
+    if api_format not in API_FORMATS:
+        raise c.fail("api_format", f"expected one of {', '.join(API_FORMATS)}, got {describe(api_format)}")
+    ctx = _Context(c, base, inputs, images, dict(params), model, configs, repeats, api_format)
+    _check_inline_only(ctx, [img for ref in images for img in inputs.resolve(ref)], "images")
 
     prompts: list[PromptEntry] = []
     ids: set[str] = set()
@@ -156,17 +167,25 @@ def parse_spec(raw: Any, path: Path) -> JobSpec:
         output_dir = Path(
             os.path.normpath(base / c.string(out, "output_dir") if out is not None else base / "out" / name)
         )
-    base_url = c.string(top.get("base_url", DEFAULT_BASE_URL), "base_url").rstrip("/")
+    gemini = api_format == "gemini"
+    base_url = c.string(top.get("base_url", GEMINI_BASE_URL if gemini else DEFAULT_BASE_URL), "base_url").rstrip("/")
     if (problem := check_url(base_url)) is not None:
         raise c.fail("base_url", problem)
-    key_env = c.string(top.get("api_key_env", "NANOBANANA_API_KEY"), "api_key_env")
+    key_env = c.string(top.get("api_key_env", "GEMINI_API_KEY" if gemini else "NANOBANANA_API_KEY"), "api_key_env")
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
         raise c.fail(
             "api_key_env", "expected the NAME of an environment variable (the key itself never goes in a spec)"
         )
-    api_format = top.get("api_format", "nanobanana")
-    if api_format not in API_FORMATS:
-        raise c.fail("api_format", f"expected one of {', '.join(API_FORMATS)}, got {describe(api_format)}")
+    mode = top.get("mode", "interactive")
+    if mode not in MODES:
+        raise c.fail("mode", f"expected one of {', '.join(MODES)}, got {describe(mode)}")
+    if mode == "batch" and not gemini:
+        raise c.fail(
+            "mode",
+            "batch mode is Google's own Batch API: it needs api_format: gemini (a chat gateway has no batch endpoint)",
+        )
+    batch = c.mapping(top["batch"], "batch", BATCH_KEYS) if top.get("batch") is not None else {}
+    model_ids = checks.model_ids(c, top.get("model_ids"))
     notify = top.get("notify_url")
     if notify is not None and (problem := check_url(c.string(notify, "notify_url"))) is not None:
         raise c.fail("notify_url", problem)
@@ -193,6 +212,10 @@ def parse_spec(raw: Any, path: Path) -> JobSpec:
         pricing=checks.pricing(c, top.get("pricing")),
         fingerprint=_fingerprint(prompts, files, model, configs, repeats, images, params),
         api_format=api_format,
+        mode=mode,
+        batch_max_requests=c.integer(batch.get("max_requests", 100), "batch.max_requests", 1, 50_000),
+        batch_poll_s=c.number(batch.get("poll_s", 60.0), "batch.poll_s", 0, strict=True),
+        model_ids=model_ids,
         images=images,
         params=params,
         max_response_mb=c.number(top.get("max_response_mb", 64), "max_response_mb", 0, strict=True),
@@ -215,6 +238,7 @@ class _Context:
     model: str | None
     configs: tuple[ImageConfig, ...]
     repeats: int
+    api_format: str = "nanobanana"
     warnings: list[str] = field(default_factory=list)
 
 
@@ -299,9 +323,19 @@ def _check_request(
 ) -> None:
     images = [img for ref in ctx.images for img in ctx.inputs.resolve(ref)]
     images += list(refs) if resolved else [img for ref in refs for img in ctx.inputs.resolve(ref)]
+    _check_inline_only(ctx, images, f"{key}.images")
     problem = check_request(model, text, tuple(images))
     if problem is not None:
         raise ctx.c.fail(f"{key}.images" if refs else key, problem)
+
+
+def _check_inline_only(ctx: _Context, images: list[Any], key: str) -> None:
+    """Google's own API takes reference images inline (or uploaded), not as http(s) URLs to fetch."""
+    url = next((img.url for img in images if img.url is not None), None)
+    if ctx.api_format == "gemini" and url is not None:
+        raise ctx.c.fail(
+            key, f"{url}: api_format gemini sends reference images from files; download it and name the file"
+        )
 
 
 def _resolve(c: Checker, inputs: Inputs, ref: str, key: str) -> tuple[Any, ...]:
@@ -333,6 +367,10 @@ def _prompt_file(ctx: _Context, f: Any, key: str) -> PromptFile:
             refs = (*ctx.images, *prompt.images)
             if refs or len(prompt.text) > 1 << 20:  # a plain line of text cannot break the limits
                 images = tuple(img for ref in refs for img in ctx.inputs.resolve(ref))
+                if ctx.api_format == "gemini" and any(img.url for img in images):
+                    raise ValueError(
+                        f"prompt {prompt.prompt_id!r}: api_format gemini sends reference images from files, not URLs"
+                    )
                 problem = check_request(ctx.model, prompt.text, images)
                 if problem is not None:
                     raise ValueError(f"prompt {prompt.prompt_id!r}: {problem}")
@@ -373,4 +411,5 @@ def spec_summary(spec: JobSpec) -> dict[str, Any]:
         "prompts": len(spec.prompts),
         "prompt_files": {str(f.path): f.count for f in spec.prompt_files},
         "api_format": spec.api_format,
+        "mode": spec.mode,
     }

@@ -99,10 +99,13 @@ def pending(spec: JobSpec, state: ResumeState, shard: Shard | None, retry_failed
 
 
 def awaiting(spec: JobSpec, state: ResumeState, shard: Shard | None) -> Iterator[Item]:
-    """The items of batches still open (to collect, never to send), re-expanded from the spec."""
+    """The items of batches still open (to collect, never to send), re-expanded from the spec; not
+    those already recorded ok (a run killed between committing a batch's lines and writing it down
+    as collected: collecting it again must not record them twice)."""
     if state.in_batch:
         for item in iter_items(spec, shard):
-            if int(item.item_id, 16) in state.in_batch:
+            key = int(item.item_id, 16)
+            if key in state.in_batch and key not in state.done:
                 yield item
 
 

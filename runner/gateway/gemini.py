@@ -6,6 +6,7 @@ so both paths record an item alike (shared/gemini-batch-api.md).
 
 from __future__ import annotations
 
+import base64
 import binascii
 import json
 import re
@@ -213,9 +214,11 @@ def _image(inline: dict[str, Any], data: bytes | None, api_key: str | None, requ
         raw = inline.get("data")
         if not isinstance(raw, str):
             return Failure("invalid_response", 200, "inlineData has no data", request_id=request_id)
-        try:
-            data = binascii.a2b_base64(raw.encode("ascii"), strict_mode=True)
-        except (binascii.Error, UnicodeEncodeError):
+        try:  # proto3 JSON bytes: the standard alphabet, or the URL-safe one
+            encoded = raw.encode("ascii")
+            data = (binascii.a2b_base64(encoded, strict_mode=True) if b"-" not in encoded and b"_" not in encoded
+                    else base64.urlsafe_b64decode(encoded))  # fmt: skip
+        except (binascii.Error, ValueError):
             return Failure("invalid_response", 200, "image data is not valid base64", request_id=request_id)
     mime = "image/jpeg" if mime == "image/jpg" else mime
     if not is_whole_image(mime, data):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models import MODELS
+from .faults import MARKER
 from .google import RPC_CODES, GoogleError, invalid, line_error, model_of, now_iso, parse_generate
 from .google import field as get
 from .validate import Generation
@@ -138,6 +139,7 @@ class BatchService:
         self.files: dict[str, MockFile] = {}
         self.batches: dict[str, MockBatch] = {}
         self.uploads: dict[str, _Upload] = {}
+        self._batch_uses: dict[tuple[str, int], int] = {}
         self.stats: dict[str, Any] = {}
         self.reset_stats()
         self._load()
@@ -298,11 +300,12 @@ class BatchService:
                 )
             busy = {k for b in live for k in b.keys}
             self.stats["double_submits"] += sum(1 for k in keys if k in busy)
+            marked = {self._batch_marker(p, k) for k, p in prompts} - {None}
             planned = "SUCCEEDED"
-            if fault in ("failed", "expired") or any(
-                self.pick(p, k) in ("batch_failed", "batch_expired") for k, p in prompts
-            ):
-                planned = "FAILED" if fault == "failed" or any("batch_failed" in p for _, p in prompts) else "EXPIRED"
+            if fault == "failed" or "batch_failed" in marked:
+                planned = "FAILED"
+            elif fault == "expired" or "batch_expired" in marked:
+                planned = "EXPIRED"
             mock = MockBatch(
                 id=secrets.token_hex(8), display_name=str(get(batch, "displayName") or ""), model=model,
                 model_id=model_id, input_file=file_name, created=now, latency_s=self.latency_s, keys=keys,
@@ -315,6 +318,19 @@ class BatchService:
                 self.stats["unknown_outcomes"] += 1
         self._save(mock)
         return mock, {"create_drop": "drop", "create_503": "503"}.get(fault or "")
+
+    def _batch_marker(self, prompt: str, key: str) -> str | None:
+        """`[fault:batch_failed]` / `[fault:batch_expiredxN]` in a line's prompt: the whole batch ends so
+        (counted per key apart from the line faults, which are drawn when the batch ends)."""
+        for position, m in enumerate(MARKER.finditer(prompt)):
+            kind, times = m.group(1), m.group(2)
+            if kind not in ("batch_failed", "batch_expired"):
+                continue
+            used = self._batch_uses.get((key, position), 0)
+            if times is None or used < int(times):
+                self._batch_uses[(key, position)] = used + 1
+                return kind
+        return None
 
     def _draw(self) -> str | None:
         draw, total = self._rng.random(), 0.0

@@ -29,7 +29,7 @@ from typing import Any
 
 import anyio
 
-from ...engine.progress import duration
+from ...engine.progress import duration, plural
 from ...engine.session import Session
 from ...engine.writer import Finished
 from ...errors import RunnerError
@@ -286,7 +286,9 @@ class BatchBackend:
             return False
         entry.name = info.name
         self.open[entry.id] = _Batch(entry, {i.item_id: i for i in items}, state=info.state)
-        self.log(f"submitted {len(items)} items in {entry.name} ({entry.display_name}); {usd(reserved)} committed")
+        self.log(
+            f"submitted {plural(len(items), 'item')} in {entry.name} ({entry.display_name}); {usd(reserved)} committed"
+        )
         return True
 
     async def _create(self, entry: BatchEntry) -> BatchInfo | None:
@@ -385,15 +387,15 @@ class BatchBackend:
                 continue
             except ApiError as e:
                 if e.failure.status == 404:
-                    self.session.budget.settle(batch.entry.reserved_usd, 0.0, 0)
-                    self._end(
-                        batch, "abandoned", why="the server no longer knows it (deleted, or another project's key)"
-                    )
                     self.log(
                         f"batch {batch.entry.name}: the server no longer knows it; its {len(batch.items)} items go back to the to-do list"
                     )
+                    self.session.budget.settle(batch.entry.reserved_usd, 0.0, 0)
                     await self._back(
                         batch.items.values(), Failure("server_error", 404, "its batch is gone from the server")
+                    )
+                    self._end(
+                        batch, "abandoned", why="the server no longer knows it (deleted, or another project's key)"
                     )
                     continue
                 if e.failure.action is Action.ABORT:
@@ -425,21 +427,19 @@ class BatchBackend:
             await self._collect(batch, info)
             return
         state = info.state
+        why = f"ended {state}" + (f": {info.error}" if info.error else "")
         self.session.budget.settle(batch.entry.reserved_usd, 0.0, 0)
-        self._end(batch, "abandoned", why=f"ended {state}" + (f": {info.error}" if info.error else ""), state=state)
         if state == "CANCELLED":  # someone cancelled it: stop spending on these; a later run submits them
             self.log(
                 f"batch {info.name} was cancelled: its {len(batch.items)} items go back to the to-do list for a later run"
             )
-            return
-        self.log(
-            f"batch {info.name} ended {state}, not the items' fault: its {len(batch.items)} items go back to the to-do list"
-        )
-        kind = "timeout" if state == "EXPIRED" else "server_error"
-        await self._back(
-            batch.items.values(),
-            Failure(kind, None, f"its batch {info.name} ended {state}" + (f": {info.error}" if info.error else "")),
-        )
+        else:
+            self.log(
+                f"batch {info.name} ended {state}, not the items' fault: its {len(batch.items)} items go back to the to-do list"
+            )
+            kind = "timeout" if state == "EXPIRED" else "server_error"
+            await self._back(batch.items.values(), Failure(kind, None, f"its batch {info.name} {why}"))
+        self._end(batch, "abandoned", why=why, state=state)
 
     async def _collect(self, batch: _Batch, info: BatchInfo) -> None:
         """Download the results to disk as a stream, read them a line at a time, save and record
@@ -484,9 +484,8 @@ class BatchBackend:
         images = max((1 + len(r.get("extra_images", [])) for r in records if r["status"] == "ok"), default=0)
         self.session.budget.settle(batch.entry.reserved_usd, spent, images)
         ok = sum(r["status"] == "ok" for r in records)
-        self._end(
-            batch, "collected", state=info.state, ok=ok, failed=len(records) - ok, returned=len(retry) + len(missing)
-        )
+        self._event("collected", batch.entry.id, state=info.state, ok=ok, failed=len(records) - ok,
+                    returned=len(retry) + len(missing))  # fmt: skip
         if missing or broken or unknown:
             self.log(f"batch {info.name}: {len(missing)} items had no whole line ({broken} cut off), "
                      f"{unknown} lines for keys it never held: the missing go back to the to-do list")  # fmt: skip
@@ -497,6 +496,7 @@ class BatchBackend:
             await self._back([item], failure)
         await self._delete_files(batch.entry.file, info.results_file)
         self._event("cleaned", batch.entry.id)
+        self._close(batch)  # last: the run may end once nothing is open, so this batch's work is finished first
 
     async def _record(self, item: Item, outcome: Outcome, batch_name: str, latency: float) -> Record | None:
         """The record of one answer, or None when it is to be tried again in a new batch."""
@@ -509,10 +509,7 @@ class BatchBackend:
                 and tries < self.max_attempts
                 and not self.session.is_stopping
             ):
-                retried[outcome.kind] += 1
-                self.stats.retries += 1
-                self.stats.retries_by_kind[outcome.kind] += 1
-                return None
+                return None  # _back puts it in a new batch
             if outcome.action is Action.ABORT:
                 self.session.stop(
                     f"{outcome.kind}: {outcome.message} ({POLICY[outcome.kind].what})",
@@ -535,6 +532,8 @@ class BatchBackend:
             self.tries[item.item_id] += 1
             if self.wait and self.tries[item.item_id] < self.max_attempts and not self.session.is_stopping:
                 self.retried.setdefault(item.item_id, Counter())[failure.kind] += 1
+                self.stats.retries += 1
+                self.stats.retries_by_kind[failure.kind] += 1
                 self.requeue.append(item)
                 continue
             finished = Finished(item, failure, self.tries[item.item_id], 0.0, 0.0, 0.0,
@@ -546,6 +545,9 @@ class BatchBackend:
 
     def _end(self, batch: _Batch, how: str, **fields: Any) -> None:
         self._event(how, batch.entry.id, **fields)
+        self._close(batch)
+
+    def _close(self, batch: _Batch) -> None:
         self.open.pop(batch.entry.id, None)
         self._wake()
 
@@ -565,6 +567,7 @@ class BatchBackend:
         self.store.append_ledger({"event": kind, "id": batch_id, **fields, "at": _now()})
 
     def _say_open(self) -> None:
+        self.stats.open_batches = len(self.open)
         if self.open:
             names = ", ".join(b.entry.name or b.entry.display_name for b in list(self.open.values())[:3])
             more = f" and {len(self.open) - 3} more" if len(self.open) > 3 else ""

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
 
     import httpx
 
@@ -50,14 +50,14 @@ def make_backend(
     concurrency: int,
     shard: Shard | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
-    awaited: Callable[[], Iterator[Item]] | None = None,
+    lookup: Callable[[set[str]], dict[str, Item]] | None = None,
     wait: bool = True,
     poll_s: float | None = None,
     run_id: str = "",
 ) -> Backend:
     """The backend a spec asks for (its `mode`), with the request format of its `api_format`.
 
-    `awaited` re-expands the items of batches still open (batch mode collects them); `wait`
+    `lookup` finds the Items of item ids (batch mode holds only ids while batches are open); `wait`
     False submits and returns (--no-wait); `poll_s` overrides the spec's batch.poll_s."""
     from ..engine.plan import rpm_share
     from ..gateway.client import Client
@@ -76,7 +76,7 @@ def make_backend(
         assert isinstance(request_format, GeminiFormat)
         return BatchBackend(
             session, store, GoogleBatchApi(base_url, api_key, spec.timeout_s, transport), request_format, prices,
-            spec.inputs, awaited=awaited or (lambda: iter(())), job_name=spec.name, api_key=api_key,
+            spec.inputs, lookup=lookup or (lambda ids: {}), job_name=spec.name, api_key=api_key,
             base_url=base_url, key_env=spec.api_key_env, max_requests=spec.batch_max_requests,
             max_attempts=spec.max_attempts, poll_s=poll_s or spec.batch_poll_s, wait=wait, run_id=run_id,
             work_dir=store.scratch_dir(),

@@ -22,7 +22,7 @@ from ..spec.items import Shard
 from ..spec.parse import JobSpec, spec_summary
 from .budget import Budget
 from .notify import notify
-from .plan import Plan, awaiting, budget_share, make_plan, pending
+from .plan import Plan, budget_share, find_items, make_plan, pending
 from .progress import Bar, Quiet, RunStats, status_line
 from .session import Session
 from .summary import describe, summary_dict
@@ -208,7 +208,7 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
     )
     backend = make_backend(
         spec, session, prices, store, base_url=base_url, api_key=key, concurrency=concurrency, shard=options.shard,
-        transport=options.transport, awaited=lambda: awaiting(spec, state, options.shard), wait=options.wait,
+        transport=options.transport, lookup=lambda ids: find_items(spec, options.shard, ids, state.done), wait=options.wait,
         poll_s=options.poll_s, run_id=run_id,
     )  # fmt: skip
     session.stats.total = plan.to_run + plan.in_batch

@@ -98,15 +98,21 @@ def pending(spec: JobSpec, state: ResumeState, shard: Shard | None, retry_failed
             yield item
 
 
-def awaiting(spec: JobSpec, state: ResumeState, shard: Shard | None) -> Iterator[Item]:
-    """The items of batches still open (to collect, never to send), re-expanded from the spec; not
-    those already recorded ok (a run killed between committing a batch's lines and writing it down
-    as collected: collecting it again must not record them twice)."""
-    if state.in_batch:
-        for item in iter_items(spec, shard):
-            key = int(item.item_id, 16)
-            if key in state.in_batch and key not in state.done:
-                yield item
+def find_items(
+    spec: JobSpec, shard: Shard | None, ids: set[str], skip: set[int] | frozenset[int] = frozenset()
+) -> dict[str, Item]:
+    """The spec's Items with these ids, in one pass that stops once all are found; those in `skip`
+    (recorded ok already: a batch collected again after a kill must not record them twice) and
+    those no longer in the spec are left out."""
+    found: dict[str, Item] = {}
+    wanted = {i for i in ids if int(i, 16) not in skip}
+    if wanted:
+        for _, fields in iter_keyed(spec, shard):
+            if fields.item_id in wanted:
+                found[fields.item_id] = Item(*fields)
+                if len(found) == len(wanted):
+                    break
+    return found
 
 
 def rpm_share(spec: JobSpec, shard: Shard | None) -> float:

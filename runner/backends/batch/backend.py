@@ -46,18 +46,23 @@ from ...spec.items import Item
 from .api import WITH_RESULTS, ApiError, BatchInfo, GoogleBatchApi, Unknown
 from .files import ResultsReader, write_requests
 
+LOOKUP_CHUNK = 10_000  # items of finished batches looked up in one pass over the spec (bounds memory)
 SUMMARY_EVERY_S = 60.0  # a line on all open batches while waiting, at most this often
 REF_REUSE_S = 40 * 3600  # an uploaded reference image is used again for this long (the Files API keeps it 48 h)
 
 
 @dataclass
 class _Batch:
-    """A batch this run is responsible for: its ledger entry and its items."""
+    """A batch this run is responsible for: its ledger entry (with its items' ids: an open batch
+    holds no Items, so a 100,000-item job waits flat in memory; they are looked up to collect)."""
 
     entry: BatchEntry
-    items: dict[str, Item]
     submitted: float = field(default_factory=time.monotonic)
     state: str = ""
+
+    @property
+    def ids(self) -> list[str]:
+        return self.entry.items
 
 
 class BatchBackend:
@@ -72,7 +77,7 @@ class BatchBackend:
         prices: PriceTable,
         inputs: Inputs,
         *,
-        awaited: Callable[[], Iterator[Item]],
+        lookup: Callable[[set[str]], dict[str, Item]],
         job_name: str,
         api_key: str,
         base_url: str,
@@ -91,7 +96,7 @@ class BatchBackend:
         self.format = request_format
         self.prices = prices
         self.inputs = inputs
-        self.awaited = awaited
+        self.lookup = lookup
         self.slug = re.sub(r"[^a-z0-9]+", "-", job_name.lower()).strip("-")[:40] or "job"
         self.api_key = api_key
         self.base_url = base_url
@@ -148,36 +153,32 @@ class BatchBackend:
     async def _adopt(self, entries: list[BatchEntry]) -> None:
         """Take over the open batches of the ledger: find those whose create never said yes (a
         kill, a timeout) on the server by display name, and give up those it never got."""
-        if not entries:
-            return
-        by_id: dict[str, Item] = {}
-        wanted = {i for e in entries for i in e.items}
-        for item in self.awaited():
-            if item.item_id in wanted:
-                by_id[item.item_id] = item
         unnamed = [e for e in entries if e.name is None]
         found = await self._find([e.display_name for e in unnamed]) if unnamed else {}
+        lost: list[BatchEntry] = []
         for entry in entries:
-            items = {i: by_id[i] for i in entry.items if i in by_id}
             if entry.name is None:
                 names = found.get(entry.display_name, [])
                 if not names:
-                    self._event("abandoned", entry.id, why="never created (not on the server)")
-                    self.log(
-                        f"batch {entry.display_name}: never created before the last run stopped; its {len(items)} items go back to the to-do list"
-                    )
-                    self.session.budget.settle(entry.reserved_usd, 0.0, 0)
-                    self.requeue.extend(items.values())  # never sent: not an attempt
-                    await self._delete_files(entry.file)
+                    lost.append(entry)
                     continue
                 entry.name = names[0]
                 self._event("created", entry.id, name=entry.name)
                 await self._cancel_extras(entry, names[1:])
-            if len(items) < len(entry.items):
-                self.log(
-                    f"batch {entry.name}: {len(entry.items) - len(items)} of its items are no longer in the spec; their answers are kept if they come"
-                )
-            self.open[entry.id] = _Batch(entry, items)
+            self.open[entry.id] = _Batch(entry)
+        if lost:
+            items = await self._items({i for e in lost for i in e.items})
+            for entry in lost:
+                self._event("abandoned", entry.id, why="never created (not on the server)")
+                self.log(f"batch {entry.display_name}: never created before the last run stopped; its "
+                         f"{plural(len(entry.items), 'item')} go back to the to-do list")  # fmt: skip
+                self.session.budget.settle(entry.reserved_usd, 0.0, 0)
+                self.requeue.extend(items[i] for i in entry.items if i in items)  # never sent: not an attempt
+                await self._delete_files(entry.file)
+
+    async def _items(self, ids: set[str]) -> dict[str, Item]:
+        """The Items of these ids (one pass over the spec, in a thread); ids no longer in the spec are left out."""
+        return await anyio.to_thread.run_sync(self.lookup, ids)
 
     async def _find(self, display_names: list[str]) -> dict[str, list[str]]:
         """Display name -> the server's names of batches with it (oldest first), by paging through
@@ -285,7 +286,7 @@ class BatchBackend:
             self._give_back(entry, items, "not submitted: the batch quota is full")
             return False
         entry.name = info.name
-        self.open[entry.id] = _Batch(entry, {i.item_id: i for i in items}, state=info.state)
+        self.open[entry.id] = _Batch(entry, state=info.state)
         self.log(
             f"submitted {plural(len(items), 'item')} in {entry.name} ({entry.display_name}); {usd(reserved)} committed"
         )
@@ -376,6 +377,7 @@ class BatchBackend:
                 return
 
     async def _poll_once(self) -> None:
+        ended: list[tuple[_Batch, BatchInfo | None]] = []  # None: the server no longer knows it
         for batch in list(self.open.values()):
             if self.session.is_stopping:
                 return
@@ -387,16 +389,7 @@ class BatchBackend:
                 continue
             except ApiError as e:
                 if e.failure.status == 404:
-                    self.log(
-                        f"batch {batch.entry.name}: the server no longer knows it; its {len(batch.items)} items go back to the to-do list"
-                    )
-                    self.session.budget.settle(batch.entry.reserved_usd, 0.0, 0)
-                    await self._back(
-                        batch.items.values(), Failure("server_error", 404, "its batch is gone from the server")
-                    )
-                    self._end(
-                        batch, "abandoned", why="the server no longer knows it (deleted, or another project's key)"
-                    )
+                    ended.append((batch, None))
                     continue
                 if e.failure.action is Action.ABORT:
                     self.session.stop(f"{e.failure.kind}: {e.failure.message}", "abort", True, failure=e.failure.kind)
@@ -408,7 +401,17 @@ class BatchBackend:
                 self._event("state", batch.entry.id, state=info.state, stats=info.stats, results_file=info.results_file)
                 self.log(self._status(batch, info))
             if info.done:
-                await self._finish(batch, info)
+                ended.append((batch, info))
+        # The ended batches' Items are looked up a chunk at a time: one pass over the spec per chunk.
+        while ended and not self.session.is_stopping:
+            chunk: list[tuple[_Batch, BatchInfo | None]] = []
+            count = 0
+            while ended and (not chunk or count + len(ended[0][0].ids) <= LOOKUP_CHUNK):
+                chunk.append(ended.pop(0))
+                count += len(chunk[-1][0].ids)
+            items = await self._items({i for batch, _ in chunk for i in batch.ids})
+            for batch, done in chunk:
+                await self._finish(batch, done, items)
         now = time.monotonic()
         if self.open and now - self._said >= SUMMARY_EVERY_S:
             self._said = now
@@ -422,26 +425,36 @@ class BatchBackend:
         counts = f"{s.get('successfulRequestCount', 0)} ok, {s.get('failedRequestCount', 0)} failed, {s.get('pendingRequestCount', 0)} pending"
         return f"batch {info.name}: {info.state} ({counts}) after {duration(time.monotonic() - batch.submitted)}"
 
-    async def _finish(self, batch: _Batch, info: BatchInfo) -> None:
+    async def _finish(self, batch: _Batch, info: BatchInfo | None, items: dict[str, Item]) -> None:
+        """A batch that ended (`info` None: the server no longer knows it): collected, or its items given back."""
+        mine = [items[i] for i in batch.ids if i in items]
+        if info is None:
+            self.log(
+                f"batch {batch.entry.name}: the server no longer knows it; its {plural(len(mine), 'item')} go back to the to-do list"
+            )
+            self.session.budget.settle(batch.entry.reserved_usd, 0.0, 0)
+            await self._back(mine, Failure("server_error", 404, "its batch is gone from the server"))
+            self._end(batch, "abandoned", why="the server no longer knows it (deleted, or another project's key)")
+            return
         if info.state in WITH_RESULTS and info.results_file:
-            await self._collect(batch, info)
+            await self._collect(batch, info, {i.item_id: i for i in mine})
             return
         state = info.state
         why = f"ended {state}" + (f": {info.error}" if info.error else "")
         self.session.budget.settle(batch.entry.reserved_usd, 0.0, 0)
         if state == "CANCELLED":  # someone cancelled it: stop spending on these; a later run submits them
             self.log(
-                f"batch {info.name} was cancelled: its {len(batch.items)} items go back to the to-do list for a later run"
+                f"batch {info.name} was cancelled: its {plural(len(mine), 'item')} go back to the to-do list for a later run"
             )
         else:
             self.log(
-                f"batch {info.name} ended {state}, not the items' fault: its {len(batch.items)} items go back to the to-do list"
+                f"batch {info.name} ended {state}, not the items' fault: its {plural(len(mine), 'item')} go back to the to-do list"
             )
             kind = "timeout" if state == "EXPIRED" else "server_error"
-            await self._back(batch.items.values(), Failure(kind, None, f"its batch {info.name} {why}"))
+            await self._back(mine, Failure(kind, None, f"its batch {info.name} {why}"))
         self._end(batch, "abandoned", why=why, state=state)
 
-    async def _collect(self, batch: _Batch, info: BatchInfo) -> None:
+    async def _collect(self, batch: _Batch, info: BatchInfo, items: dict[str, Item]) -> None:
         """Download the results to disk as a stream, read them a line at a time, save and record
         every answer; then mark the batch collected and delete its files from the Files API."""
         assert info.results_file is not None
@@ -461,7 +474,7 @@ class BatchBackend:
         try:
             while (line := await self.session.sink.save(reader.next)) is not None:
                 key, outcome = line
-                item = batch.items.get(key or "")
+                item = items.get(key or "")
                 if key is not None and key not in batch.entry.items:
                     unknown += 1
                     continue
@@ -478,7 +491,7 @@ class BatchBackend:
         finally:
             reader.close()
             path.unlink(missing_ok=True)
-        missing = [item for i, item in batch.items.items() if i not in seen]
+        missing = [item for i, item in items.items() if i not in seen]
         await self.session.sink.commit_now(records)  # in the manifest before the ledger says collected
         spent = sum(r["cost_usd"] for r in records)
         images = max((1 + len(r.get("extra_images", [])) for r in records if r["status"] == "ok"), default=0)

@@ -21,7 +21,7 @@ import secrets
 import shutil
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +30,7 @@ from typing import Any
 import anyio
 
 from ...engine.progress import duration, plural
-from ...engine.session import Session
+from ...engine.session import SAVE_THREADS, Session
 from ...engine.writer import Finished
 from ...errors import RunnerError
 from ...gateway.answer import Outcome, Success
@@ -117,6 +117,7 @@ class BatchBackend:
         self.refs: dict[str, str] = {}  # reference image sha256 -> its Files API uri
         self._changed = anyio.Event()  # a batch ended, or items came back: the submitter looks again
         self._said = -SUMMARY_EVERY_S
+        self._saving = anyio.Semaphore(SAVE_THREADS)  # results lines being saved at once
 
     # -- Backend ------------------------------------------------------------------------------
     def interrupt(self) -> None:
@@ -471,23 +472,31 @@ class BatchBackend:
         retry: list[tuple[Item, Failure]] = []
         unknown = broken = 0
         latency = time.monotonic() - batch.submitted
+
+        async def record(item: Item, outcome: Outcome) -> None:
+            done = await self._record(item, outcome, info.name, latency)
+            if done is not None:
+                records.append(done)
+            else:
+                assert isinstance(outcome, Failure)
+                retry.append((item, outcome))
+
         try:
-            while (line := await self.session.sink.save(reader.next)) is not None:
-                key, outcome = line
-                item = items.get(key or "")
-                if key is not None and key not in batch.entry.items:
-                    unknown += 1
-                    continue
-                if outcome is None or item is None or key in seen:
-                    broken += outcome is None
-                    continue  # a cut-off line is not done; a second line for a key is not paid twice
-                seen.add(item.item_id)
-                record = await self._record(item, outcome, info.name, latency)
-                if record is None:
-                    assert isinstance(outcome, Failure)
-                    retry.append((item, outcome))
-                else:
-                    records.append(record)
+            # Lines are read one at a time; their images are saved by up to SAVE_THREADS tasks at once
+            # (each holds one line's images), as the interactive pool saves answers side by side.
+            async with anyio.create_task_group() as tg:
+                while (line := await self.session.sink.save(reader.next)) is not None:
+                    key, outcome = line
+                    item = items.get(key or "")
+                    if key is not None and key not in batch.entry.items:
+                        unknown += 1
+                        continue
+                    if outcome is None or item is None or key in seen:
+                        broken += outcome is None
+                        continue  # a cut-off line is not done; a second line for a key is not paid twice
+                    seen.add(item.item_id)
+                    await self._saving.acquire()
+                    tg.start_soon(self._released, record(item, outcome))
         finally:
             reader.close()
             path.unlink(missing_ok=True)
@@ -510,6 +519,12 @@ class BatchBackend:
         await self._delete_files(batch.entry.file, info.results_file)
         self._event("cleaned", batch.entry.id)
         self._close(batch)  # last: the run may end once nothing is open, so this batch's work is finished first
+
+    async def _released(self, work: Awaitable[None]) -> None:
+        try:
+            await work
+        finally:
+            self._saving.release()
 
     async def _record(self, item: Item, outcome: Outcome, batch_name: str, latency: float) -> Record | None:
         """The record of one answer, or None when it is to be tried again in a new batch."""

@@ -10,7 +10,6 @@ and the report never know which backend ran.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -18,6 +17,7 @@ if TYPE_CHECKING:
 
     import httpx
 
+    from ..engine.feed import Feed
     from ..engine.session import Session
     from ..output import Store
     from ..pricing import PriceTable
@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 
 
 class Backend(Protocol):
-    async def run(self, items: Iterable[Item], on_disk: dict[int, list[str]] | None = None) -> None:
-        """Get answers for `items` (recorded through the session's sink) until they are done or the run stops."""
+    async def run(self, feed: Feed, on_disk: dict[int, list[str]] | None = None) -> None:
+        """Get answers for the feed's items (recorded through the session's sink, each given back to
+        `feed.finished`) until there are no more or the run stops."""
         ...
 
     def interrupt(self) -> None:

@@ -21,6 +21,7 @@ from ..pricing import PriceTable
 from ..spec.items import Shard
 from ..spec.parse import JobSpec, spec_summary
 from .budget import Budget
+from .feed import Feed
 from .notify import notify
 from .plan import Plan, budget_share, find_items, make_plan, pending
 from .progress import Bar, Quiet, RunStats, status_line
@@ -165,7 +166,7 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
     result = RunResult(store.display, key_env=spec.api_key_env)
     _say_repairs(store, log)
     previous = store.read_snapshot()  # what the dir remembers of its last run ({} if nothing)
-    state = await anyio.to_thread.run_sync(store.scan, options.verify)
+    state = await anyio.to_thread.run_sync(store.scan, options.verify, spec.chained)
     mock_made = bool(previous.get("made_by_mock"))
     if mock_made != options.mock and state.known_count():  # never mix mock images and paid ones in one dir
         made, now = ("the built-in mock (--mock)", "a real") if mock_made else ("a gateway", "a --mock")
@@ -208,10 +209,19 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
     )
     backend = make_backend(
         spec, session, prices, store, base_url=base_url, api_key=key, concurrency=concurrency, shard=options.shard,
-        transport=options.transport, lookup=lambda ids: find_items(spec, options.shard, ids, state.done), wait=options.wait,
+        transport=options.transport, lookup=lambda ids: find_items(spec, options.shard, ids, state), wait=options.wait,
         poll_s=options.poll_s, run_id=run_id,
     )  # fmt: skip
     session.stats.total = plan.to_run + plan.in_batch
+
+    def planned(n: int) -> None:  # an edit chain's children, counted as they become known
+        session.stats.total += n
+
+    spec.inputs.reader = store.read_image  # an edit chain's children send their parents' images
+    feed = Feed(
+        pending(spec, state, options.shard, options.retry_failed), spec,
+        lambda key: state.pending(key, options.retry_failed), planned,
+    )  # fmt: skip
     result.stats = session.stats
     try:
         async with anyio.create_task_group() as tg:
@@ -219,7 +229,7 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
                 tg.start_soon(_watch_signals, backend, options.grace_s, tg.cancel_scope, shown.write)
             if not bar_mode and options.status_every > 0:
                 tg.start_soon(_status_lines, session.stats, options.status_every, shown.write)
-            await backend.run(pending(spec, state, options.shard, options.retry_failed), orphans)
+            await backend.run(feed, orphans)
             tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # A run-wide fault raised inside a task (disk full) ends the run as itself, not as a group.

@@ -48,6 +48,7 @@ class Session:
         self.on_bug: OnBug = on_bug or (lambda e, what: "nowhere")
         self.stats = RunStats()
         self.stopping = anyio.Event()
+        self.on_stop: list[Callable[[], None]] = []  # told of any stop (a feed stops handing out items)
         self.sink = Sink(writer, self.stats, progress)
 
     @property
@@ -63,6 +64,8 @@ class Session:
         s = self.stats
         if s.stop_reason is None:
             s.stop_reason, s.stop_kind, s.abort, s.stop_failure = reason, kind, abort, failure
+            for tell in self.on_stop:
+                tell()
         if not drain:
             self.stopping.set()
 

@@ -162,9 +162,9 @@ class LocalStore:
         self._lock_fds.append(fd)
 
     # -- resume -----------------------------------------------------------------------------
-    def scan(self, verify: bool) -> ResumeState:
+    def scan(self, verify: bool, images: bool = False) -> ResumeState:
         root = str(self.path)  # a plain string: a Path per image made resume twice as slow
-        state = scan(self.path, lambda rec: image_intact(root, rec, verify))
+        state = scan(self.path, lambda rec: image_intact(root, rec, verify), images)
         state.add_ledger(self.ledger())
         return state
 

@@ -172,8 +172,8 @@ class RemoteStore:
     def close(self) -> None:
         self._tmp.cleanup()
 
-    def scan(self, verify: bool) -> ResumeState:
-        state = scan(self.path, lambda rec: self.source.intact(rec, verify))
+    def scan(self, verify: bool, images: bool = False) -> ResumeState:
+        state = scan(self.path, lambda rec: self.source.intact(rec, verify), images)
         state.add_ledger(self.ledger())
         return state
 

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SpecError
-from . import checks
+from . import chains, checks
+from .chains import Link
 from .checks import Checker, check_url, describe
-from .inputs import InputError, Inputs, check_request
+from .inputs import InputError, InputImage, Inputs, check_request
 from .sources import columns, file_kind, iter_prompts
 from .templates import Template, parse_template, placeholders
 from .values import DEFAULT_CONFIG, ImageConfig, Params
@@ -48,6 +49,7 @@ class PromptEntry:
     images: tuple[str, ...] = ()  # its own references (templates may hold {placeholders}), after the top-level ones
     params: Params = ()
     labels: tuple[tuple[str, str], ...] = ()  # `vars` of a plain prompt
+    link: Link | None = None  # an edit chain: `@ID` in its images names its parent prompt
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,15 @@ class JobSpec:
     on_finish: str | None = None
     warnings: tuple[str, ...] = ()
     inputs: Inputs = field(default_factory=lambda: Inputs(Path(".")), compare=False, repr=False)
+
+    @property
+    def chained(self) -> bool:
+        """Does any prompt feed on another's images (an edit chain)?"""
+        return any(p.link is not None for p in self.prompts)
+
+    def children_of(self, prompt_id: str) -> tuple[PromptEntry, ...]:
+        """The prompts chained to this one (`@prompt_id` in their images)."""
+        return tuple(p for p in self.prompts if p.link is not None and p.link.parent == prompt_id)
 
 
 def load_spec(path: str | Path) -> JobSpec:
@@ -139,8 +150,9 @@ def parse_spec(raw: Any, path: Path) -> JobSpec:
     raw_prompts = top.get("prompts") or []
     if not isinstance(raw_prompts, list):
         raise c.fail("prompts", f"expected a list, got {describe(raw_prompts)}")
+    links = chains.prescan(c.file, raw_prompts)
     for i, p in enumerate(raw_prompts):
-        entry = _prompt_entry(ctx, p, f"prompts[{i}]")
+        entry = _prompt_entry(ctx, p, f"prompts[{i}]", links.get(i))
         if entry.prompt_id in ids:
             raise c.fail(f"prompts[{i}].id", f"duplicate prompt id {entry.prompt_id!r}")
         ids.add(entry.prompt_id)
@@ -242,7 +254,7 @@ class _Context:
     warnings: list[str] = field(default_factory=list)
 
 
-def _prompt_entry(ctx: _Context, p: Any, key: str) -> PromptEntry:
+def _prompt_entry(ctx: _Context, p: Any, key: str, link: Link | None = None) -> PromptEntry:
     c = ctx.c
     if isinstance(p, str):
         text = c.string(p, key)
@@ -271,42 +283,52 @@ def _prompt_entry(ctx: _Context, p: Any, key: str) -> PromptEntry:
         own_configs = ctx.configs
         c.check_support(own_model, own_configs, "image_configs", inherited_by=key)
     own_repeats = c.integer(m.get("repeats", ctx.repeats), f"{key}.repeats", 1, 10_000)
-    own_images = checks.refs(c, m.get("images"), f"{key}.images")
+    all_images = checks.refs(c, m.get("images"), f"{key}.images")
+    # The parent's image (`@ID`) is not a file to check: it is made during the run.
+    own_images = tuple(ref for i, ref in enumerate(all_images) if link is None or i != link.slot)
     params = checks.params(c, m.get("params"), f"{key}.params", ctx.params, own_repeats)
     pid = str(m["id"]).strip() if m.get("id") not in (None, "") else None
+    inherited = link.inherited if link is not None else frozenset()
     if is_template:
         used = frozenset(n for ref in own_images for n in _placeholders(c, ref, f"{key}.images"))
-        tpl = parse_template(c.file, key, m, ctx.base, used)
+        tpl = parse_template(c.file, key, m, ctx.base, used | inherited, inherited)
         missing = used - set(tpl.names)
         if missing:
-            raise c.fail(f"{key}.images", f"placeholder {{{sorted(missing)[0]}}} has no variable in vars")
+            name = sorted(missing)[0]
+            why = (
+                "the parent's labels fill prompts, not image paths" if name in inherited else "has no variable in vars"
+            )
+            raise c.fail(f"{key}.images", f"placeholder {{{name}}} {why}")
         if tpl.sample and tpl.sample > tpl.full_count:
             ctx.warnings.append(
                 f"{key}: sample {tpl.sample} is more than the {tpl.full_count} combinations: every one is used"
             )
-        _check_template_images(ctx, own_model, tpl, own_images, key)
+        _check_template_images(ctx, own_model, tpl, own_images, key, chained=link is not None)
         entry_id = pid or f"t_{tpl.digest[:8]}"
         return PromptEntry(
-            entry_id, own_model, own_configs, own_repeats, template=tpl, images=own_images, params=params
+            entry_id, own_model, own_configs, own_repeats, template=tpl, images=all_images, params=params, link=link
         )
     if "prompt" not in m:
         raise c.fail(f"{key}.prompt", "required key is missing")
     text = c.string(m["prompt"], f"{key}.prompt")
-    for i, ref in enumerate(own_images):
-        _resolve(c, ctx.inputs, ref, f"{key}.images[{i}]")
-    _check_request(ctx, own_model, text, own_images, key)
+    for i, ref in enumerate(all_images):
+        if link is None or i != link.slot:
+            _resolve(c, ctx.inputs, ref, f"{key}.images[{i}]")
+    _check_request(ctx, own_model, text, own_images, key, chained=link is not None)
     labels = checks.labels(c, m.get("vars"), f"{key}.vars")
     return PromptEntry(
-        pid or _derived_id(text), own_model, own_configs, own_repeats, text=text, images=own_images, params=params,
-        labels=labels,
+        pid or _derived_id(text), own_model, own_configs, own_repeats, text=text, images=all_images, params=params,
+        labels=labels, link=link,
     )  # fmt: skip
 
 
-def _check_template_images(ctx: _Context, model: str, tpl: Template, refs: tuple[str, ...], key: str) -> None:
+def _check_template_images(
+    ctx: _Context, model: str, tpl: Template, refs: tuple[str, ...], key: str, chained: bool = False
+) -> None:
     """Resolve every path the template's images can take (only the vars they use are combined)."""
     used = sorted({n for ref in refs for n in placeholders(ref)})
     if not refs:
-        _check_request(ctx, model, tpl.longest, (), key)
+        _check_request(ctx, model, tpl.longest, (), key, chained=chained)
         return
     columns_ = [tpl.values[tpl.names.index(n)] for n in used]
     combos = zip(*columns_, strict=True) if tpl.combine == "zip" and used else itertools.product(*columns_)
@@ -315,15 +337,23 @@ def _check_template_images(ctx: _Context, model: str, tpl: Template, refs: tuple
         images: list[Any] = []
         for i, ref in enumerate(refs):
             images += _resolve(ctx.c, ctx.inputs, ref.format(**values), f"{key}.images[{i}]")
-        _check_request(ctx, model, tpl.longest, tuple(images), key, resolved=True)
+        _check_request(ctx, model, tpl.longest, tuple(images), key, resolved=True, chained=chained)
 
 
 def _check_request(
-    ctx: _Context, model: str, text: str | int, refs: tuple[Any, ...], key: str, resolved: bool = False
+    ctx: _Context,
+    model: str,
+    text: str | int,
+    refs: tuple[Any, ...],
+    key: str,
+    resolved: bool = False,
+    chained: bool = False,
 ) -> None:
     images = [img for ref in ctx.images for img in ctx.inputs.resolve(ref)]
     images += list(refs) if resolved else [img for ref in refs for img in ctx.inputs.resolve(ref)]
     _check_inline_only(ctx, images, f"{key}.images")
+    if chained:  # the parent's image, made during the run: counted, its size not yet known
+        images.append(InputImage("@parent", sha256="", mime="image/png"))
     problem = check_request(model, text, tuple(images))
     if problem is not None:
         raise ctx.c.fail(f"{key}.images" if refs else key, problem)

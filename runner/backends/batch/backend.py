@@ -21,7 +21,7 @@ import secrets
 import shutil
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +29,7 @@ from typing import Any
 
 import anyio
 
+from ...engine.feed import Feed
 from ...engine.progress import duration, plural
 from ...engine.session import SAVE_THREADS, Session
 from ...engine.writer import Finished
@@ -97,6 +98,7 @@ class BatchBackend:
         self.prices = prices
         self.inputs = inputs
         self.lookup = lookup
+        self.feed = Feed(iter(()))
         self.slug = re.sub(r"[^a-z0-9]+", "-", job_name.lower()).strip("-")[:40] or "job"
         self.api_key = api_key
         self.base_url = base_url
@@ -128,8 +130,10 @@ class BatchBackend:
         self.session.stop("interrupted", "interrupt")
         self._wake()
 
-    async def run(self, items: Iterable[Item], on_disk: dict[int, list[str]] | None = None) -> None:
+    async def run(self, feed: Feed, on_disk: dict[int, list[str]] | None = None) -> None:
         """Collect what earlier runs submitted, submit what is left, and (unless --no-wait) wait for it."""
+        self.feed = feed
+        self.session.on_stop.append(feed.stop)
         self.session.sink.open()
         try:
             ledger = self.store.ledger()
@@ -140,7 +144,7 @@ class BatchBackend:
             await self._adopt(ledger.open_batches())
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._poll_loop, tg.cancel_scope)
-                await self._submit(iter(items))
+                await self._submit()
                 if self.wait:  # nothing is open or to do any more (or the run stops): the poller is done too
                     tg.cancel_scope.cancel()
         finally:
@@ -178,8 +182,11 @@ class BatchBackend:
                 await self._delete_files(entry.file)
 
     async def _items(self, ids: set[str]) -> dict[str, Item]:
-        """The Items of these ids (one pass over the spec, in a thread); ids no longer in the spec are left out."""
-        return await anyio.to_thread.run_sync(self.lookup, ids)
+        """The Items of these ids: an edit chain's children planned in this run from the feed, the
+        rest in one pass over the spec (in a thread); ids no longer in the spec are left out."""
+        found = {i: self.feed.planned[i] for i in ids if i in self.feed.planned}
+        rest = ids - found.keys()
+        return {**found, **await anyio.to_thread.run_sync(self.lookup, rest)} if rest else found
 
     async def _find(self, display_names: list[str]) -> dict[str, list[str]]:
         """Display name -> the server's names of batches with it (oldest first), by paging through
@@ -208,35 +215,32 @@ class BatchBackend:
                 self.log(f"could not cancel {name}: {_why(e)}; cancel it by hand (runner cancel cannot see it)")
 
     # -- submitting -----------------------------------------------------------------------------
-    async def _submit(self, items: Iterator[Item]) -> None:
+    async def _submit(self) -> None:
         """Group items by model into batches of `max_requests` and submit each; then keep
-        submitting what comes back (failed lines, failed batches) until nothing is left."""
+        submitting what comes back (failed lines, failed batches) and an edit chain's children
+        (planned as their parents are collected) until nothing is left."""
         buffers: dict[str, list[Item]] = {}
-        source: Iterator[Item] | None = items
         while not self.session.is_stopping:
-            item = self._next(source)
+            item = self._next()
             if item is None:
-                source = None
                 for model in list(buffers):
                     if buffers[model] and not await self._send(model, buffers.pop(model)):
                         return
-                if not self.wait or (not self.open and not self.requeue):
+                if not self.wait or (self.feed.exhausted and not self.open and not self.requeue):
                     return
-                self._changed = anyio.Event()
-                await self._changed.wait()
+                if not self.requeue and not self.feed.ready:  # nothing came back while the batches went
+                    await self._changed.wait()
                 continue
             group = buffers.setdefault(item.model, [])
             group.append(item)
             if len(group) >= self.max_requests and not await self._send(item.model, buffers.pop(item.model)):
                 return
 
-    def _next(self, source: Iterator[Item] | None) -> Item | None:
+    def _next(self) -> Item | None:
         if self.requeue:
             return self.requeue.popleft()
-        if source is None:
-            return None
         try:
-            return next(source, None)
+            return self.feed.next()
         except RunnerError as e:  # a prompt or image file changed under a running job
             self.session.stop(f"the spec's files changed during the run: {e}", "abort", True)
             return None
@@ -337,7 +341,6 @@ class BatchBackend:
 
     async def _wait_for_room(self, server_wait: float | None) -> None:
         if self.open:
-            self._changed = anyio.Event()
             with anyio.move_on_after(max(self.poll_s, server_wait or 0) * 10):
                 await self._changed.wait()
         else:  # the quota is taken by batches that are not ours: try again later
@@ -468,6 +471,7 @@ class BatchBackend:
             return
         reader = ResultsReader(path, self.api_key)
         records: list[Record] = []
+        finished: list[tuple[Item, Record]] = []
         seen: set[str] = set()
         retry: list[tuple[Item, Failure]] = []
         unknown = broken = 0
@@ -477,6 +481,7 @@ class BatchBackend:
             done = await self._record(item, outcome, info.name, latency)
             if done is not None:
                 records.append(done)
+                finished.append((item, done))
             else:
                 assert isinstance(outcome, Failure)
                 retry.append((item, outcome))
@@ -502,6 +507,8 @@ class BatchBackend:
             path.unlink(missing_ok=True)
         missing = [item for i, item in items.items() if i not in seen]
         await self.session.sink.commit_now(records)  # in the manifest before the ledger says collected
+        for item, rec in finished:
+            self.feed.finished(item, rec)  # an ok parent's children are planned now
         spent = sum(r["cost_usd"] for r in records)
         images = max((1 + len(r.get("extra_images", [])) for r in records if r["status"] == "ok"), default=0)
         self.session.budget.settle(batch.entry.reserved_usd, spent, images)
@@ -567,6 +574,7 @@ class BatchBackend:
             finished = Finished(item, failure, self.tries[item.item_id], 0.0, 0.0, 0.0,
                                 self.retried.get(item.item_id, Counter()))  # fmt: skip
             records.append(await self.session.sink.save(self.session.writer.record, finished))
+            self.feed.finished(item, records[-1])
         if records:
             await self.session.sink.commit_now(records)
         self._wake()
@@ -581,6 +589,7 @@ class BatchBackend:
 
     def _wake(self) -> None:
         self._changed.set()
+        self._changed = anyio.Event()  # the next wait waits for the next change
 
     async def _delete_files(self, *names: str | None) -> None:
         for name in names:

@@ -185,7 +185,7 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
     result.spent_before_usd = state.spent_usd
     _drift(spec, options, state, plan, store, log, previous)
     log(f"{spec.name}: " + "; ".join(_plan_parts(plan, state)))
-    if plan.to_run == 0 and not plan.in_batch:
+    if plan.to_run == 0 and not plan.in_batch and plan.expected == plan.blocked:
         log(
             f"nothing to do: all {plan.items} items are done in {store.display}"
             if not plan.skipped_failed
@@ -297,6 +297,10 @@ def _plan_parts(plan: Plan, state: ResumeState) -> list[str]:
     if plan.in_batch:
         parts.append(f"{plan.in_batch} in batches still open (collected, never submitted again)")
     parts.append(f"{plan.to_run} to run")
+    if plan.expected:
+        parts.append(f"{plan.expected - plan.blocked} more as their parents' images are made (edit chains)")
+    if plan.blocked:
+        parts.append(f"{plan.blocked} waiting on parents that failed permanently (--retry-failed retries them)")
     return parts
 
 

@@ -53,6 +53,21 @@ class BatchesSummary(TypedDict):
     abandoned: int  # batches that never ran or ended without results (their items went back)
 
 
+class StepSummary(TypedDict):
+    prompt_id: str
+    parent: str | None  # the step it edits the images of (None: a first step)
+    ok: int
+    failed: int
+
+
+class ChainsSummary(TypedDict):
+    """Edit chains: counts per step, and edits made from a parent image that is no longer the parent's."""
+
+    steps: list[StepSummary]
+    failed_parents: int  # parents whose failure keeps their edits from being sent
+    stale: list[str]  # item_ids of edits whose source image was made again since (their parent's image changed)
+
+
 class Summary(TypedDict):
     """What `runner report --json` prints: `summarize`'s keys, then the quality's (runner.quality.analyze)
     and, with --html, the gallery's. Gallery, card and text all read this one shape."""
@@ -86,6 +101,7 @@ class Summary(TypedDict):
     inputs: dict[str, int]
     distinct_inputs: int
     batches: BatchesSummary
+    chains: NotRequired[ChainsSummary]
     # runner.quality.analyze
     duplicates: NotRequired[list[list[str]]]
     near_duplicates: NotRequired[list[list[str]] | None]
@@ -241,7 +257,7 @@ def summarize(m: Manifests) -> Summary:
     busy_h = _busy_seconds(list(m.runs.values())) / 3600
     spec = m.view.snapshot()
     retries = sum(m.retries_by_kind.values())
-    return {
+    summary: Summary = {
         "output_dir": m.view.display,
         "name": spec.get("name") if isinstance(spec.get("name"), str) else None,
         "spec_items": spec.get("items") if isinstance(spec.get("items"), int) else None,
@@ -277,6 +293,35 @@ def summarize(m: Manifests) -> Summary:
         "distinct_inputs": len(inputs),
         "batches": _batches(m.view),
     }
+    chains = _chains(m.latest)
+    if chains is not None:
+        summary["chains"] = chains
+    return summary
+
+
+def _chains(latest: dict[str, Record]) -> ChainsSummary | None:
+    """From the records alone: an edit's parent is the `item_id` in its inputs."""
+    parents: dict[str, str | None] = {}
+    stale: list[str] = []
+    counts: dict[str, list[int]] = {}
+    for rec in latest.values():
+        links = [i for i in rec.get("inputs", []) if isinstance(i.get("item_id"), str)]
+        for link in links:
+            parent = latest.get(str(link.get("item_id")))
+            parents[rec["prompt_id"]] = parent["prompt_id"] if parent else parents.get(rec["prompt_id"])
+            if parent is None or parent["status"] != "ok" or parent.get("sha256") != link.get("sha256"):
+                stale.append(rec["item_id"])
+        counts.setdefault(rec["prompt_id"], [0, 0])[rec["status"] != "ok"] += 1
+    if not parents:
+        return None
+    roots = {p for p in parents.values() if p is not None}
+    steps: list[StepSummary] = [
+        {"prompt_id": pid, "parent": parents.get(pid), "ok": counts[pid][0], "failed": counts[pid][1]}
+        for pid in counts
+        if pid in parents or pid in roots
+    ]
+    failed_parents = sum(1 for r in latest.values() if r["prompt_id"] in roots and r["status"] != "ok")
+    return {"steps": steps, "failed_parents": failed_parents, "stale": stale}
 
 
 def _batches(view: View) -> BatchesSummary:

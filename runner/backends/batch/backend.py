@@ -41,8 +41,8 @@ from ...output.ledger import BatchEntry
 from ...policy import POLICY, Action, Failure
 from ...pricing import PriceTable, usd
 from ...record import Record
-from ...safety import printable
-from ...spec.inputs import Inputs
+from ...safety import clean_message, printable
+from ...spec.inputs import InputError, Inputs
 from ...spec.items import Item
 from .api import WITH_RESULTS, ApiError, BatchInfo, GoogleBatchApi, Unknown
 from .files import ResultsReader, write_requests
@@ -247,6 +247,13 @@ class BatchBackend:
 
     async def _send(self, model: str, items: list[Item]) -> bool:
         """Submit one batch; False when submitting must stop (budget, quota without waiting, a stop)."""
+        try:
+            items = await self._upload_refs(items)
+        except (ApiError, Unknown) as e:
+            self.log(f"could not upload reference images ({_why(e)}): {plural(len(items), 'item')} stay to do")
+            return False
+        if not items:
+            return True
         cost = sum(self.prices.item(i) for i in items)
         reserved = self.session.budget.reserve(cost)
         if reserved is None:
@@ -265,7 +272,6 @@ class BatchBackend:
                                   "reserved_usd": reserved, "base_url": self.base_url, "key_env": self.key_env,
                                   "at": entry.prepared_at, "run_id": self.run_id})  # fmt: skip
         try:
-            await self._upload_refs(items)
             path = self.work_dir / f"{entry.id}.requests.jsonl"
             await self.session.sink.save(write_requests, path, items, self.format, self.inputs, self.refs)
             try:
@@ -352,19 +358,31 @@ class BatchBackend:
         self.session.budget.settle(entry.reserved_usd, 0.0, 0)
         self.log(f"batch {entry.display_name}: {why}; its {len(items)} items stay to do")
 
-    async def _upload_refs(self, items: list[Item]) -> None:
-        """Reference images go to the Files API once each, and every request names them."""
+    async def _upload_refs(self, items: list[Item]) -> list[Item]:
+        """Reference images (an edit chain's parent images too) go to the Files API once each, and
+        every request names them: an image many items use is never inlined in every line. An item
+        whose image cannot be read (changed, gone) fails alone, as `bad_request`; the rest go on."""
+        usable, refused = [], []
         for item in items:
-            for image in item.inputs:
-                if image.sha256 is None or image.path is None or image.sha256 in self.refs:
-                    continue
-                data = await anyio.Path(image.path).read_bytes()
-                if hashlib.sha256(data).hexdigest() != image.sha256:
-                    raise RunnerError(f"{image.path} changed since the spec was checked; rerun to send the new one")
-                file = await self.api.upload_bytes(data, f"runner-ref-{image.sha256[:16]}", image.mime or "image/png")
-                self.refs[image.sha256] = str(file.get("uri") or file["name"])
-                self.store.append_ledger({"event": "ref", "sha256": image.sha256, "file": file["name"],
-                                          "uri": self.refs[image.sha256], "at": _now()})  # fmt: skip
+            try:
+                for image in item.inputs:
+                    if image.sha256 is None or image.url is not None or image.sha256 in self.refs:
+                        continue
+                    data = await anyio.to_thread.run_sync(self.inputs.read, image)
+                    file = await self.api.upload_bytes(
+                        data, f"runner-ref-{image.sha256[:16]}", image.mime or "image/png"
+                    )
+                    self.refs[image.sha256] = str(file.get("uri") or file["name"])
+                    self.store.append_ledger({"event": "ref", "sha256": image.sha256, "file": file["name"],
+                                              "uri": self.refs[image.sha256], "at": _now()})  # fmt: skip
+            except InputError as e:
+                refused.append((item, Failure("bad_request", None, clean_message(str(e), self.api_key), final=True)))
+                continue
+            usable.append(item)
+        for item, failure in refused:
+            self.tries[item.item_id] = self.max_attempts  # recorded now: no retry can read it either
+            await self._back([item], failure)
+        return usable
 
     # -- waiting and collecting -----------------------------------------------------------------
     async def _poll_loop(self, scope: anyio.CancelScope) -> None:

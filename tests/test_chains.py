@@ -1,0 +1,217 @@
+"""Edit chains: one prompt's images feed another's, streamed through one run, resumed across steps."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import StartGateway, latest, run_cli, start_cli, write_spec
+from .test_resume import assert_all_ok_and_intact, ok_lines, wait_for
+
+BASE = {
+    "id": "base",
+    "template": "a studio photo of a {product} on white",
+    "vars": {"product": ["mug", "lamp", "chair"]},
+}
+ROOM = {
+    "id": "room",
+    "template": "put the {product} in a {room}",
+    "images": ["@base"],
+    "vars": {"room": ["kitchen", "loft"]},
+}
+SEASON = {
+    "id": "season",
+    "template": "make it {season} outside",
+    "images": ["@room"],
+    "vars": {"season": ["winter", "summer"]},
+}
+
+
+def chain_spec(tmp_path: Path, base_url: str, prompts: list[Any] | None = None, **fields: Any) -> Path:
+    return write_spec(tmp_path, base_url, model="nanobanana", prompts=prompts or [BASE, ROOM, SEASON], **fields)
+
+
+def check_parents(out: Path, gw: Any) -> dict[str, dict[str, Any]]:
+    """Every child names its parent's item and image, and the request the gateway got carried that image."""
+    recs = latest(out)
+    sent = {}
+    for entry in gw.stats()["requests_log"]:
+        sent.setdefault(entry["prompt"], []).append(entry["inputs"])
+    for rec in recs.values():
+        links = [i for i in rec.get("inputs", []) if "item_id" in i]
+        if rec["prompt_id"] == "base":
+            assert not links
+            continue
+        (link,) = links
+        parent = recs[link["item_id"]]
+        assert link["sha256"] == parent["sha256"] and link["path"] == parent["image_path"]
+        assert [link["sha256"]] in sent[rec["prompt"]], "the gateway got the parent's image"
+        for name, value in (parent["vars"] or {}).items():
+            assert rec["vars"][name] == value  # labels merge, the parent's kept
+    return recs
+
+
+def test_a_three_step_chain_runs_in_one_run_and_each_child_carries_its_parent(
+    tmp_path: Path, gateway: StartGateway
+) -> None:
+    gw = gateway()
+    path = chain_spec(tmp_path, gw.base_url)
+    est = json.loads(run_cli("estimate", str(path), "--json").stdout)
+    assert est["items"] == 3 + 6 + 12 and est["expected_children"] == 18
+    assert {s["prompt_id"]: s["count"] for s in est["steps"]} == {"base": 3, "room": 6, "season": 12}
+    assert any("as if every parent succeeds" in w for w in est["warnings"])
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    recs = check_parents(out, gw)
+    assert Counter(r["prompt_id"] for r in recs.values()) == {"base": 3, "room": 6, "season": 12}
+    assert len(recs) == est["items"]  # the estimate's count is the run's when every parent succeeds
+    assert "18 more as their parents' images are made" in proc.stderr
+    # a rerun walks the done parents to their done children: nothing is sent again
+    before = gw.stats()["requests"]
+    again = run_cli("run", str(path), "--no-progress")
+    assert again.returncode == 0 and "all 21 items are done" in again.stderr
+    assert gw.stats()["requests"] == before
+    est = json.loads(run_cli("estimate", str(path), "--json").stdout)
+    assert (est["items"], est["done"], est["expected_children"]) == (21, 21, 0)
+
+
+def test_shared_labels_join_and_a_child_is_planned_before_the_last_roots_are_made(
+    tmp_path: Path, gateway: StartGateway
+) -> None:
+    gw = gateway(latency_s=0.05)
+    roots = {
+        "id": "base",
+        "template": "a {product}, take {take}",
+        "vars": {"product": ["mug", "lamp"], "take": [str(i) for i in range(12)]},
+    }
+    edit = {"id": "edit", "template": "the {product} in {room}", "images": ["@base"],
+            "vars": {"product": ["mug"], "room": ["a kitchen", "a loft"]}}  # fmt: skip
+    path = chain_spec(tmp_path, gw.base_url, prompts=[roots, edit], concurrency=2)
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    recs = check_parents(tmp_path / "out", gw)
+    edits = [r for r in recs.values() if r["prompt_id"] == "edit"]
+    assert len(edits) == 12 * 2 and all(r["vars"]["product"] == "mug" for r in edits)  # lamps have no edits
+    # streaming, not stages: the first edit went out before the last root did
+    order = [e["prompt"] for e in gw.stats()["requests_log"]]
+    first_edit = next(i for i, p in enumerate(order) if p.startswith("the mug"))
+    last_root = max(i for i, p in enumerate(order) if p.startswith("a "))
+    assert first_edit < last_root
+
+
+def test_a_failed_parent_blocks_its_children_and_a_rerun_that_fixes_it_runs_them(
+    tmp_path: Path, gateway: StartGateway
+) -> None:
+    refusing, polite = gateway(fault_rates=(("content_filter", 1.0),)), gateway()
+    base = {"id": "base", "prompt": "a chair", "vars": {"product": "chair"}}
+    path = chain_spec(tmp_path, refusing.base_url, prompts=[base, ROOM])
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 1
+    recs = latest(tmp_path / "out")
+    assert [r["prompt_id"] for r in recs.values()] == ["base"]  # the edits were never sent
+    est = json.loads(run_cli("estimate", str(path), "--json").stdout)
+    assert est["items"] == 3 and any(
+        "2 of them are under parents that failed permanently" in w for w in est["warnings"]
+    )
+    proc = run_cli("run", str(path), "--no-progress", "--retry-failed", "--base-url", polite.base_url)
+    assert proc.returncode == 0, proc.stderr
+    assert Counter(r["prompt_id"] for r in latest(tmp_path / "out").values()) == {"base": 1, "room": 2}
+
+
+def test_a_parent_made_again_gives_its_children_new_ids(tmp_path: Path, gateway: StartGateway) -> None:
+    first, second = gateway(), gateway(fault_rates=(("uniform", 1.0),))  # the redo makes another image
+    prompts = [{"id": "base", "prompt": "a lamp"}, {"id": "e", "prompt": "in a loft", "images": ["@base"]}]
+    path = chain_spec(tmp_path, first.base_url, prompts=prompts)
+    out = tmp_path / "out"
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    old = {r["prompt_id"]: r for r in latest(out).values()}
+    (out / old["base"]["image_path"]).unlink()  # the parent's image is lost: it is made again
+    proc = run_cli("run", str(path), "--no-progress", "--base-url", second.base_url)
+    assert proc.returncode == 0, proc.stderr
+    new = {r["prompt_id"]: r for r in latest(out).values() if r["item_id"] != old["e"]["item_id"]}
+    assert new["base"]["sha256"] != old["base"]["sha256"]
+    assert new["e"]["item_id"] != old["e"]["item_id"]  # the child's id comes from its parent's image
+    assert new["e"]["inputs"][0]["sha256"] == new["base"]["sha256"]
+    assert second.stats()["requests"] == 2
+    report = json.loads(run_cli("report", str(out), "--json").stdout)
+    assert report["chains"]["stale"] == [old["e"]["item_id"]]
+
+
+def test_spec_errors_name_the_chain(tmp_path: Path) -> None:
+    cases = [
+        ([BASE, {"id": "e", "prompt": "x", "images": ["@nope"]}], "prompts[1].images[0]: @nope names no prompt"),
+        ([{"id": "a", "prompt": "x", "images": ["@b"]}, {"id": "b", "prompt": "y", "images": ["@a"]}], "cycle: @a -> @b -> @a"),
+        ([{"id": "a", "prompt": "x", "images": ["@a"]}], "cycle: @a -> @a"),
+        ([BASE, {"id": "e", "prompt": "x", "images": ["@base", "@base"]}], "one @ID a prompt"),
+        ([BASE, {"id": "e", "template": "{nope}", "images": ["@base"], "vars": {"room": ["a"]}}], "placeholder {nope} has no variable"),
+    ]  # fmt: skip
+    for prompts, message in cases:
+        path = chain_spec(tmp_path, "http://127.0.0.1:9/v1", prompts=prompts)
+        proc = run_cli("estimate", str(path))
+        assert proc.returncode == 2 and message in proc.stderr, (message, proc.stderr)
+    path = chain_spec(tmp_path, "http://127.0.0.1:9/v1", prompts=[BASE], images=["@base"])
+    proc = run_cli("estimate", str(path))
+    assert proc.returncode == 2 and "works in the images of a prompt under `prompts`" in proc.stderr
+
+
+def test_kill_nine_through_a_chain_buys_nothing_twice(tmp_path: Path, gateway: StartGateway) -> None:
+    gw = gateway(latency_s=0.05, latency_jitter_s=0.1)
+    path = chain_spec(tmp_path, gw.base_url, concurrency=3)
+    out = tmp_path / "out"
+    rng = random.Random(3)
+    for _ in range(4):
+        proc = start_cli("run", str(path), "--no-progress")
+        target = ok_lines(out) + rng.randint(1, 5)
+        wait_for(lambda t=target, p=proc: ok_lines(out) >= t or p.poll() is not None, timeout=60)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    proc = start_cli("run", str(path), "--no-progress")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert_all_ok_and_intact(out, 21)
+    check_parents(out, gw)
+    paid = Counter(e["prompt"] + json.dumps(e["inputs"]) for e in gw.stats()["requests_log"] if e["status"] == 200)
+    # a request paid twice is one whose answer a kill caught in flight (at most the in-flight ones)
+    assert sum(n - 1 for n in paid.values()) <= 4 * 3
+
+
+def test_a_chain_in_batch_mode_submits_each_step_as_its_parents_are_collected(
+    tmp_path: Path, gateway: StartGateway
+) -> None:
+    gw = gateway(flavor="gemini", batch_latency_s=0.15)
+    path = chain_spec(
+        tmp_path, gw.base_url, api_format="gemini", mode="batch", batch={"max_requests": 4, "poll_s": 0.05},
+    )  # fmt: skip
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    recs = latest(out)
+    assert Counter(r["prompt_id"] for r in recs.values()) == {"base": 3, "room": 6, "season": 12}
+    for rec in recs.values():
+        for link in rec.get("inputs", []):
+            assert recs[link["item_id"]]["sha256"] == link["sha256"]
+    stats = gw.stats()["google"]
+    assert stats["double_submits"] == 0 and set(stats["paid_keys"].values()) == {1}
+    # each parent image went to the Files API once, not inline in every child's line
+    assert stats["uploads"] == stats["batches_created"] + 3 + 6
+
+
+@pytest.mark.parametrize("mode", ["interactive", "batch"])
+def test_the_example_job_runs_on_the_mock(tmp_path: Path, mode: str) -> None:
+    from .conftest import ROOT
+
+    spec = ROOT / "jobs" / "product-edits.yaml"
+    extra = ["--out", str(tmp_path / "out")]
+    if mode == "batch":
+        text = spec.read_text() + "\napi_format: gemini\nmode: batch\nbatch: {max_requests: 8, poll_s: 0.1}\n"
+        spec = tmp_path / "job.yaml"
+        spec.write_text(text.replace("../sample_prompts", str(ROOT / "sample_prompts")))
+    proc = run_cli("run", str(spec), "--mock", "--no-progress", *extra)
+    assert proc.returncode == 0, proc.stderr
+    assert ok_lines(tmp_path / "out") > 0

@@ -215,3 +215,16 @@ def test_the_example_job_runs_on_the_mock(tmp_path: Path, mode: str) -> None:
     proc = run_cli("run", str(spec), "--mock", "--no-progress", *extra)
     assert proc.returncode == 0, proc.stderr
     assert ok_lines(tmp_path / "out") > 0
+
+
+def test_quality_flags_an_edit_that_gave_its_source_back(tmp_path: Path, gateway: StartGateway) -> None:
+    gw = gateway(fault_rates=(("same_image", 1.0),))  # one image for every request of a shape: the edit is its source
+    prompts = [{"id": "base", "prompt": "a kettle"}, {"id": "e", "prompt": "make it red", "images": ["@base"]}]
+    path = chain_spec(tmp_path, gw.base_url, prompts=prompts)
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    report = json.loads(run_cli("report", str(tmp_path / "out"), "--json").stdout)
+    edit = next(r for r in latest(tmp_path / "out").values() if r["prompt_id"] == "e")
+    assert report["unchanged_edits"] == [edit["item_id"]]
+    steps = {s["prompt_id"]: s for s in report["chains"]["steps"]}
+    assert steps["e"]["parent"] == "base" and steps["e"]["ok"] == 1 and report["chains"]["stale"] == []
+    assert "edits that gave their source image back: 1" in run_cli("report", str(tmp_path / "out")).stdout

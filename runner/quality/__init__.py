@@ -12,7 +12,7 @@ extra) and say plainly when it is missing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -195,12 +195,30 @@ def near_duplicates(
         items = sorted({i for sha in component for i in holders[sha]})
         if len(items) > 1:
             item_links.append(items)
+    dhash = {sha: value for value, members in by_value.items() for sha in (shas[i] for i in members)}
+
+    def alike(a: str, b: str) -> bool:
+        return a in dhash and b in dhash and (dhash[a] ^ dhash[b]).bit_count() <= threshold
+
     return {
         "near_duplicates": _groups(ids, item_links),
         "uniform": [ids[i] for i in sorted(uniform)],
         "unreadable": [ids[i] for i in sorted(failed)],
         "hashes": counts,
+        "unchanged_edits": _unchanged(records, alike),
     }
+
+
+def _unchanged(records: Iterable[Record], alike: Callable[[str, str], bool]) -> list[str]:
+    """Edits (an edit chain's children) whose image is their source image again: byte-identical,
+    or `alike` (perceptually near). An edit model that answers with its input is no edit."""
+    found = []
+    for rec in records:
+        source = next((i.get("sha256") for i in rec.get("inputs", []) if i.get("item_id")), None)
+        made = rec.get("sha256")
+        if isinstance(source, str) and isinstance(made, str) and (source == made or alike(made, source)):
+            found.append(rec["item_id"])
+    return found
 
 
 class Quality(TypedDict):
@@ -216,6 +234,7 @@ class Quality(TypedDict):
     uniform: list[str] | None
     unreadable: list[str]
     hashes: dict[str, Any] | None
+    unchanged_edits: list[str]  # edit chains: edits that gave their source image back (same bytes, or nearly)
 
 
 def analyze(
@@ -254,7 +273,8 @@ def analyze(
         near = near_duplicates(ok, source, near_threshold, cache_path)
         note = f"64-bit dHash of each distinct image, Hamming distance <= {near_threshold} bits"
     else:
-        near = {"near_duplicates": None, "uniform": None, "hashes": None, "unreadable": []}
+        near = {"near_duplicates": None, "uniform": None, "hashes": None, "unreadable": [],
+                "unchanged_edits": _unchanged(ok, lambda a, b: False)}  # fmt: skip
         note = NEAR_NOTE_MISSING.format(why=missing)
     unreadable = set(shapes["unreadable"]) | set(near["unreadable"])
     return Quality(
@@ -268,4 +288,5 @@ def analyze(
         uniform=near["uniform"],
         unreadable=[rec["item_id"] for rec in ok if rec["item_id"] in unreadable],
         hashes=near["hashes"],
+        unchanged_edits=near["unchanged_edits"],
     )

@@ -113,6 +113,7 @@ class Summary(TypedDict):
     uniform: NotRequired[list[str] | None]
     unreadable: NotRequired[list[str]]
     hashes: NotRequired[dict[str, Any] | None]
+    unchanged_edits: NotRequired[list[str]]
     gallery: NotRequired[dict[str, Any]]
 
 
@@ -452,7 +453,8 @@ def format_quality(summary: Summary) -> str:
         text.append(f"  near duplicates: {groups} ({summary.get('near_duplicates_note', '')})")
     for found, what in ((summary.get("size_mismatches"), "not the aspect ratio asked for (beyond 2%)"),
                         (summary.get("size_off"), "far from the size asked for (the built-in mock makes them 1/8 size)"),
-                        (summary.get("uniform"), "a single colour"), (summary.get("unreadable"), "unreadable")):  # fmt: skip
+                        (summary.get("uniform"), "a single colour"), (summary.get("unreadable"), "unreadable"),
+                        (summary.get("unchanged_edits"), "edits that gave their source image back")):  # fmt: skip
         if found:
             text.append(f"  {what}: {len(found)}, e.g. {ids(found)}")
     for row in summary.get("pixel_sizes") or []:

@@ -51,6 +51,8 @@ class Bar:
         self._bar = tqdm(total=total, unit="img", desc=desc, file=sys.stderr, dynamic_ncols=True)
 
     def update(self, stats: RunStats) -> None:
+        if stats.total != self._bar.total:  # an edit chain's children are counted as they become known
+            self._bar.total = stats.total
         # The postfix first, then the count: the refresh the count triggers shows both.
         self._bar.set_postfix_str(
             f"ok={stats.ok} failed={stats.failed} retries={stats.retries} {usd(stats.spent_usd)}", refresh=False

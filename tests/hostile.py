@@ -47,6 +47,21 @@ def png(seed: bytes, side: int = 8) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
 
 
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# A PNG signature, then HTML and script, then a PNG's IEND trailer: starts and ends like a PNG, has no IHDR.
+POLYGLOT = (
+    b"\x89PNG\r\n\x1a\n<html><script>alert(document.cookie)</script></html>" + struct.pack(">I", 0) + b"IEND\xaeB`\x82"
+)
+# Usage numbers no loader can hold: past int64 either way, a 309-digit and a 5000-digit integer, infinity.
+HUGE_USAGE = (
+    f'{{"prompt_tokens": {2**63}, "completion_tokens": {10**308}, "total_tokens": {-(2**63) - 1}, '
+    f'"thoughts_tokens": {"9" * 5000}, "cached_tokens": 1e999, "image_tokens": 1120}}'
+)
+
+
 def image_md(prompt: str, index: int = 0) -> str:
     return f"![image](data:image/png;base64,{base64.b64encode(png(f'{prompt}#{index}'.encode())).decode()})"
 
@@ -225,6 +240,17 @@ SCENARIOS: dict[str, Scenario] = {
     "busy3": _const(lambda ex: http(error_body("overloaded"), "503 Service Unavailable", ("Retry-After: 3",))),
     # 7. slow
     "trickle": _trickle,
+    # 8. round 3: lies about images and errors, absurd numbers
+    "polyglot": _const(lambda ex: http(completion(json.dumps(f"![i](data:image/png;base64,{b64(POLYGLOT)})")))),
+    "error200_402": _const(
+        lambda ex: http(json.dumps({"error": {"code": 402, "message": "Insufficient credits"}}).encode())
+    ),
+    "error200_429": _const(
+        lambda ex: http(
+            json.dumps({"error": {"code": "429", "message": "slow down", "type": "rate_limit_error"}}).encode()
+        )
+    ),
+    "huge_usage": _const(lambda ex: _valid(ex, usage_json=HUGE_USAGE), paid=True),
 }
 MALFORMED = ("cl_abc", "bad_status", "bad_chunk", "big_header", "two_cl", "nul_header", "http2", "short_body")
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from ..imageinfo import is_whole_image
-from ..policy import Failure
-from ..safety import MAX_TEXT, clean_message, safe_json, safe_text
+from ..policy import Failure, classify_error
+from ..safety import MAX_TEXT, clean_message, json_int, safe_json, safe_text
 
 _B64_STEP = 1 << 20  # base64 characters decoded per step (a multiple of 4)
 _DATA_URI = re.compile(r"data:(image/[A-Za-z0-9.+-]+);base64,([A-Za-z0-9+/=\s]*)")
@@ -147,7 +148,7 @@ def _parse(doc: bytes | bytearray, cut: list[tuple[str, bytes]] | None, api_key:
         too_much = f"answer has {len(doc) / 2**20:.1f} MB of JSON {what}: not an image generation"
         return Failure("invalid_response", 200, too_much, final=True)
     try:
-        obj = json.loads(doc)
+        obj = json.loads(doc, parse_int=json_int)
     except (ValueError, RecursionError) as e:
         if cut is not None:
             return None
@@ -158,6 +159,8 @@ def _parse(doc: bytes | bytearray, cut: list[tuple[str, bytes]] | None, api_key:
     raw_id = obj.get("id")
     request_id = safe_text(raw_id, api_key, keep_newlines=False, limit=200) if isinstance(raw_id, str) else None
     choices = obj.get("choices")
+    if isinstance(obj.get("error"), dict) and not choices:  # an error inside a 200: read as the error it is
+        return dataclasses.replace(classify_error(obj["error"], api_key), request_id=request_id)
     choice = choices[0] if isinstance(choices, list) and choices else None
     message = choice.get("message") if isinstance(choice, dict) else None
     if not isinstance(message, dict):

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..imageinfo import is_whole_image
-from ..policy import Failure, classify_status
-from ..safety import clean_message, safe_json, safe_text
+from ..policy import Failure, classify_status, error_status
+from ..safety import clean_message, json_int, safe_json, safe_text
 from ..spec.inputs import Inputs
 from ..spec.items import Item
 from .answer import MAX_DOCUMENT, MAX_IMAGES, Image, Outcome, Success
@@ -96,7 +96,7 @@ def parse_response(body: bytes | bytearray, api_key: str | None) -> Outcome:
             "invalid_response", 200, f"answer has {len(doc) / 2**20:.1f} MB of JSON besides its images", final=True
         )
     try:
-        obj = json.loads(doc)
+        obj = json.loads(doc, parse_int=json_int)
     except (ValueError, RecursionError) as e:
         why = "nested too deeply" if isinstance(e, RecursionError) else f"{bytes(doc[:120])!r}"
         return Failure("invalid_response", 200, clean_message(f"body is not JSON: {why}", api_key))
@@ -208,8 +208,7 @@ def error_failure(error: dict[str, Any], api_key: str | None) -> Failure:
     """A Google error object (`{"code", "message", "status", "details"}`), wherever it came: as the
     same error answered with its HTTP status. A batch line's `code` is a google.rpc code."""
     code = error.get("code")
-    status = (
-        code if isinstance(code, int) and code >= 100 else RPC_STATUS.get(code, 500) if isinstance(code, int) else 500
-    )
-    body = json.dumps({"error": error}).encode()
+    rpc = isinstance(code, int) and not isinstance(code, bool) and code < 100
+    status = RPC_STATUS.get(int(code or 0), 500) if rpc else error_status(error)
+    body = json.dumps({"error": error}, default=str).encode()
     return classify(status, body, None, api_key)

@@ -52,6 +52,11 @@ POLICY: dict[str, Rule] = {
     "no_balance": Rule(Action.ABORT, True, "402: no balance left on the key"),
     "forbidden": Rule(Action.ABORT, True, "403: the key may not use this model"),
     "not_found": Rule(Action.ABORT, True, "404 or a redirect: wrong base_url"),
+    "certificate": Rule(
+        Action.ABORT,
+        True,
+        "the gateway's TLS certificate cannot be verified (a private CA: SSL_CERT_FILE, SSL_CERT_DIR)",
+    ),
     "internal": Rule(
         Action.FAIL, True, "a bug in runner while handling this item (details in the log); rerun retries it"
     ),

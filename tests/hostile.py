@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import re
+import ssl
 import struct
 import threading
 import time
@@ -251,6 +252,7 @@ SCENARIOS: dict[str, Scenario] = {
         )
     ),
     "huge_usage": _const(lambda ex: _valid(ex, usage_json=HUGE_USAGE), paid=True),
+    "images15": _images(15),
 }
 MALFORMED = ("cl_abc", "bad_status", "bad_chunk", "big_header", "two_cl", "nul_header", "http2", "short_body")
 
@@ -270,7 +272,8 @@ def _prompt(body: bytes) -> str:
 class HostileServer:
     """The server on its own event loop in a daemon thread; start() returns the base URL (…/v1)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls  # a server context: the gateway speaks https with its certificate
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -286,7 +289,7 @@ class HostileServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/v1"
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -316,7 +319,7 @@ class HostileServer:
         loop = asyncio.new_event_loop()
         loop.set_exception_handler(lambda _loop, _ctx: None)  # a hostile server expects broken pipes
         self._loop = loop
-        server = loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0, backlog=1024))
+        server = loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0, backlog=1024, ssl=self.tls))
         self.port = server.sockets[0].getsockname()[1]
         self._server = server
         ready.set()

@@ -14,7 +14,7 @@ from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt
 from ..engine.limits import MONOTONIC, AdaptiveConcurrency, Clock, RateLimiter
 from ..engine.session import Session
 from ..engine.writer import Finished
-from ..errors import RunnerError
+from ..errors import OutputError, RunnerError
 from ..gateway.answer import Outcome, Success
 from ..gateway.client import Client
 from ..policy import POLICY, Action, CircuitBreaker, Failure, ServerWaitOrBackoff, StopWhen
@@ -73,6 +73,7 @@ class Pool:
         self.progress = session.progress
         self._stopping = session.stopping
         self._requests_cancelled = False
+        self._first_answer = anyio.Lock()  # held by the one request in flight while the budget is learning
         self._items: Iterator[Item] = iter(())
         self._on_disk: dict[int, list[str]] = {}
 
@@ -186,6 +187,9 @@ class Pool:
         finished = Finished(item, outcome, run.attempts, run.latency, elapsed, cost, run.retried, run.interrupted)
         try:
             return await self.sink.save(self.writer.record, finished)
+        except OutputError as e:  # the output dir cannot be written: the paid answer is counted, the run stops
+            self.session.unsaved(e, cost, images)
+            return None
         except RunnerError:
             raise
         except Exception as e:  # a bug while saving or recording: that item alone
@@ -211,21 +215,30 @@ class Pool:
         if self._requests_cancelled:
             return run.last
         async with self.concurrency.limiter:
-            if not await self.rate.acquire(self._stopping) or (self.stopping and run.last is None):
-                # Stopped while waiting for a slot: nothing sent; a retry that never went is cut short.
-                run.interrupted = run.last is not None
-                return run.last
-            reserved = self.budget.top_up(run.reserved, run.price)
-            if reserved is None:  # answers now hold more images than when it reserved: it no longer fits
-                self.session.budget_reached()
-                run.interrupted = run.last is not None
-                return run.last
-            run.reserved = reserved
-            run.attempts += 1
-            self.stats.requests += 1
-            t0 = time.monotonic()
-            outcome = await self.client.generate(run.item)
-            run.latency = time.monotonic() - t0
+            # With a budget, the first answer goes alone: how many images an answer holds (each billed)
+            # is known only then, and every request in flight on a guess could overshoot by that many.
+            probing = self.budget.learning and await self._probe_turn()
+            try:
+                if not await self.rate.acquire(self._stopping) or (self.stopping and run.last is None):
+                    # Stopped while waiting for a slot: nothing sent; a retry that never went is cut short.
+                    run.interrupted = run.last is not None
+                    return run.last
+                reserved = self.budget.top_up(run.reserved, run.price)
+                if reserved is None:  # answers now hold more images than when it reserved: it no longer fits
+                    self.session.budget_reached()
+                    run.interrupted = run.last is not None
+                    return run.last
+                run.reserved = reserved
+                run.attempts += 1
+                self.stats.requests += 1
+                t0 = time.monotonic()
+                outcome = await self.client.generate(run.item)
+                run.latency = time.monotonic() - t0
+                if probing and isinstance(outcome, Success):
+                    self.budget.learned(len(outcome.images))
+            finally:
+                if probing:
+                    self._first_answer.release()
         if outcome is None:  # given up (cancel_requests): no answer to record
             return run.last
         if isinstance(outcome, Failure) and outcome.kind == "rate_limited":
@@ -237,6 +250,16 @@ class Pool:
             self.log(said)
         run.last = outcome
         return outcome
+
+    async def _probe_turn(self) -> bool:
+        """Wait until no other request is in flight while the budget learns how many images an
+        answer holds; True when this request is the probe (the caller releases the lock), False
+        when an answer has taught it meanwhile (send as usual)."""
+        await self._first_answer.acquire()
+        if self.budget.learning:
+            return True
+        self._first_answer.release()
+        return False
 
     async def _sleep(self, seconds: float) -> None:
         """A backoff that a stop (Ctrl+C, abort, budget) cuts short."""

@@ -423,3 +423,44 @@ def test_an_invalid_proxy_url_is_a_usage_error_naming_the_variable(tmp_path: Pat
     assert proc.returncode == 2, proc.stderr
     assert "HTTP_PROXY=" in proc.stderr and "hunter2" not in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# 7. clock steps ------------------------------------------------------------------------------------------------
+
+
+def _stepped_run(out: Path, monotonic: bool) -> None:
+    """A 200-second run of 20 items (10 s each) whose wall clock was stepped back an hour halfway."""
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = datetime.datetime(2026, 11, 25, 8, 0, tzinfo=datetime.UTC)
+    lines = []
+    for i in range(20):
+        since = 10.0 * (i + 1)
+        wall = t0 + datetime.timedelta(seconds=since - (3600 if i >= 10 else 0))
+        rec = manifest_line(out, i, prompt=f"p{i}", latency=9.0, run="r1", at=wall.isoformat(timespec="milliseconds"))
+        rec = {**rec, "elapsed_s": 10.0}
+        if monotonic:
+            rec["since_start_s"] = since
+        lines.append(json.dumps(rec) + "\n")
+    (out / "manifest.jsonl").write_text("".join(lines))
+
+
+@pytest.mark.parametrize("monotonic", [True, False])
+def test_a_wall_clock_stepped_back_mid_run_never_makes_a_rate(tmp_path: Path, monotonic: bool) -> None:
+    out = tmp_path / "out"
+    _stepped_run(out, monotonic)
+    proc = run_cli("report", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    if monotonic:  # durations from the monotonic clock: 20 images in 200 s
+        assert summary["throughput_per_hour"] == pytest.approx(20 / 200 * 3600)
+        assert summary["busy_s"] == pytest.approx(200)
+    else:  # older lines, wall times only, and they went backwards: no rate rather than a wrong one
+        assert summary["throughput_per_hour"] is None
+
+
+def test_a_run_records_how_long_after_its_start_each_item_finished(tmp_path: Path, mock: MockGateway) -> None:
+    path = write_spec(tmp_path, mock.base_url, prompts=["a", "b", "c"])
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    recs = list(latest(tmp_path / "out").values())
+    assert all(isinstance(r["since_start_s"], float) and 0 <= r["since_start_s"] < 60 for r in recs)
+    assert all(r["since_start_s"] >= r["elapsed_s"] for r in recs)

@@ -67,10 +67,12 @@ def image_md(prompt: str, index: int = 0) -> str:
     return f"![image](data:image/png;base64,{base64.b64encode(png(f'{prompt}#{index}'.encode())).decode()})"
 
 
-def completion(content_json: str, id_json: str = '"chatcmpl-1"', usage_json: str = USAGE) -> bytes:
+def completion(
+    content_json: str, id_json: str = '"chatcmpl-1"', usage_json: str = USAGE, model: str = "nanobanana_pro"
+) -> bytes:
     """A chat.completion body from parts given as raw JSON text, so they can hold what json.dumps would not."""
     return (
-        f'{{"id": {id_json}, "object": "chat.completion", "created": 1, "model": "nanobanana_pro", '
+        f'{{"id": {id_json}, "object": "chat.completion", "created": 1, "model": {json.dumps(model)}, '
         f'"choices": [{{"index": 0, "message": {{"role": "assistant", "content": {content_json}}}, '
         f'"finish_reason": "stop"}}], "usage": {usage_json}}}'
     ).encode()
@@ -253,6 +255,13 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "huge_usage": _const(lambda ex: _valid(ex, usage_json=HUGE_USAGE), paid=True),
     "images15": _images(15),
+    "other_model": _const(
+        lambda ex: http(completion(json.dumps(image_md(ex.prompt)), model="gemini-2.5-flash-image")), paid=True
+    ),
+    "google_name": _const(
+        lambda ex: http(completion(json.dumps(image_md(ex.prompt)), model="models/gemini-3-pro-image-preview")),
+        paid=True,
+    ),
 }
 MALFORMED = ("cl_abc", "bad_status", "bad_chunk", "big_header", "two_cl", "nul_header", "http2", "short_body")
 

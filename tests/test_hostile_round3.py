@@ -464,3 +464,45 @@ def test_a_run_records_how_long_after_its_start_each_item_finished(tmp_path: Pat
     recs = list(latest(tmp_path / "out").values())
     assert all(isinstance(r["since_start_s"], float) and 0 <= r["since_start_s"] < 60 for r in recs)
     assert all(r["since_start_s"] >= r["elapsed_s"] for r in recs)
+
+
+# 9. smaller: the model that answered, a name with a line break, odd prompts ----------------------------------
+
+
+def test_the_model_an_answer_names_is_recorded_and_a_different_one_warned_once(
+    tmp_path: Path, hostile: HostileServer
+) -> None:
+    markers = {"other_model": None, "google_name": None}
+    prompts = [*GOOD, *(f"{bad_prompt(m)} {i}" for m in markers for i in range(3))]
+    path = write_spec(tmp_path, hostile.base_url, prompts=prompts)
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    warned = [line for line in proc.stderr.splitlines() if "gemini-2.5-flash-image" in line]
+    assert len(warned) == 1 and "nanobanana_pro" in warned[0], proc.stderr
+    assert "gemini-3-pro-image-preview" not in proc.stderr, "Google's own name for the model asked is that model"
+    served = {r["prompt"].split(" ")[3]: r["served_model"] for r in strict_records(tmp_path / "out")}
+    assert served["[hostile:other_model]"] == "gemini-2.5-flash-image"
+    assert served["[hostile:google_name]"] == "models/gemini-3-pro-image-preview"
+
+
+def test_a_spec_name_with_a_line_break_never_reaches_the_terminal(tmp_path: Path, mock: MockGateway) -> None:
+    path = write_spec(tmp_path, mock.base_url, name="demo\nall good, 0 failed\x1b[2J")
+    for command in ("run", "estimate"):
+        proc = run_cli(command, str(path))
+        assert proc.returncode == 2 and "name: must be one line" in proc.stderr, proc.stderr
+        assert "\n" not in proc.stderr.rstrip("\n") and "\x1b" not in proc.stderr
+    assert mock.stats()["requests"] == 0
+
+
+def test_nul_bytes_and_megabyte_prompts_are_warned_once_with_the_count(tmp_path: Path, mock: MockGateway) -> None:
+    (tmp_path / "prompts.txt").write_bytes(b"a cat\nnul \x00 inside\n" + b"x" * (1 << 20) + b"\n")
+    path = write_spec(tmp_path, mock.base_url, prompts=[], prompt_files=["prompts.txt"], repeats=2)
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2, proc.stderr
+    assert "2 item(s) have a prompt with a NUL byte" in warnings[0]
+    assert "2 item(s) have a prompt over 100,000 characters (the longest 1,048,576)" in warnings[1]
+    assert mock.stats()["requests"] == 6, "warned, still sent"
+    est = json.loads(run_cli("estimate", str(path), "--json").stdout)
+    assert not any("NUL" in w for w in est["warnings"]), "only what remains to be sent is warned about"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import anyio
@@ -17,6 +17,7 @@ from ..engine.writer import Finished
 from ..errors import OutputError, RunnerError
 from ..gateway.answer import Outcome, Success
 from ..gateway.client import Client
+from ..models import MODELS
 from ..policy import POLICY, Action, CircuitBreaker, Failure, ServerWaitOrBackoff, StopWhen
 from ..pricing import PriceTable
 from ..record import Record
@@ -74,6 +75,7 @@ class Pool:
         self._stopping = session.stopping
         self._requests_cancelled = False
         self._first_answer = anyio.Lock()  # held by the one request in flight while the budget is learning
+        self._model_said = False  # an answer from another model than asked was warned about
         self._items: Iterator[Item] = iter(())
         self._on_disk: dict[int, list[str]] = {}
 
@@ -183,6 +185,8 @@ class Pool:
         cost = price * images  # billed per image generated; failures are not billed
         self.budget.settle(run.reserved, cost, images)
         self._judge(outcome)  # before anything else awaits: an abort stops new items at once
+        if isinstance(outcome, Success) and outcome.model not in (None, item.model) and not self._model_said:
+            self._served(item, outcome.model)
         elapsed = time.monotonic() - started
         finished = Finished(item, outcome, run.attempts, run.latency, elapsed, cost, run.retried, run.interrupted)
         try:
@@ -251,6 +255,16 @@ class Pool:
         run.last = outcome
         return outcome
 
+    def _served(self, item: Item, served: str | None) -> None:
+        """Say once when an answer names another model than the one asked (its name, or Google's for it)."""
+        if served is None or same_model(item.model, served, getattr(self.client.format, "model_ids", None)):
+            return
+        self._model_said = True
+        self.log(
+            f"warning: the gateway answered {item.model} requests with model {served!r}; each line records the "
+            "model that served it (served_model). Said once."
+        )
+
     async def _probe_turn(self) -> bool:
         """Wait until no other request is in flight while the budget learns how many images an
         answer holds; True when this request is the probe (the caller releases the lock), False
@@ -280,6 +294,18 @@ class Pool:
                 "breaker",
                 True,
             )
+
+
+def same_model(asked: str, served: str, model_ids: Mapping[str, str] | None = None) -> bool:
+    """Is `served` (an answer's own model name) the model asked for? Runner's name, Google's for it (or
+    the spec's model_ids), with or without a `models/`, `gemini/`, `google/` prefix or a version suffix."""
+    names = {asked.lower()}
+    if asked in MODELS:
+        names.add(MODELS[asked].google_model.lower())
+    if model_ids and asked in model_ids:
+        names.add(model_ids[asked].lower())
+    name = served.lower().rsplit("/", 1)[-1]
+    return name in names or any(name.startswith(n + "-") for n in names)
 
 
 def _retryable(outcome: Outcome | None) -> bool:

@@ -169,6 +169,8 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
     result.spent_before_usd = state.spent_usd
     _drift(spec, options, state, plan, store, log, previous)
     log(f"{spec.name}: " + "; ".join(_plan_parts(plan, state)))
+    for warning in plan.warnings():
+        log(f"warning: {warning}")
     if plan.to_run == 0:
         log(
             f"nothing to do: all {plan.items} items are done in {store.display}"

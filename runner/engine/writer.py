@@ -95,6 +95,7 @@ class Writer:
             finished_at=_now(),
             run_id=self.run_id,
             since_start_s=time.monotonic() - self.started,
+            served_model=outcome.model if isinstance(outcome, Success) else None,
             images=images,
             text=outcome.text if isinstance(outcome, Success) else "",
             error=error,

@@ -33,6 +33,7 @@ class Success:
     text: str
     usage: dict[str, Any] | None
     request_id: str | None
+    model: str | None = None  # the model the answer says served it (made safe), when it says
 
 
 Outcome = Success | Failure
@@ -211,4 +212,9 @@ def _parse(doc: bytes | bytearray, cut: list[tuple[str, bytes]] | None, api_key:
     if not images:
         said = f": {text[:200]}" if text else " (empty content)"
         return Failure("no_image", 200, clean_message(f"answer has no image{said}", api_key), request_id=request_id)
-    return Success(images, text, usage, request_id)
+    return Success(images, text, usage, request_id, served_model(obj.get("model"), api_key))
+
+
+def served_model(value: Any, api_key: str | None) -> str | None:
+    """An answer's `model` (or Google's `modelVersion`) as it may be stored: short, one line, safe."""
+    return safe_text(value, api_key, keep_newlines=False, limit=200) if isinstance(value, str) and value else None

@@ -17,7 +17,7 @@ from ..policy import Failure, classify_status, error_status
 from ..safety import clean_message, json_int, safe_json, safe_text
 from ..spec.inputs import Inputs
 from ..spec.items import Item
-from .answer import MAX_DOCUMENT, MAX_IMAGES, Image, Outcome, Success
+from .answer import MAX_DOCUMENT, MAX_IMAGES, Image, Outcome, Success, served_model
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/v1beta"
 _STEP = 1 << 20  # base64 characters decoded per step (a multiple of 4)
@@ -184,7 +184,7 @@ def read_response(obj: Any, api_key: str | None, cut: list[bytes] | None = None)
         why = f" ({finish})" if isinstance(finish, str) and finish not in ("STOP", "") else ""
         message = clean_message(f"answer has no image{why}{said or ' (empty content)'}", api_key)
         return Failure("no_image", 200, message, request_id=request_id)
-    return Success(images, text, usage, request_id)
+    return Success(images, text, usage, request_id, served_model(obj.get("modelVersion"), api_key))
 
 
 def _image(inline: dict[str, Any], data: bytes | None, api_key: str | None, request_id: str | None) -> Image | Failure:

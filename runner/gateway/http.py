@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import io
 import ipaddress
 import os
 import ssl
@@ -24,6 +25,7 @@ import httpx
 from ..errors import UsageError
 
 _HEADERS = {"Content-Type": "application/json"}
+_LARGE_BODY = 1 << 20
 
 
 class Fault(Exception):
@@ -217,9 +219,12 @@ class AiohttpHttp:
         import aiohttp
 
         status = 0
+        # Past 1 MiB (big reference images, a huge prompt) aiohttp writes a BytesIO in chunks, yielding
+        # to the loop between them; raw bytes that big it writes at once and warns about.
+        data: bytes | io.BytesIO = content if len(content) <= _LARGE_BODY else io.BytesIO(content)
         try:
             async with self._session.post(
-                url, data=content, headers=self._headers, proxy=self._proxy, allow_redirects=False
+                url, data=data, headers=self._headers, proxy=self._proxy, allow_redirects=False
             ) as resp:
                 status = resp.status
                 return status, resp.headers, await self._read(resp, cap)

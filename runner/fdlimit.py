@@ -13,11 +13,14 @@ from __future__ import annotations
 import os
 import resource
 
+from .errors import UsageError
+
 # Descriptors a run needs beside its connections and the folders it keeps open: a temp file and a
 # folder being synced per saver thread, DNS lookups, a CA file being read, some slack.
 RESERVE = 24
 DIR_CACHE = 320  # folders of an output dir kept open at most (images/00..ff, inputs/..): files.Jail
 TIGHT = 2048  # below this soft limit, the output dir keeps few folders open
+MIN_SPARE = 6  # beside one request's sockets: a temp file, a folder, a DNS lookup, some slack
 
 _said: dict[str, int] = {}  # what the last fit() found, for describe()
 
@@ -55,19 +58,27 @@ def open_fds() -> int:
 
 def fit(concurrency: int, per_request: int = 1) -> tuple[int, str | None]:
     """The concurrency that the open-file limit allows (at least 1), and the one message that says
-    so when it is lower than asked (None when it fits)."""
+    so when it is lower than asked (None when it fits). A limit that leaves no room for even one
+    request beside what is open already is a UsageError: nothing has been sent."""
     from .output.files import Jail
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return concurrency, None
-    base = open_fds() + RESERVE + Jail.max_cached
+    now = open_fds()
+    base = now + RESERVE + Jail.max_cached
     needed = base + per_request * concurrency
     _said.update(soft=soft, hard=hard, concurrency=concurrency, needed=needed)
     if needed <= soft:
         return concurrency, None
-    fits = max(1, (soft - base) // per_request)
     hard_text = "the hard limit too" if hard == soft else f"hard limit {hard}"
+    least = now + MIN_SPARE + per_request
+    if soft < least:
+        raise UsageError(
+            f"too many open files: ulimit -n is {soft} ({hard_text}), too few to run at all: {now} are open "
+            f"already and one request needs about {least - now} more; raise it (e.g. `ulimit -n {needed + 64}`)"
+        )
+    fits = max(1, (soft - base) // per_request)
     return fits, (
         f"too many open files: ulimit -n is {soft} ({hard_text}), and concurrency {concurrency} needs about "
         f"{needed}; running at concurrency {fits} instead (raise the limit, e.g. `ulimit -n {needed + 64}`, "

@@ -193,6 +193,16 @@ def test_a_soft_limit_of_64_open_files_at_concurrency_200_loses_no_paid_answer(
     assert again.returncode == 0 and gw.stats()["requests"] == 300, "a rerun buys nothing twice"
 
 
+def test_a_limit_too_low_to_run_at_all_is_a_usage_error_before_anything_is_sent(
+    tmp_path: Path, gateway: StartGateway
+) -> None:
+    gw = gateway()
+    path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(10)], concurrency=200)
+    proc = run_limited(path, 12, 12)
+    assert proc.returncode == 2 and "ulimit -n is 12 (the hard limit too), too few to run at all" in proc.stderr
+    assert "Traceback" not in proc.stderr and gw.stats()["requests"] == 0
+
+
 def _failing_saves(monkeypatch: pytest.MonkeyPatch, err: int, fail: Callable[[int], bool]) -> list[int]:
     """LocalStore.save_image fails with OSError `err` on the calls (numbered from 0) where fail(n)."""
     calls: list[int] = []

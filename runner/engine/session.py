@@ -7,7 +7,6 @@ the interactive pool and the batch backend record an item the same way, through 
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
@@ -119,6 +118,7 @@ class Sink:
         self._committer: ThreadPoolExecutor | None = None  # lines appended: never queued behind saves
         self._appending = True  # False once an append failed: nothing is glued onto a torn line
         self._held = 0  # answers held in memory, waiting for a file descriptor to save them
+        self._said_held = False
 
     def start(self, tg: TaskGroup, buffer: int) -> MemoryObjectSendStream[Record]:
         """Start the threads and the committing task; records sent to the stream returned are
@@ -165,8 +165,9 @@ class Sink:
                 raise
             error = e
         self._held += 1
-        if self._held == 1 or math.log2(self._held).is_integer():  # said once, then at 2, 4, 8, ... held
-            self.log(f"{error.why}: holding {self._held} answer(s) in memory and trying their saves again")
+        if not self._said_held:  # once a run: the limit was said at the start, this is its consequence
+            self._said_held = True
+            self.log(f"{error.why}: holding answers in memory and trying their saves again until they can be saved")
         try:
             wait, waited = 0.05, 0.0
             while True:

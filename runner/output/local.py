@@ -248,7 +248,10 @@ class LocalStore:
 
     def save_input(self, rel: str, source: str, size: int) -> None:
         """Keep a copy of a reference image (content-addressed: each file once)."""
-        st = self.jail.lstat(rel)
+        try:
+            st = self.jail.lstat(rel)
+        except OSError as e:
+            raise output_error(e, self.display) from None
         if st is not None and st.st_size == size:
             return
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -149,7 +150,7 @@ def _parse(doc: bytes | bytearray, cut: list[tuple[str, bytes]] | None, api_key:
         too_much = f"answer has {len(doc) / 2**20:.1f} MB of JSON {what}: not an image generation"
         return Failure("invalid_response", 200, too_much, final=True)
     try:
-        obj = json.loads(doc, parse_int=json_int)
+        obj = loads(doc)
     except (ValueError, RecursionError) as e:
         if cut is not None:
             return None
@@ -215,6 +216,23 @@ def _parse(doc: bytes | bytearray, cut: list[tuple[str, bytes]] | None, api_key:
     return Success(images, text, usage, request_id, served_model(obj.get("model"), api_key))
 
 
+def loads(doc: bytes | bytearray) -> Any:
+    """json.loads of an answer; an integer of more than 4300 digits (which Python refuses to read,
+    and which would make a paid answer unreadable) is read as None, the others as they are (safe_json
+    clamps them where they are kept). The callback only on that rare retry: it costs on every int."""
+    try:
+        return json.loads(doc)
+    except ValueError as e:
+        if "integer string conversion" not in str(e):
+            raise
+    return json.loads(doc, parse_int=json_int)
+
+
 def served_model(value: Any, api_key: str | None) -> str | None:
     """An answer's `model` (or Google's `modelVersion`) as it may be stored: short, one line, safe."""
-    return safe_text(value, api_key, keep_newlines=False, limit=200) if isinstance(value, str) and value else None
+    return _safe_model(value[:400], api_key) if isinstance(value, str) and value else None
+
+
+@functools.lru_cache(maxsize=16)
+def _safe_model(value: str, api_key: str | None) -> str:
+    return safe_text(value, api_key, keep_newlines=False, limit=200)  # every answer names its model: once each

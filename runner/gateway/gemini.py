@@ -14,10 +14,10 @@ from typing import Any
 
 from ..imageinfo import is_whole_image
 from ..policy import Failure, classify_status, error_status
-from ..safety import clean_message, json_int, safe_json, safe_text
+from ..safety import clean_message, safe_json, safe_text
 from ..spec.inputs import Inputs
 from ..spec.items import Item
-from .answer import MAX_DOCUMENT, MAX_IMAGES, Image, Outcome, Success, served_model
+from .answer import MAX_DOCUMENT, MAX_IMAGES, Image, Outcome, Success, loads, served_model
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/v1beta"
 _STEP = 1 << 20  # base64 characters decoded per step (a multiple of 4)
@@ -96,7 +96,7 @@ def parse_response(body: bytes | bytearray, api_key: str | None) -> Outcome:
             "invalid_response", 200, f"answer has {len(doc) / 2**20:.1f} MB of JSON besides its images", final=True
         )
     try:
-        obj = json.loads(doc, parse_int=json_int)
+        obj = loads(doc)
     except (ValueError, RecursionError) as e:
         why = "nested too deeply" if isinstance(e, RecursionError) else f"{bytes(doc[:120])!r}"
         return Failure("invalid_response", 200, clean_message(f"body is not JSON: {why}", api_key))

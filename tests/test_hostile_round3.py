@@ -178,7 +178,7 @@ def assert_bought_once(gw: MockGateway, out: Path, n: int) -> None:
 def test_a_soft_limit_of_64_open_files_at_concurrency_200_loses_no_paid_answer(
     tmp_path: Path, gateway: StartGateway, hard: int | None
 ) -> None:
-    gw = gateway(latency_s=0.5)
+    gw = gateway(latency_s=0.3)  # answers in flight long enough for 200 connections to be open at once
     path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(300)], concurrency=200, timeout_s=60)
     proc = run_limited(path, 64, hard)
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

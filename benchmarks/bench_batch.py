@@ -101,7 +101,7 @@ def main() -> None:
         s = stats(base)
         rows.append(["submit (--no-wait)", f"{n:,}", sub_s, n / sub_s, sub_rss / 2**20, s["batches_created"]])
         time.sleep(2.5)  # the batches' life on the mock's clock
-        col_s, col_rss, err = run(["run", str(spec), "--no-progress", "--poll", "0.5"])
+        col_s, col_rss, _ = run(["run", str(spec), "--no-progress", "--poll", "0.5"])
         s = stats(base)
         assert s["double_submits"] == 0 and s["paid"] == n, s
         ok = sum(1 for _ in (d / "out-batch" / "manifest.jsonl").open())

@@ -39,7 +39,8 @@ class OutputLocked(RunAborted):
 
 
 class OutputError(RunAborted):
-    pass
+    errno: int | None = None  # of the OSError behind it, when there was one
+    why: str = ""  # the cause in a few words ("disk full")
 
 
 def secrets_in_env() -> list[str]:

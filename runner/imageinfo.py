@@ -23,16 +23,25 @@ Reader = Callable[[int, int], bytes]  # (offset, count) -> at most count bytes f
 
 
 def is_whole_image(mime: str, data: bytes) -> bool:
-    """Are these bytes an image of this type, start to end? A cut-off file must not pass as ok."""
+    """Are these bytes an image of this type, start to end, with a header that says its size? A
+    cut-off file must not pass as ok, nor bytes that only start and end like an image (a PNG
+    signature, HTML, an IEND trailer): no PNG IHDR, JPEG SOF, WebP VP8* or GIF screen, no image."""
+    head = data[:32]
     if mime == "image/png":
-        return data.startswith(b"\x89PNG\r\n\x1a\n") and data.endswith(b"IEND\xaeB`\x82")
-    if mime in ("image/jpeg", "image/jpg"):
-        return data.startswith(b"\xff\xd8\xff") and data.rstrip(b"\x00\r\n").endswith(b"\xff\xd9")
-    if mime == "image/webp":
-        return data[:4] == b"RIFF" and data[8:12] == b"WEBP" and int.from_bytes(data[4:8], "little") + 8 == len(data)
-    if mime == "image/gif":
-        return data[:6] in (b"GIF87a", b"GIF89a") and data.endswith(b";")
-    return False
+        whole = data.startswith(PNG_SIGNATURE) and data.endswith(b"IEND\xaeB`\x82")
+        size = _png(head) if whole else None
+    elif mime in ("image/jpeg", "image/jpg"):
+        whole = data.startswith(b"\xff\xd8\xff") and data.rstrip(b"\x00\r\n").endswith(b"\xff\xd9")
+        size = _jpeg(lambda offset, count: data[offset : offset + count]) if whole else None
+    elif mime == "image/webp":
+        whole = data[:4] == b"RIFF" and data[8:12] == b"WEBP" and int.from_bytes(data[4:8], "little") + 8 == len(data)
+        size = _webp(head) if whole else None
+    elif mime == "image/gif":
+        whole = data[:6] in (b"GIF87a", b"GIF89a") and data.endswith(b";")
+        size = _gif(head) if whole else None
+    else:
+        return False
+    return size is not None and 0 < size[0] <= _MAX_SIDE and 0 < size[1] <= _MAX_SIDE
 
 
 def dimensions(data: bytes | bytearray | memoryview, mime: str = "") -> tuple[int, int] | None:

@@ -7,7 +7,7 @@ import json
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -52,6 +52,11 @@ POLICY: dict[str, Rule] = {
     "no_balance": Rule(Action.ABORT, True, "402: no balance left on the key"),
     "forbidden": Rule(Action.ABORT, True, "403: the key may not use this model"),
     "not_found": Rule(Action.ABORT, True, "404 or a redirect: wrong base_url"),
+    "certificate": Rule(
+        Action.ABORT,
+        True,
+        "the gateway's TLS certificate cannot be verified (a private CA: SSL_CERT_FILE, SSL_CERT_DIR)",
+    ),
     "internal": Rule(
         Action.FAIL, True, "a bug in runner while handling this item (details in the log); rerun retries it"
     ),
@@ -105,6 +110,40 @@ def classify_status(status: int, body: bytes, headers: Any, api_key: str | None)
     if wait is not None:
         wait = min(wait, MAX_SERVER_WAIT_S)  # the wait also pauses every worker: never for hours
     return Failure(kind, status, clean_message(message or f"HTTP {status}", api_key), wait)
+
+
+# An error object's `type` / `status` / `code` names (OpenAI, LiteLLM, Google) as the HTTP status the same error has.
+_ERROR_NAMES = {
+    429: ("rate_limit", "resource_exhausted", "too_many_requests", "quota_exceeded"),
+    401: ("authentication", "unauthenticated", "invalid_api_key", "unauthorized"),
+    402: ("insufficient_quota", "insufficient_balance", "insufficient_credits", "payment_required", "billing"),
+    403: ("permission", "forbidden", "access_denied"),
+    404: ("not_found",),
+    400: ("prompt_blocked", "invalid_request", "invalid_argument", "bad_request", "failed_precondition"),
+}
+
+
+def error_status(error: Mapping[str, Any], default: int = 500) -> int:
+    """The HTTP status an error object stands for, wherever it came (a 200 whose body is an error, a
+    batch line): its `code` when that is an HTTP status (a number or digits), else what its `type`,
+    `status` or `code` names; `default` (a server error) when nothing says."""
+    code = error.get("code")
+    if isinstance(code, str) and code.strip().isdigit():
+        code = int(code.strip())
+    if isinstance(code, int) and not isinstance(code, bool) and 100 <= code <= 599:
+        return code
+    names = " ".join(str(error.get(k)).lower() for k in ("type", "status", "code") if isinstance(error.get(k), str))
+    for status, words in _ERROR_NAMES.items():
+        if any(w in names for w in words):
+            return status
+    return default
+
+
+def classify_error(error: Mapping[str, Any], api_key: str | None, status: int | None = None) -> Failure:
+    """An error object (`{"message", "type", "code", ...}`) found inside an answer, as the same error
+    answered with its HTTP status (`status`, else error_status): a 402 in a 200 is no balance."""
+    body = json.dumps({"error": dict(error)}, default=str).encode()
+    return classify_status(error_status(error) if status is None else status, body, None, api_key)
 
 
 def _error_fields(body: bytes) -> tuple[str, Any, Any, float | None]:

@@ -8,7 +8,9 @@ aside, reports count it.
     item_id, prompt_id, prompt, model, image_config {aspect_ratio, image_size}, repeat, vars,
     inputs [{path | url, sha256, mime, bytes, stored}], params,
     status "ok" | "failed", attempts, retried {kind: n}, request_id, usage, cost_usd,
-    latency_s, elapsed_s, finished_at, run_id, batch (Google's batch that answered it, batch mode only),
+    latency_s, elapsed_s, finished_at, run_id, since_start_s (monotonic seconds from the run's start
+    to this line's item finishing), served_model (the model the answer says served it), batch (Google's
+    batch that answered it, batch mode only),
     ok:     image_path, mime, bytes, sha256, mtime_ns, width, height, extra_images [...], text,
             recovered (adopted from a whole image on disk after a crash)
     failed: error {kind, status, message}, interrupted (a stop cut its retries short)
@@ -73,6 +75,8 @@ class Record(TypedDict):
     elapsed_s: float | None
     finished_at: str
     run_id: str
+    since_start_s: NotRequired[float]  # on the monotonic clock: wall times may step (NTP, a VM resumed)
+    served_model: NotRequired[str]  # the answer's own `model` (chat) or `modelVersion` (Google), when given
     inputs: NotRequired[list[InputRec]]
     params: NotRequired[dict[str, Any]]
     retried: NotRequired[dict[str, int]]  # failure kinds of the attempts that were retried
@@ -104,7 +108,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "inputs": (list,), "params": (dict,), "retried": (dict,), "image_path": _STR, "mime": _STR,
     "bytes": _INT, "sha256": _STR, "mtime_ns": _INT + _OPT, "width": _INT + _OPT,
     "height": _INT + _OPT, "extra_images": (list,), "text": _STR, "recovered": (bool,),
-    "interrupted": (bool,), "image_config": (dict,), "error": (dict,), "batch": _STR,
+    "interrupted": (bool,), "image_config": (dict,), "error": (dict,), "since_start_s": _NUM,
+    "served_model": _STR, "batch": _STR,
 }  # fmt: skip
 
 
@@ -268,6 +273,8 @@ def make_record(
     retried: dict[str, int] | None = None,
     interrupted: bool = False,
     recovered: bool = False,
+    since_start_s: float | None = None,
+    served_model: str | None = None,
     batch: str | None = None,
 ) -> Record:
     """The one place a manifest line is put together: the item's part (Item.record_fields),
@@ -294,10 +301,14 @@ def make_record(
         rec["text"] = text
     if recovered:
         rec["recovered"] = True
+    if served_model is not None:
+        rec["served_model"] = served_model
     if error is not None:
         rec["error"] = error
         if interrupted:
             rec["interrupted"] = True
     rec["finished_at"] = finished_at
+    if since_start_s is not None:
+        rec["since_start_s"] = round(since_start_s, 3)
     rec["run_id"] = run_id
     return cast(Record, rec)

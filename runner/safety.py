@@ -64,13 +64,29 @@ def _grams(text: str) -> Iterator[str]:
     return (text[i : i + 8] for i in range(len(text) - 7))
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def json_int(text: str) -> int | None:
+    """A JSON integer literal from a server, as `json.loads(parse_int=...)` reads it: None when it
+    does not fit a signed 64-bit integer (no loader can hold it; Python itself refuses to read one
+    of more than 4300 digits, which would make a paid answer unreadable)."""
+    if len(text) > 20:
+        return None
+    value = int(text)
+    return value if INT64_MIN <= value <= INT64_MAX else None
+
+
 def safe_json(value: Any, api_key: str | None, depth: int = 0) -> Any:
     """A JSON value from a server (usage, say) made safe to store: every string through
-    safe_text, non-finite numbers dropped, depth and size bounded."""
+    safe_text, numbers that no loader can hold dropped (integers outside int64, NaN and
+    infinities: None, never a JSON number), depth and size bounded."""
     if isinstance(value, str):
         return safe_text(value, api_key, limit=1000)
-    if isinstance(value, bool) or value is None or isinstance(value, int):
+    if isinstance(value, bool) or value is None:
         return value
+    if isinstance(value, int):
+        return value if INT64_MIN <= value <= INT64_MAX else None
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if depth >= 4:

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import re
+import ssl
 import struct
 import threading
 import time
@@ -47,14 +48,31 @@ def png(seed: bytes, side: int = 8) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
 
 
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# A PNG signature, then HTML and script, then a PNG's IEND trailer: starts and ends like a PNG, has no IHDR.
+POLYGLOT = (
+    b"\x89PNG\r\n\x1a\n<html><script>alert(document.cookie)</script></html>" + struct.pack(">I", 0) + b"IEND\xaeB`\x82"
+)
+# Usage numbers no loader can hold: past int64 either way, a 309-digit and a 5000-digit integer, infinity.
+HUGE_USAGE = (
+    f'{{"prompt_tokens": {2**63}, "completion_tokens": {10**308}, "total_tokens": {-(2**63) - 1}, '
+    f'"thoughts_tokens": {"9" * 5000}, "cached_tokens": 1e999, "image_tokens": 1120}}'
+)
+
+
 def image_md(prompt: str, index: int = 0) -> str:
     return f"![image](data:image/png;base64,{base64.b64encode(png(f'{prompt}#{index}'.encode())).decode()})"
 
 
-def completion(content_json: str, id_json: str = '"chatcmpl-1"', usage_json: str = USAGE) -> bytes:
+def completion(
+    content_json: str, id_json: str = '"chatcmpl-1"', usage_json: str = USAGE, model: str = "nanobanana_pro"
+) -> bytes:
     """A chat.completion body from parts given as raw JSON text, so they can hold what json.dumps would not."""
     return (
-        f'{{"id": {id_json}, "object": "chat.completion", "created": 1, "model": "nanobanana_pro", '
+        f'{{"id": {id_json}, "object": "chat.completion", "created": 1, "model": {json.dumps(model)}, '
         f'"choices": [{{"index": 0, "message": {{"role": "assistant", "content": {content_json}}}, '
         f'"finish_reason": "stop"}}], "usage": {usage_json}}}'
     ).encode()
@@ -225,6 +243,25 @@ SCENARIOS: dict[str, Scenario] = {
     "busy3": _const(lambda ex: http(error_body("overloaded"), "503 Service Unavailable", ("Retry-After: 3",))),
     # 7. slow
     "trickle": _trickle,
+    # 8. round 3: lies about images and errors, absurd numbers
+    "polyglot": _const(lambda ex: http(completion(json.dumps(f"![i](data:image/png;base64,{b64(POLYGLOT)})")))),
+    "error200_402": _const(
+        lambda ex: http(json.dumps({"error": {"code": 402, "message": "Insufficient credits"}}).encode())
+    ),
+    "error200_429": _const(
+        lambda ex: http(
+            json.dumps({"error": {"code": "429", "message": "slow down", "type": "rate_limit_error"}}).encode()
+        )
+    ),
+    "huge_usage": _const(lambda ex: _valid(ex, usage_json=HUGE_USAGE), paid=True),
+    "images15": _images(15),
+    "other_model": _const(
+        lambda ex: http(completion(json.dumps(image_md(ex.prompt)), model="gemini-2.5-flash-image")), paid=True
+    ),
+    "google_name": _const(
+        lambda ex: http(completion(json.dumps(image_md(ex.prompt)), model="models/gemini-3-pro-image-preview")),
+        paid=True,
+    ),
 }
 MALFORMED = ("cl_abc", "bad_status", "bad_chunk", "big_header", "two_cl", "nul_header", "http2", "short_body")
 
@@ -244,7 +281,8 @@ def _prompt(body: bytes) -> str:
 class HostileServer:
     """The server on its own event loop in a daemon thread; start() returns the base URL (…/v1)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls  # a server context: the gateway speaks https with its certificate
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -260,7 +298,7 @@ class HostileServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/v1"
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -290,7 +328,7 @@ class HostileServer:
         loop = asyncio.new_event_loop()
         loop.set_exception_handler(lambda _loop, _ctx: None)  # a hostile server expects broken pipes
         self._loop = loop
-        server = loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0, backlog=1024))
+        server = loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0, backlog=1024, ssl=self.tls))
         self.port = server.sockets[0].getsockname()[1]
         self._server = server
         ready.set()

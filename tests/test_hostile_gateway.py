@@ -319,8 +319,9 @@ def test_items_waiting_for_a_slot_when_answers_grow_are_not_sent_past_the_budget
 def test_a_retry_that_no_longer_fits_the_budget_ends_its_item(tmp_path: Path, hostile: HostileServer) -> None:
     # One item's answer holds 10 images while the other waits 3 s (Retry-After) to retry: by
     # then a 10-image answer no longer fits, so the retry is not sent and the item ends there,
-    # recorded as interrupted, rather than going through its remaining attempts' waits.
-    prompts = [f"{bad_prompt('images10')} a", f"{bad_prompt('busy3')} b"]
+    # recorded as interrupted, rather than going through its remaining attempts' waits. (The busy
+    # one first: with a budget, the first request goes alone until an answer shows its images.)
+    prompts = [f"{bad_prompt('busy3')} b", f"{bad_prompt('images10')} a"]
     path = write_spec(
         tmp_path, hostile.base_url, prompts=prompts, concurrency=2, max_attempts=3, max_cost_usd=12 * PRICE
     )

@@ -115,6 +115,7 @@ def test_the_policy_table_covers_every_kind() -> None:
         "no_balance",
         "forbidden",
         "not_found",
+        "certificate",
     }
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for kind, rule in POLICY.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import anyio
@@ -14,9 +15,10 @@ from ..engine.feed import Feed
 from ..engine.limits import MONOTONIC, AdaptiveConcurrency, Clock, RateLimiter
 from ..engine.session import Session
 from ..engine.writer import Finished
-from ..errors import RunnerError
+from ..errors import OutputError, RunnerError
 from ..gateway.answer import Outcome, Success
 from ..gateway.client import Client
+from ..models import MODELS
 from ..policy import POLICY, Action, CircuitBreaker, Failure, ServerWaitOrBackoff, StopWhen
 from ..pricing import PriceTable
 from ..record import Record
@@ -74,6 +76,8 @@ class Pool:
         self._stopping = session.stopping
         self._requests_cancelled = False
         self._feed = Feed(iter(()))
+        self._first_answer = anyio.Lock()  # held by the one request in flight while the budget is learning
+        self._model_said = False  # an answer from another model than asked was warned about
         self._on_disk: dict[int, list[str]] = {}
 
     @property
@@ -196,10 +200,15 @@ class Pool:
         cost = price * images  # billed per image generated; failures are not billed
         self.budget.settle(run.reserved, cost, images)
         self._judge(outcome)  # before anything else awaits: an abort stops new items at once
+        if isinstance(outcome, Success) and outcome.model not in (None, item.model) and not self._model_said:
+            self._served(item, outcome.model)
         elapsed = time.monotonic() - started
         finished = Finished(item, outcome, run.attempts, run.latency, elapsed, cost, run.retried, run.interrupted)
         try:
             return await self.sink.save(self.writer.record, finished)
+        except OutputError as e:  # the output dir cannot be written: the paid answer is counted, the run stops
+            self.session.unsaved(e, cost, images)
+            return None
         except RunnerError:
             raise
         except Exception as e:  # a bug while saving or recording: that item alone
@@ -225,21 +234,30 @@ class Pool:
         if self._requests_cancelled:
             return run.last
         async with self.concurrency.limiter:
-            if not await self.rate.acquire(self._stopping) or (self.stopping and run.last is None):
-                # Stopped while waiting for a slot: nothing sent; a retry that never went is cut short.
-                run.interrupted = run.last is not None
-                return run.last
-            reserved = self.budget.top_up(run.reserved, run.price)
-            if reserved is None:  # answers now hold more images than when it reserved: it no longer fits
-                self.session.budget_reached()
-                run.interrupted = run.last is not None
-                return run.last
-            run.reserved = reserved
-            run.attempts += 1
-            self.stats.requests += 1
-            t0 = time.monotonic()
-            outcome = await self.client.generate(run.item)
-            run.latency = time.monotonic() - t0
+            # With a budget, the first answer goes alone: how many images an answer holds (each billed)
+            # is known only then, and every request in flight on a guess could overshoot by that many.
+            probing = self.budget.learning and await self._probe_turn()
+            try:
+                if not await self.rate.acquire(self._stopping) or (self.stopping and run.last is None):
+                    # Stopped while waiting for a slot: nothing sent; a retry that never went is cut short.
+                    run.interrupted = run.last is not None
+                    return run.last
+                reserved = self.budget.top_up(run.reserved, run.price)
+                if reserved is None:  # answers now hold more images than when it reserved: it no longer fits
+                    self.session.budget_reached()
+                    run.interrupted = run.last is not None
+                    return run.last
+                run.reserved = reserved
+                run.attempts += 1
+                self.stats.requests += 1
+                t0 = time.monotonic()
+                outcome = await self.client.generate(run.item)
+                run.latency = time.monotonic() - t0
+                if probing and isinstance(outcome, Success):
+                    self.budget.learned(len(outcome.images))
+            finally:
+                if probing:
+                    self._first_answer.release()
         if outcome is None:  # given up (cancel_requests): no answer to record
             return run.last
         if isinstance(outcome, Failure) and outcome.kind == "rate_limited":
@@ -251,6 +269,26 @@ class Pool:
             self.log(said)
         run.last = outcome
         return outcome
+
+    def _served(self, item: Item, served: str | None) -> None:
+        """Say once when an answer names another model than the one asked (its name, or Google's for it)."""
+        if served is None or same_model(item.model, served, getattr(self.client.format, "model_ids", None)):
+            return
+        self._model_said = True
+        self.log(
+            f"warning: the gateway answered {item.model} requests with model {served!r}; each line records the "
+            "model that served it (served_model). Said once."
+        )
+
+    async def _probe_turn(self) -> bool:
+        """Wait until no other request is in flight while the budget learns how many images an
+        answer holds; True when this request is the probe (the caller releases the lock), False
+        when an answer has taught it meanwhile (send as usual)."""
+        await self._first_answer.acquire()
+        if self.budget.learning:
+            return True
+        self._first_answer.release()
+        return False
 
     async def _sleep(self, seconds: float) -> None:
         """A backoff that a stop (Ctrl+C, abort, budget) cuts short."""
@@ -271,6 +309,18 @@ class Pool:
                 "breaker",
                 True,
             )
+
+
+def same_model(asked: str, served: str, model_ids: Mapping[str, str] | None = None) -> bool:
+    """Is `served` (an answer's own model name) the model asked for? Runner's name, Google's for it (or
+    the spec's model_ids), with or without a `models/`, `gemini/`, `google/` prefix or a version suffix."""
+    names = {asked.lower()}
+    if asked in MODELS:
+        names.add(MODELS[asked].google_model.lower())
+    if model_ids and asked in model_ids:
+        names.add(model_ids[asked].lower())
+    name = served.lower().rsplit("/", 1)[-1]
+    return name in names or any(name.startswith(n + "-") for n in names)
 
 
 def _retryable(outcome: Outcome | None) -> bool:

@@ -7,13 +7,22 @@ class Budget:
     """Stops new items once spent + what the items in flight may cost would pass `max_usd`.
 
     An answer may hold several images, each billed: an item reserves its price times the
-    most images an answer has held so far in this run (at least one)."""
+    most images an answer has held so far in this run (at least one). Until an answer has shown
+    how many that is (`learning`), the pool sends one request at a time, so a gateway that
+    answers with k images overshoots by one answer's k - 1 images at most, not by k - 1 times
+    every request in flight."""
 
     def __init__(self, max_usd: float | None, spent_before: float, in_flight: float = 0.0) -> None:
         self.max_usd = max_usd
         self.spent = spent_before
         self.in_flight = in_flight  # e.g. batches submitted by an earlier run and not yet collected
         self.images_per_answer = 1
+        self.learning = max_usd is not None  # no answer with images seen yet, and a budget to keep
+
+    def learned(self, images: int) -> None:
+        """An answer held `images` images: reservations from now on are for that many."""
+        self.images_per_answer = max(self.images_per_answer, images)
+        self.learning = False
 
     def reserve(self, price: float) -> float | None:
         """The amount reserved for an item of this price per image, or None when it does not fit."""

@@ -14,8 +14,10 @@ from typing import Any
 import anyio
 import httpx
 
+from .. import fdlimit
 from ..backends import Backend, make_backend
 from ..errors import RunnerError, UsageError, write_details
+from ..gateway.http import check_env
 from ..output import ResumeState, Store, open_store
 from ..pricing import PriceTable
 from ..spec.items import Shard
@@ -82,7 +84,8 @@ class RunResult:
 
     @property
     def total_spent_usd(self) -> float:
-        return self.spent_before_usd + self.stats.spent_usd
+        """Everything the output dir's items cost: before this run, in it, and images adopted from disk."""
+        return self.spent_before_usd + self.stats.spent_usd + self.stats.adopted_usd
 
     @property
     def exit_code(self) -> int:
@@ -138,7 +141,9 @@ async def _run_with_key(spec: JobSpec, options: RunOptions, log: Log) -> RunResu
     if not key.isprintable() or " " in key:
         # A key pasted with a stray newline or quote would fail every request, or not be sendable at all.
         raise UsageError(f"the API key in {spec.api_key_env} contains spaces or control characters")
-    return await _run(spec, options, log, options.base_url or spec.base_url, key)
+    base_url = options.base_url or spec.base_url
+    check_env(base_url)  # a proxy or CA setting that cannot work: exit 2 now, not a failure of every item
+    return await _run(spec, options, log, base_url, key)
 
 
 MOCK_BATCH_S = 1.0  # a batch's life on the --mock clock
@@ -153,6 +158,7 @@ def _mock_state(out: str | Path) -> Path | None:
 
 
 async def _run(spec: JobSpec, options: RunOptions, log: Log, base_url: str, key: str) -> RunResult:
+    fdlimit.raise_limit()  # ulimit -n of 64 or 256 is far below what a concurrency of 200 needs
     shard = options.shard
     store = open_store(options.out or spec.output_dir, (shard.index, shard.count) if shard else None, options.durable)
     try:
@@ -185,6 +191,8 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
     result.spent_before_usd = state.spent_usd
     _drift(spec, options, state, plan, store, log, previous)
     log(f"{spec.name}: " + "; ".join(_plan_parts(plan, state)))
+    for warning in plan.warnings():
+        log(f"warning: {warning}")
     if plan.to_run == 0 and not plan.in_batch and plan.expected == plan.blocked:
         log(
             f"nothing to do: all {plan.items} items are done in {store.display}"
@@ -193,7 +201,9 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
         )
         return result
 
-    concurrency = options.concurrency or spec.concurrency
+    concurrency, said = fdlimit.fit(options.concurrency or spec.concurrency, 2 if options.mock else 1)
+    if said:
+        log(said)
     max_cost = options.max_cost_usd if options.max_cost_usd is not None else spec.max_cost_usd
     result.max_cost_usd = max_cost
     run_id = uuid.uuid4().hex[:12]

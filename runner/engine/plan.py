@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,9 @@ from ..output import MIME_TYPES, ResumeState, open_view
 from ..pricing import PriceTable, money, usd
 from ..spec.items import Item, ItemFields, Memo, Shard, expected_children, iter_children, iter_keyed, parent_image
 from ..spec.parse import JobSpec
+
+LONG_PROMPT = 100_000  # characters: ~25,000 tokens, past what Nano Banana reads with room to spare
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tabs and line breaks are text
 
 
 @dataclass
@@ -48,6 +52,25 @@ class Plan:
     expected: int = 0  # edit chains: children of parents not yet done, counted as if every parent succeeds
     blocked: int = 0  # ...of them, under parents that failed permanently (not sent unless --retry-failed)
     steps: dict[str, Line] = field(default_factory=dict)  # edit chains: per prompt (a step), its items and cost
+    odd_prompts: int = 0  # remaining items whose prompt holds a NUL byte or another control character
+    long_prompts: int = 0  # remaining items whose prompt is past LONG_PROMPT characters
+    longest: int = 0  # characters of the longest of those
+
+    def warnings(self) -> list[str]:
+        """What is about to be sent that nobody may have meant: said once per run, with the count."""
+        said = []
+        if self.odd_prompts:
+            said.append(
+                f"{self.odd_prompts} item(s) have a prompt with a NUL byte or another control character; "
+                "they are sent as they are (a prompt file read with the wrong encoding?)"
+            )
+        if self.long_prompts:
+            said.append(
+                f"{self.long_prompts} item(s) have a prompt over {LONG_PROMPT:,} characters (the longest "
+                f"{self.longest:,}): more than the models read (tens of thousands of tokens); the gateway may refuse "
+                "or cut them"
+            )
+        return said
 
     @property
     def remaining(self) -> int:
@@ -71,6 +94,7 @@ def make_plan(
     plan = Plan()
     memo: Memo = {}
     parents = {p.link.parent for p in spec.prompts if p.link is not None}
+    last_prompt, odd, long = "", False, False
     for key, fields in iter_known(spec, state, shard):
         model, inputs = fields.model, fields.inputs
         line, step = _line(plan, spec, prices, fields.prompt_id, model, fields.config.image_size)
@@ -90,6 +114,15 @@ def make_plan(
         for counted in (line, step):
             if counted is not None:
                 counted.remaining += 1
+        if fields.prompt is not last_prompt:  # items of one prompt share its text: looked at once
+            last_prompt = fields.prompt
+            odd = _CONTROL.search(last_prompt) is not None
+            long = len(last_prompt) > LONG_PROMPT
+        if odd:
+            plan.odd_prompts += 1
+        if long:
+            plan.long_prompts += 1
+            plan.longest = max(plan.longest, len(last_prompt))
         plan.input_images += len(inputs)
         plan.input_bytes += sum(i.size for i in inputs)
         plan.input_cost += prices.per_input_image(model) * len(inputs)
@@ -239,7 +272,7 @@ def estimate(
         "by_model": [line.as_dict() for line in sorted(plan.lines.values(), key=lambda x: (x.model, x.size))],
         "max_cost_usd": spec.max_cost_usd,
         "damaged_lines": state.bad_lines,
-        "warnings": list(spec.warnings),
+        "warnings": list(spec.warnings) + plan.warnings(),
     }
     if plan.skipped_failed:
         result["warnings"].append(

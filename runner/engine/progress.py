@@ -111,6 +111,11 @@ class RunStats:
     signalled: bool = False
     open_batches: int = 0  # batch mode: batches left open on the server when the run ended
     started: float = field(default_factory=time.monotonic)
+    adopted_usd: float = 0.0  # what recovered images cost (bought by an earlier run): not this run's spend
+    unsaved: int = 0  # answers paid for that could not be saved (the output dir could not be written)
+    unsaved_usd: float = 0.0  # their cost, counted in spent_usd
+    unrecorded: int = 0  # images saved whose manifest lines could not be written (the next run adopts them)
+    output_problem: str | None = None  # why the output dir could not be written ("disk full")
 
     @property
     def done(self) -> int:
@@ -120,7 +125,10 @@ class RunStats:
         """A committed record, counted once."""
         if rec["status"] == "ok":
             self.ok += 1
-            self.recovered += rec.get("recovered", False)
+            if rec.get("recovered", False):  # bought before, by the run that died: not spent in this one
+                self.recovered += 1
+                self.adopted_usd += rec["cost_usd"]
+                return
         elif rec.get("interrupted"):
             self.interrupted += 1
         else:

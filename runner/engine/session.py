@@ -15,6 +15,8 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ..errors import OutputError
+from ..output.files import FD_LIMIT
 from ..record import Record
 from .budget import Budget
 from .progress import Progress, RunStats
@@ -26,6 +28,10 @@ Log = Callable[[str], None]
 
 SAVE_THREADS = 8
 COMMIT_DELAY_S = 0.05
+# A save that fails for want of a file descriptor is tried again (the answer held in memory) while
+# requests in flight give theirs back, for this long at most, with waits growing to HOLD_STEP_MAX_S.
+HOLD_S = 120.0
+HOLD_STEP_MAX_S = 2.0
 
 
 class Session:
@@ -49,7 +55,7 @@ class Session:
         self.stats = RunStats()
         self.stopping = anyio.Event()
         self.on_stop: list[Callable[[], None]] = []  # told of any stop (a feed stops handing out items)
-        self.sink = Sink(writer, self.stats, progress)
+        self.sink = Sink(writer, self.stats, progress, log=log, on_output_error=self.output_failed)
 
     @property
     def is_stopping(self) -> bool:
@@ -73,6 +79,20 @@ class Session:
         self.stats.signalled = True
         self.stop("interrupted", "interrupt")
 
+    def output_failed(self, error: OutputError) -> None:
+        """The output dir cannot be written (disk full, ...): no new item starts, what is in flight
+        finishes (its answers are tried, and counted if they cannot be kept); the run ends as aborted."""
+        self.stop(str(error), "abort", True, failure="output")
+        self.stats.output_problem = self.stats.output_problem or error.why or "output dir not writable"
+
+    def unsaved(self, error: OutputError, cost: float, images: int) -> None:
+        """A paid answer that could not be saved: counted (in the spend too) and said, never silently gone."""
+        self.output_failed(error)
+        if images:
+            self.stats.unsaved += 1
+            self.stats.unsaved_usd += cost
+            self.stats.spent_usd += cost
+
     def budget_reached(self) -> None:
         spent = f"${self.budget.spent:.2f} spent of max_cost_usd {self.budget.max_usd:g}"
         # No new item starts; the ones in flight go on, each request within its reservation.
@@ -83,12 +103,25 @@ class Sink:
     """Where finished items go: images saved and lines built in SAVE_THREADS threads, lines
     group-committed by one task in one more thread, counted in the run's stats once committed."""
 
-    def __init__(self, writer: Writer, stats: RunStats, progress: Progress | None) -> None:
+    def __init__(
+        self,
+        writer: Writer,
+        stats: RunStats,
+        progress: Progress | None,
+        *,
+        log: Log = print,
+        on_output_error: Callable[[OutputError], None] | None = None,
+    ) -> None:
         self.writer = writer
         self.stats = stats
         self.progress = progress
+        self.log = log
+        self.on_output_error = on_output_error
         self.savers: ThreadPoolExecutor | None = None  # images saved, lines built
         self._committer: ThreadPoolExecutor | None = None  # lines appended: never queued behind saves
+        self._appending = True  # False once an append failed: nothing is glued onto a torn line
+        self._held = 0  # answers held in memory, waiting for a file descriptor to save them
+        self._said_held = False
 
     def open(self) -> None:
         """Start the threads (`start` does it too): for `save` and `commit_now` without the committing task."""
@@ -138,8 +171,34 @@ class Sink:
         return result
 
     async def save(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run a Writer method (save an item's images, build its line) in a saver thread."""
-        return await self.in_thread(self.savers, fn, *args, **kwargs)
+        """Run a Writer method (save an item's images, build its line) in a saver thread.
+
+        A save that fails for want of a file descriptor (EMFILE, ENFILE) is not the end of a paid
+        answer: it is held and tried again, the waits growing, while the requests in flight give
+        their sockets back (HOLD_S at most). Any other OutputError is raised."""
+        try:
+            return await self.in_thread(self.savers, fn, *args, **kwargs)
+        except OutputError as e:
+            if e.errno not in FD_LIMIT:
+                raise
+            error = e
+        self._held += 1
+        if not self._said_held:  # once a run: the limit was said at the start, this is its consequence
+            self._said_held = True
+            self.log(f"{error.why}: holding answers in memory and trying their saves again until they can be saved")
+        try:
+            wait, waited = 0.05, 0.0
+            while True:
+                await anyio.sleep(wait)  # a third Ctrl+C still stops here: nothing else does
+                waited += wait
+                try:
+                    return await self.in_thread(self.savers, fn, *args, **kwargs)
+                except OutputError as e:
+                    if e.errno not in FD_LIMIT or waited >= HOLD_S:
+                        raise
+                wait = min(wait * 2, HOLD_STEP_MAX_S)
+        finally:
+            self._held -= 1
 
     async def _commit(self, recv: MemoryObjectReceiveStream[Record]) -> None:
         async with recv:
@@ -157,8 +216,20 @@ class Sink:
                         batch.append(recv.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
-                records = await self.in_thread(self._committer, self.writer.commit, batch)
-                for rec in records:
-                    self.stats.count(rec)
+                if self._appending:
+                    try:
+                        batch = await self.in_thread(self._committer, self.writer.commit, batch)
+                    except OutputError as e:  # the disk filled up under the manifest: its images are saved
+                        self._appending = False
+                        if self.on_output_error is None:
+                            raise
+                        self.on_output_error(e)
+                if self._appending:
+                    for rec in batch:
+                        self.stats.count(rec)
+                else:  # saved, not recorded: the next run adopts the images (recovered), never buys them again
+                    for rec in batch:
+                        self.stats.unrecorded += rec["status"] == "ok"
+                        self.stats.spent_usd += rec["cost_usd"] if not rec.get("recovered") else 0.0
                 if self.progress:
                     self.progress.update(self.stats)

@@ -21,7 +21,8 @@ def summary_dict(result: RunResult) -> dict[str, Any]:
         "failed": s.failed, "interrupted": s.interrupted, "recovered": s.recovered, "retries": s.retries,
         "retries_by_kind": dict(s.retries_by_kind), "requests": s.requests, "failures_by_kind": dict(s.failures_by_kind),
         "spent_usd": round(s.spent_usd, 6), "total_spent_usd": round(result.total_spent_usd, 6),
-        "stop_reason": s.stop_reason,
+        "adopted_usd": round(s.adopted_usd, 6), "unsaved": s.unsaved, "unsaved_usd": round(s.unsaved_usd, 6),
+        "unrecorded": s.unrecorded, "stop_reason": s.stop_reason,
     }  # fmt: skip
 
 
@@ -37,7 +38,20 @@ def describe(result: RunResult, command: str = "runner run JOB.yaml") -> list[st
     if s.failures_by_kind:
         lines.append("failures: " + ", ".join(f"{k}={v}" for k, v in sorted(s.failures_by_kind.items())))
     if s.recovered:
-        lines.append(f"{s.recovered} items recovered from whole images on disk (not bought again)")
+        lines.append(
+            f"{s.recovered} items recovered from whole images on disk (not bought again; "
+            f"{usd(s.adopted_usd)} spent by the run that made them)"
+        )
+    if s.unsaved:
+        lines.append(
+            f"{s.unsaved} answers paid but not saved: {s.output_problem} ({usd(s.unsaved_usd)}, counted in the spend; "
+            "a rerun buys them again)"
+        )
+    if s.unrecorded:
+        lines.append(
+            f"{s.unrecorded} images saved but not recorded: {s.output_problem} (the next run adopts them, "
+            "never buys them again)"
+        )
     if s.stop_kind == "budget":
         lines.append(
             f"stopped: budget reached: {usd(result.total_spent_usd)} spent of max_cost_usd {result.max_cost_usd:g}"
@@ -74,6 +88,9 @@ def _next_steps(result: RunResult, command: str) -> list[str]:
             "no_balance": f"top up the balance of the key in ${result.key_env}",
             "forbidden": f"the key in ${result.key_env} may not use this model: check `model` or the key",
             "not_found": "check base_url (or --base-url): the gateway answered 404 or redirected",
+            "output": f"make room (or fix what the message says) in {result.out_dir}",
+            "certificate": "trust the gateway's CA: SSL_CERT_FILE=/path/to/ca.pem (or SSL_CERT_DIR, or "
+            "REQUESTS_CA_BUNDLE), never by turning verification off",
         }.get(s.stop_failure or "", "see the reason above")
         return [f"{hint}; then `{command}` resumes"]
     if s.stop_kind == "breaker":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class Writer:
         self.prices = prices
         self.run_id = run_id
         self.on_bug = on_bug
+        self.started = time.monotonic()  # lines say when on this clock too: the wall clock may step
         self._stored_inputs: set[str] = set()
         self._inputs_lock = threading.Lock()
 
@@ -93,6 +95,8 @@ class Writer:
             elapsed_s=f.elapsed,
             finished_at=_now(),
             run_id=self.run_id,
+            since_start_s=time.monotonic() - self.started,
+            served_model=outcome.model if isinstance(outcome, Success) else None,
             images=images,
             text=outcome.text if isinstance(outcome, Success) else "",
             error=error,
@@ -108,6 +112,7 @@ class Writer:
         return make_record(
             fields, status="failed", attempts=attempts, request_id=None, usage=None, cost_usd=0.0,
             latency_s=0.0, elapsed_s=0.0, finished_at=_now(), run_id=self.run_id, error=error,
+            since_start_s=time.monotonic() - self.started,
         )  # fmt: skip
 
     def recovered(self, item: Item, paths: list[str]) -> Record | None:
@@ -128,7 +133,7 @@ class Writer:
         return make_record(
             item.record_fields(), status="ok", attempts=0, request_id=None, usage=None,
             cost_usd=self.prices.item(item) * len(images), latency_s=0.0, elapsed_s=0.0, finished_at=_now(),
-            run_id=self.run_id, images=images, recovered=True,
+            run_id=self.run_id, images=images, recovered=True, since_start_s=time.monotonic() - self.started,
         )  # fmt: skip
 
 

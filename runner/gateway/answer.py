@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
+import functools
 import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from ..imageinfo import is_whole_image
-from ..policy import Failure
-from ..safety import MAX_TEXT, clean_message, safe_json, safe_text
+from ..policy import Failure, classify_error
+from ..safety import MAX_TEXT, clean_message, json_int, safe_json, safe_text
 
 _B64_STEP = 1 << 20  # base64 characters decoded per step (a multiple of 4)
 _DATA_URI = re.compile(r"data:(image/[A-Za-z0-9.+-]+);base64,([A-Za-z0-9+/=\s]*)")
@@ -32,6 +34,7 @@ class Success:
     text: str
     usage: dict[str, Any] | None
     request_id: str | None
+    model: str | None = None  # the model the answer says served it (made safe), when it says
 
 
 Outcome = Success | Failure
@@ -147,7 +150,7 @@ def _parse(doc: bytes | bytearray, cut: list[tuple[str, bytes]] | None, api_key:
         too_much = f"answer has {len(doc) / 2**20:.1f} MB of JSON {what}: not an image generation"
         return Failure("invalid_response", 200, too_much, final=True)
     try:
-        obj = json.loads(doc)
+        obj = loads(doc)
     except (ValueError, RecursionError) as e:
         if cut is not None:
             return None
@@ -158,6 +161,8 @@ def _parse(doc: bytes | bytearray, cut: list[tuple[str, bytes]] | None, api_key:
     raw_id = obj.get("id")
     request_id = safe_text(raw_id, api_key, keep_newlines=False, limit=200) if isinstance(raw_id, str) else None
     choices = obj.get("choices")
+    if isinstance(obj.get("error"), dict) and not choices:  # an error inside a 200: read as the error it is
+        return dataclasses.replace(classify_error(obj["error"], api_key), request_id=request_id)
     choice = choices[0] if isinstance(choices, list) and choices else None
     message = choice.get("message") if isinstance(choice, dict) else None
     if not isinstance(message, dict):
@@ -208,4 +213,26 @@ def _parse(doc: bytes | bytearray, cut: list[tuple[str, bytes]] | None, api_key:
     if not images:
         said = f": {text[:200]}" if text else " (empty content)"
         return Failure("no_image", 200, clean_message(f"answer has no image{said}", api_key), request_id=request_id)
-    return Success(images, text, usage, request_id)
+    return Success(images, text, usage, request_id, served_model(obj.get("model"), api_key))
+
+
+def loads(doc: bytes | bytearray) -> Any:
+    """json.loads of an answer; an integer of more than 4300 digits (which Python refuses to read,
+    and which would make a paid answer unreadable) is read as None, the others as they are (safe_json
+    clamps them where they are kept). The callback only on that rare retry: it costs on every int."""
+    try:
+        return json.loads(doc)
+    except ValueError as e:
+        if "integer string conversion" not in str(e):
+            raise
+    return json.loads(doc, parse_int=json_int)
+
+
+def served_model(value: Any, api_key: str | None) -> str | None:
+    """An answer's `model` (or Google's `modelVersion`) as it may be stored: short, one line, safe."""
+    return _safe_model(value[:400], api_key) if isinstance(value, str) and value else None
+
+
+@functools.lru_cache(maxsize=16)
+def _safe_model(value: str, api_key: str | None) -> str:
+    return safe_text(value, api_key, keep_newlines=False, limit=200)  # every answer names its model: once each

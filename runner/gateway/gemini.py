@@ -14,11 +14,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..imageinfo import is_whole_image
-from ..policy import Failure, classify_status
+from ..policy import Failure, classify_status, error_status
 from ..safety import clean_message, safe_json, safe_text
 from ..spec.inputs import Inputs
 from ..spec.items import Item
-from .answer import MAX_DOCUMENT, MAX_IMAGES, Image, Outcome, Success
+from .answer import MAX_DOCUMENT, MAX_IMAGES, Image, Outcome, Success, loads, served_model
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/v1beta"
 _STEP = 1 << 20  # base64 characters decoded per step (a multiple of 4)
@@ -97,7 +97,7 @@ def parse_response(body: bytes | bytearray, api_key: str | None) -> Outcome:
             "invalid_response", 200, f"answer has {len(doc) / 2**20:.1f} MB of JSON besides its images", final=True
         )
     try:
-        obj = json.loads(doc)
+        obj = loads(doc)
     except (ValueError, RecursionError) as e:
         why = "nested too deeply" if isinstance(e, RecursionError) else f"{bytes(doc[:120])!r}"
         return Failure("invalid_response", 200, clean_message(f"body is not JSON: {why}", api_key))
@@ -205,7 +205,7 @@ def read_response(obj: Any, api_key: str | None, cut: list[bytes] | None = None)
         why = f" ({finish})" if isinstance(finish, str) and finish not in ("STOP", "") else ""
         message = clean_message(f"answer has no image{why}{said or ' (empty content)'}", api_key)
         return Failure("no_image", 200, message, request_id=request_id)
-    return Success(images, text, usage, request_id)
+    return Success(images, text, usage, request_id, served_model(obj.get("modelVersion"), api_key))
 
 
 def _image(inline: dict[str, Any], data: bytes | None, api_key: str | None, request_id: str | None) -> Image | Failure:
@@ -231,8 +231,7 @@ def error_failure(error: dict[str, Any], api_key: str | None) -> Failure:
     """A Google error object (`{"code", "message", "status", "details"}`), wherever it came: as the
     same error answered with its HTTP status. A batch line's `code` is a google.rpc code."""
     code = error.get("code")
-    status = (
-        code if isinstance(code, int) and code >= 100 else RPC_STATUS.get(code, 500) if isinstance(code, int) else 500
-    )
-    body = json.dumps({"error": error}).encode()
+    rpc = isinstance(code, int) and not isinstance(code, bool) and code < 100
+    status = RPC_STATUS.get(int(code or 0), 500) if rpc else error_status(error)
+    body = json.dumps({"error": error}, default=str).encode()
     return classify(status, body, None, api_key)

@@ -18,20 +18,30 @@ _TEMP_SEQ = itertools.count()
 _DIR = os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW
 
 
+FD_LIMIT = (errno.EMFILE, errno.ENFILE)  # too many open files: in this process, or in the whole system
+
+
 def output_error(e: OSError, where: str) -> OutputError:
-    """An OSError in the output dir as the one-line error a person can act on."""
+    """An OSError in the output dir as the one-line error a person can act on (its errno kept)."""
     name = getattr(e, "filename", None) or where
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        why = "the disk is full (or a file-size quota was reached)"
+        why, short = "the disk is full (or a file-size quota was reached)", "disk full"
     elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        why = "no permission to write there"
+        why, short = "no permission to write there", "no permission"
     elif e.errno in (errno.ELOOP, errno.ENOTDIR):
         why = "it is a symbolic link (or not a folder); runner never follows links inside its output dir: remove it"
+        short = "a link in the output dir"
+    elif e.errno in FD_LIMIT:
+        from ..fdlimit import describe
+
+        why = short = describe()
     else:
-        why = e.strerror or str(e)
-    return OutputError(
+        why = short = e.strerror or str(e)
+    error = OutputError(
         f"cannot write to output dir {where}: {why} ({name}); the run stopped, what was written is intact"
     )
+    error.errno, error.why = e.errno, short
+    return error
 
 
 class Jail:
@@ -42,6 +52,8 @@ class Jail:
     relative to their folder's fd, so a link planted in a shared output dir can neither
     redirect a write nor make a truncation hit a file outside. Non-regular files (a FIFO
     where the index belongs) are refused instead of hanging a reader."""
+
+    max_cached = 320  # folder fds kept open at most (fdlimit lowers it under a tight ulimit -n)
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -71,15 +83,50 @@ class Jail:
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(name, 0o755, dir_fd=pfd)
             fd = os.open(name, _DIR, dir_fd=pfd)
-        self._dirs[rel] = fd
-        return fd
+        cached = self._dirs.setdefault(rel, fd)  # two threads may open one folder at once: one fd is kept
+        if cached != fd:
+            os.close(fd)
+        return cached
+
+    def _hold(self, rel: str, create: bool = False) -> tuple[int, bool]:
+        """(the fd of folder `rel`, whether the caller closes it): a cached fd, or, once `max_cached`
+        folders are open, one of its own (an output dir has 256 image folders, and a tight
+        `ulimit -n` cannot hold them all)."""
+        fd = self._dirs.get(rel)
+        if fd is not None:
+            return fd, False
+        if not rel or len(self._dirs) < self.max_cached:
+            return self.dir_fd(rel, create), False
+        parent, _, name = rel.rpartition("/")
+        pfd, close_parent = self._hold(parent, create)
+        try:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o755, dir_fd=pfd)
+            return os.open(name, _DIR, dir_fd=pfd), True
+        finally:
+            if close_parent:
+                os.close(pfd)
+
+    @contextlib.contextmanager
+    def folder(self, rel: str, create: bool = False) -> Iterator[int]:
+        """The fd of folder `rel` for the length of the block (see _hold)."""
+        fd, close = self._hold(rel, create)
+        try:
+            yield fd
+        finally:
+            if close:
+                os.close(fd)
 
     def open(self, rel: str, flags: int, mode: int = 0o644) -> int:
         """An fd of the regular file `rel` (OSError ELOOP for a link, EINVAL-like for a FIFO)."""
         folder, _, name = rel.rpartition("/")
-        fd = os.open(
-            name, flags | _NOFOLLOW | os.O_NONBLOCK, mode, dir_fd=self.dir_fd(folder, bool(flags & os.O_CREAT))
-        )
+        dfd, close = self._hold(folder, bool(flags & os.O_CREAT))
+        try:
+            fd = os.open(name, flags | _NOFOLLOW | os.O_NONBLOCK, mode, dir_fd=dfd)
+        finally:
+            if close:
+                os.close(dfd)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise OSError(errno.EINVAL, "not a regular file", self.path(rel))
@@ -92,7 +139,8 @@ class Jail:
     def lstat(self, rel: str) -> os.stat_result | None:
         folder, _, name = rel.rpartition("/")
         try:
-            return os.stat(name, dir_fd=self.dir_fd(folder), follow_symlinks=False)
+            with self.folder(folder) as dfd:
+                return os.stat(name, dir_fd=dfd, follow_symlinks=False)
         except FileNotFoundError:
             return None
 
@@ -113,28 +161,37 @@ class Jail:
         The folder itself is not fsynced (see sync_dir): a batch of files shares one folder
         fsync before their manifest lines are written."""
         folder, _, name = rel.rpartition("/")
-        dfd = self.dir_fd(folder, create=True)
-        tmp = f".{name}.{os.getpid()}-{next(_TEMP_SEQ)}.tmp"  # unique per write: threads may write one name
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW
+        dfd, close = self._hold(folder, create=True)
         try:
-            fd = os.open(tmp, flags, 0o644, dir_fd=dfd)
-        except FileExistsError:  # a leftover of ours, or something planted: removed, never written through
-            os.unlink(tmp, dir_fd=dfd)
-            fd = os.open(tmp, flags, 0o644, dir_fd=dfd)
-        try:
-            yield fd
-            if durable:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
+            tmp = f".{name}.{os.getpid()}-{next(_TEMP_SEQ)}.tmp"  # unique per write: threads may write one name
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW
+            try:
+                fd = os.open(tmp, flags, 0o644, dir_fd=dfd)
+            except FileExistsError:  # a leftover of ours, or something planted: removed, never written through
                 os.unlink(tmp, dir_fd=dfd)
-            raise
-        os.close(fd)
-        os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)  # replaces a planted link itself, not its target
+                fd = os.open(tmp, flags, 0o644, dir_fd=dfd)
+            try:
+                yield fd
+                if durable:
+                    os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dfd)
+                raise
+            os.close(fd)
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)  # replaces a planted link itself, not its target
+        finally:
+            if close:
+                os.close(dfd)
 
     def sync_dir(self, rel: str) -> None:
-        os.fsync(self.dir_fd(rel))
+        fd, close = self._hold(rel)
+        try:
+            os.fsync(fd)
+        finally:
+            if close:
+                os.close(fd)
 
     def read(self, rel: str, limit: int | None = None) -> bytes:
         fd = self.open(rel, os.O_RDONLY)

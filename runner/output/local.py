@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import OutputError, OutputLocked
 from ..record import Record
-from .files import Jail, output_error
+from .files import FD_LIMIT, Jail, output_error
 from .ledger import Ledger, encode_event, ledger_name, ledger_paths, read_ledger
 from .manifest import (
     IMAGE_FILE,
@@ -201,19 +201,19 @@ class LocalStore:
                             raise OSError(errno.ELOOP, "a symbolic link", f"{self.display}/{top}/{folder.name}")
                         continue
                     rel = f"{top}/{folder.name}"
-                    fd = self.jail.dir_fd(rel)
-                    for entry in os.scandir(fd):
-                        name = entry.name
-                        if name.startswith("."):
-                            self._remove_temp(fd, name)
-                        elif (
-                            top == "images"
-                            and (m := IMAGE_FILE.fullmatch(name))
-                            and (key := int(m.group(1), 16)) not in state.done
-                            and key not in state.bad_images
-                            and entry.is_file(follow_symlinks=False)
-                        ):
-                            found.setdefault(key, []).append(f"{rel}/{name}")
+                    with self.jail.folder(rel) as fd:  # not kept open: 256 folders may be more than ulimit -n
+                        for entry in os.scandir(fd):
+                            name = entry.name
+                            if name.startswith("."):
+                                self._remove_temp(fd, name)
+                            elif (
+                                top == "images"
+                                and (m := IMAGE_FILE.fullmatch(name))
+                                and (key := int(m.group(1), 16)) not in state.done
+                                and key not in state.bad_images
+                                and entry.is_file(follow_symlinks=False)
+                            ):
+                                found.setdefault(key, []).append(f"{rel}/{name}")
             for entry in os.scandir(self.jail.dir_fd("")):
                 if entry.name.startswith("."):
                     self._remove_temp(self.jail.dir_fd(""), entry.name)
@@ -243,7 +243,9 @@ class LocalStore:
     def read_image(self, rel: str) -> bytes | None:
         try:
             return self.jail.read(rel)
-        except OSError:
+        except OSError as e:
+            if e.errno in FD_LIMIT:  # not "no image": the save path holds it and tries again
+                raise output_error(e, self.display) from None
             return None
 
     # -- writing ----------------------------------------------------------------------------
@@ -259,12 +261,17 @@ class LocalStore:
 
     def save_input(self, rel: str, source: str, size: int) -> None:
         """Keep a copy of a reference image (content-addressed: each file once)."""
-        st = self.jail.lstat(rel)
+        try:
+            st = self.jail.lstat(rel)
+        except OSError as e:
+            raise output_error(e, self.display) from None
         if st is not None and st.st_size == size:
             return
         try:
             data = Path(source).read_bytes()
         except OSError as e:
+            if e.errno in FD_LIMIT:
+                raise output_error(e, self.display) from None
             raise OutputError(f"cannot read reference image {source}: {e.strerror or e}") from None
         self.save_image(rel, data)
 

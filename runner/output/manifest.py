@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OutputError
+from ..imageinfo import dimensions_of_file
 from ..policy import PERMANENT
 from ..record import Intact, Record, parse_line, supersedes
 from .files import Jail, open_regular, output_error
@@ -218,7 +219,8 @@ def _index_rows(manifest: Path) -> Iterator[dict[str, Any]]:
 
 def image_intact(out: Path | str, rec: Mapping[str, Any], full: bool = False) -> bool:
     """Is the record's image there and whole? Size and mtime as recorded are trusted (like rsync);
-    otherwise, or with `full`, the sha256 decides. A link is never an intact image."""
+    otherwise, or with `full`, the sha256 decides (and with `full`, a header that says the image's
+    size must be there too). A link is never an intact image."""
     rel = rec.get("image_path")
     if not isinstance(rel, str):
         return False
@@ -232,9 +234,11 @@ def image_intact(out: Path | str, rec: Mapping[str, Any], full: bool = False) ->
     if not full and st.st_mtime_ns == rec.get("mtime_ns"):
         return True
     try:
-        return sha256_file(path) == rec.get("sha256")
+        same = sha256_file(path) == rec.get("sha256")
     except OSError:
         return False
+    # --verify: bytes that only look like an image (no header that says its size) are not one either
+    return same and (not full or dimensions_of_file(path) is not None)
 
 
 def sha256_file(path: Path | str) -> str:

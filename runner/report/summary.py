@@ -168,6 +168,9 @@ class Manifests:
     retries_by_kind: Counter[str] = field(default_factory=Counter)
     cost_by_line: dict[tuple[str, str], float] = field(default_factory=dict)
     runs: dict[str, list[float]] = field(default_factory=dict)  # run_id -> [first start, last end] (epoch s)
+    # run_id -> its start on the wall clock, from its first line that says when on the monotonic one
+    anchors: dict[str, float] = field(default_factory=dict)
+    stepped: set[str] = field(default_factory=set)  # runs whose wall times went backwards, with nothing better
     first: datetime | None = None
     last: datetime | None = None
 
@@ -196,12 +199,34 @@ def read_manifests(view: View) -> Manifests:
         if stamp is not None:
             m.first = stamp if m.first is None or stamp < m.first else m.first
             m.last = stamp if m.last is None or stamp > m.last else m.last
-            end = stamp.timestamp()
-            start = end - max(0.0, float(rec.get("elapsed_s") or 0.0))
-            span = m.runs.setdefault(rec.get("run_id") or "", [start, end])
-            span[0], span[1] = min(span[0], start), max(span[1], end)
+            _span(m, rec, stamp.timestamp())
     m.damaged = len(bad)
     return m
+
+
+STEP_TOLERANCE_S = 5.0  # lines are written in about the order their items finished; more out of order is the clock
+
+
+def _span(m: Manifests, rec: Record, wall: float) -> None:
+    """Widen the record's run's span by the time its item was in flight. Durations come from the
+    monotonic clock (`since_start_s`, `elapsed_s`), placed on the wall clock once per run (its first
+    line's), so a wall clock stepped back or forth mid-run does not stretch or shrink the run; a run
+    of older lines whose wall times went backwards gives no rate at all (m.stepped)."""
+    run = rec.get("run_id") or ""
+    since = rec.get("since_start_s")
+    elapsed = max(0.0, float(rec.get("elapsed_s") or 0.0))
+    span = m.runs.get(run)
+    if isinstance(since, int | float):
+        end = m.anchors.setdefault(run, wall - since) + since
+    else:
+        if span is not None and wall < span[1] - STEP_TOLERANCE_S:
+            m.stepped.add(run)
+        end = wall
+    start = end - elapsed
+    if span is None:
+        m.runs[run] = [start, end]
+    else:
+        span[0], span[1] = min(span[0], start), max(span[1], end)
 
 
 def _busy_seconds(spans: list[list[float]]) -> float:
@@ -281,7 +306,8 @@ def summarize(m: Manifests) -> Summary:
         "retries": retries,
         "retries_by_kind": dict(m.retries_by_kind.most_common()),
         # Over less than a minute in flight an hourly rate is noise.
-        "throughput_per_hour": round(ok / busy_h, 1) if busy_h >= 1 / 60 and ok else None,
+        # A run whose wall clock went backwards (older lines, no monotonic time) gives no rate at all.
+        "throughput_per_hour": round(ok / busy_h, 1) if busy_h >= 1 / 60 and ok and not m.stepped else None,
         "busy_s": round(busy_h * 3600, 1),
         "by_model": [per_line[k] for k in sorted(per_line)],
         "runs": len(m.runs),

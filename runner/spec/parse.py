@@ -129,6 +129,8 @@ def parse_spec(raw: Any, path: Path) -> JobSpec:
     if "name" not in top:
         raise c.fail("name", "required key is missing")
     name = c.string(top["name"], "name")
+    if not name.isprintable():  # a line break or an escape would reach terminals, logs and the dataset card as is
+        raise c.fail("name", f"must be one line of printable text (it names the run in messages), got {name!r}")
     model = c.model(top["model"], "model") if "model" in top else None
     configs = (
         c.configs(top["image_configs"], "image_configs") if "image_configs" in top else (ImageConfig(DEFAULT_CONFIG),)

@@ -33,7 +33,7 @@ from ...engine.feed import Feed
 from ...engine.progress import duration, plural
 from ...engine.session import SAVE_THREADS, Session
 from ...engine.writer import Finished
-from ...errors import RunnerError
+from ...errors import OutputError, RunnerError
 from ...gateway.answer import Outcome, Success
 from ...gateway.gemini import GeminiFormat
 from ...output import Store
@@ -492,11 +492,18 @@ class BatchBackend:
         finished: list[tuple[Item, Record]] = []
         seen: set[str] = set()
         retry: list[tuple[Item, Failure]] = []
-        unknown = broken = 0
+        unknown = broken = unsaved = 0
         latency = time.monotonic() - batch.submitted
 
         async def record(item: Item, outcome: Outcome) -> None:
-            done = await self._record(item, outcome, info.name, latency)
+            nonlocal unsaved
+            try:
+                done = await self._record(item, outcome, info.name, latency)
+            except OutputError as e:  # the output dir cannot be written: counted; the results file is kept
+                images = len(outcome.images) if isinstance(outcome, Success) else 0
+                self.session.unsaved(e, self.prices.item(item) * images, images)
+                unsaved += 1
+                return
             if done is not None:
                 records.append(done)
                 finished.append((item, done))
@@ -525,6 +532,11 @@ class BatchBackend:
             path.unlink(missing_ok=True)
         missing = [item for i, item in items.items() if i not in seen]
         await self.session.sink.commit_now(records)  # in the manifest before the ledger says collected
+        if unsaved:  # not collected: the next run downloads the results again and saves what is missing
+            self.log(
+                f"batch {info.name}: {plural(unsaved, 'answer')} could not be saved; its results stay on the server"
+            )
+            return
         for item, rec in finished:
             self.feed.finished(item, rec)  # an ok parent's children are planned now
         spent = sum(r["cost_usd"] for r in records)

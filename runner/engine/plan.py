@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..models import MODELS, effective_size
+from ..imageinfo import dimensions_of_file
+from ..models import MODELS, effective_size, nearest_ratio
 from ..output import ResumeState, open_view
 from ..pricing import PriceTable, money, usd
+from ..spec.inputs import InputImage
 from ..spec.items import Item, Shard, iter_items, iter_keyed
 from ..spec.parse import JobSpec
 
@@ -43,6 +46,8 @@ class Plan:
     input_bytes: int = 0
     input_cost: float = 0.0
     lines: dict[tuple[str, str], Line] = field(default_factory=dict)
+    input_shapes: Counter[str] = field(default_factory=Counter)  # items sending no aspect ratio: ratio they get
+    ids_sum: int = 0  # the sum of the item ids (as ints): current.ids_digest tells when the set changed
     on_disk: int = 0  # items with image files on disk but no ok line (a kill between the two); set by the run
 
     @property
@@ -62,14 +67,18 @@ def make_plan(
     retry_failed: bool = False,
 ) -> Plan:
     plan = Plan()
+    shapes: dict[str, tuple[int, int] | None] = {}
     for key, fields in iter_keyed(spec, shard):
         model, inputs = fields.model, fields.inputs
+        if fields.config.aspect_ratio is None:
+            plan.input_shapes[_kept_shape(model, inputs, shapes)] += 1
         size = effective_size(model, fields.config.image_size)
         line = plan.lines.get((model, size))
         if line is None:
             line = plan.lines[(model, size)] = Line(model, size, prices.per_image(model, fields.config.image_size))
         line.items += 1
         plan.items += 1
+        plan.ids_sum += key
         plan.known_seen += state.known(key)
         if key in state.done:
             line.done += 1
@@ -83,6 +92,20 @@ def make_plan(
             plan.skipped_failed += 1
     plan.to_run = plan.items - plan.done - plan.skipped_failed
     return plan
+
+
+def _kept_shape(model: str, inputs: tuple[InputImage, ...], shapes: dict[str, tuple[int, int] | None]) -> str:
+    """The aspect ratio an item without one gets: its first reference image's (the nearest the model
+    supports), 1:1 without reference images, "?" for a URL (the gateway fetches it: unknown here)."""
+    if not inputs:
+        return "1:1"
+    first = inputs[0]
+    if first.path is None or first.sha256 is None:
+        return "?"
+    if first.sha256 not in shapes:
+        shapes[first.sha256] = dimensions_of_file(first.path)
+    found = shapes[first.sha256]
+    return nearest_ratio(model, *found) if found else "?"
 
 
 def pending(spec: JobSpec, state: ResumeState, shard: Shard | None, retry_failed: bool) -> Iterator[Item]:
@@ -134,9 +157,12 @@ def estimate(
         "time_basis": "requests_per_minute"
         if rpm and plan.remaining * 60.0 / rpm >= busy_s
         else "concurrency x typical latency",
+        "assumed_latency_s": {m: MODELS[m].latency_s for m in sorted({line.model for line in plan.lines.values()})},
         "concurrency": conc,
         "requests_per_minute": rpm,
         "by_model": [line.as_dict() for line in sorted(plan.lines.values(), key=lambda x: (x.model, x.size))],
+        # items whose image config has no aspect_ratio: the ratio each gets (its first reference image's)
+        "input_shapes": dict(plan.input_shapes.most_common()),
         "max_cost_usd": spec.max_cost_usd,
         "damaged_lines": state.bad_lines,
         "warnings": list(spec.warnings),

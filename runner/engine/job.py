@@ -58,6 +58,7 @@ class RunOptions:
 @dataclass
 class RunResult:
     out_dir: str
+    name: str = ""  # the job's
     key_env: str = "NANOBANANA_API_KEY"
     items: int = 0
     skipped_done: int = 0
@@ -105,7 +106,7 @@ async def run_job_async(spec: JobSpec, options: RunOptions = RunOptions(), log: 
     url = options.notify_url or spec.notify_url
     command = options.on_finish or spec.on_finish
     if url or command:
-        text = describe(result, options.rerun_command or "runner run JOB.yaml")[0]
+        text = describe(result, options.rerun_command or "runner run JOB.yaml", absolute_path=True)[0]
         await notify(summary_dict(result), text, url=url, command=command, key_env=spec.api_key_env, log=log)
     return result
 
@@ -142,7 +143,7 @@ async def _run(spec: JobSpec, options: RunOptions, log: Log, base_url: str, key:
 
 
 async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str, key: str, store: Store) -> RunResult:
-    result = RunResult(store.display, key_env=spec.api_key_env)
+    result = RunResult(store.display, name=spec.name, key_env=spec.api_key_env)
     _say_repairs(store, log)
     previous = store.read_snapshot()  # what the dir remembers of its last run ({} if nothing)
     state = await anyio.to_thread.run_sync(store.scan, options.verify)

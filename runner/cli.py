@@ -169,11 +169,11 @@ def _estimate_text(est: dict[str, Any]) -> str:
             f"aspect ratio: {sum(est['input_shapes'].values())} items send none and keep their first reference "
             f"image's shape ({shapes})"
         )
-    latency = ", ".join(f"{s:g}s for {m}" for m, s in est.get("assumed_latency_s", {}).items())
+    latency = ", ".join(f"~{s:g}s an image for {m}" for m, s in est.get("assumed_latency_s", {}).items())
     rows.append(
         f"time: about {duration(est['estimated_time_s'])} at concurrency {est['concurrency']}"
         + (f", {est['requests_per_minute']:g} requests/minute" if est["requests_per_minute"] else "")
-        + f" (bound by {est['time_basis']}; assuming a typical {latency} an image)"
+        + f" (bound by {est['time_basis']}; assuming {latency}, the typical latency)"
     )
     if est["remaining"]:
         rows.append(

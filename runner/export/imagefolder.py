@@ -105,6 +105,7 @@ def export_imagefolder(
         "input_images": any(local_inputs(rec) for rec in chosen.records),
         "input_urls": any(x.get("url") for rec in chosen.records for x in rec.get("inputs") or []),
         "extra_images": any(rec.get("extra_images") for rec in chosen.records),
+        "aspect_ratio": any((rec.get("image_config") or {}).get("aspect_ratio") for rec in chosen.records),
     }
     placed: set[str] = set()  # reference images already in dest (many items share one)
     with Staging(dest) as staging:
@@ -174,7 +175,8 @@ def features_of(columns: dict[str, str], extras: dict[str, bool]) -> list[dict[s
     """The columns as `datasets` loads them, in the dataset card's YAML form."""
     features: list[dict[str, Any]] = [{"name": "image", "dtype": "image"}]
     features += [
-        {"name": name, "dtype": "string"}
+        # aspect_ratio: null in every row when none was sent (the edits kept their inputs' shapes)
+        {"name": name, "dtype": "string" if name != "aspect_ratio" or extras.get("aspect_ratio", True) else "null"}
         for name in ("item_id", "prompt_id", "prompt", "model", "aspect_ratio", "image_size")
     ]
     features += [{"name": name, "dtype": "int64"} for name in ("repeat", "width", "height")]

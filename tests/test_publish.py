@@ -405,11 +405,15 @@ def test_report_holds_the_spec_items_and_falls_back_when_the_spec_is_gone(
     text = run_cli("report", out).stdout
     assert "items     2  (ok 2, failed 0)" in text and "left out  1 older item whose records the spec" in text
     assert json.loads(run_cli("report", out, "--json", "--all-records").stdout)["items"] == 3
+    assert run_cli("report", out, "--html", str(tmp_path / "g.html")).returncode == 0  # the gallery: the same items
+    page = (tmp_path / "g.html").read_text()
+    assert page.count('"ok"') >= 1 and "1 older item no longer in the spec left out" in page
+    assert len(json.loads(re.search(r'id="gallery-data">(.*?)</script>', page, re.S).group(1))["id"]) == 2  # type: ignore[union-attr]
     proc = run_cli("export", out, "--to", str(tmp_path / "d"))
     assert "wrote 2 items" in proc.stderr and "left out 1 older item whose records" in proc.stderr
     path.unlink()  # the spec is gone: every record, said
     summary = json.loads(run_cli("report", out, "--json").stdout)
-    assert summary["items"] == 3 and "is gone: every record counts" in summary["records_note"]
+    assert summary["items"] == 3 and "job.yaml is gone" in summary["records_note"]
     path.write_text("name: [broken")
     assert "no longer checks" in json.loads(run_cli("report", out, "--json").stdout)["records_note"]
 

@@ -66,7 +66,9 @@ def current_items(snapshot: dict[str, Any]) -> CurrentItems:
     if not isinstance(path, str) or not path:
         return CurrentItems(None, note="the output dir names no spec (spec.json): every record counts")
     if not Path(path).is_file():
-        return CurrentItems(None, path, f"the spec {path} is gone: every record counts")
+        return CurrentItems(
+            None, path, f"the spec {path} is gone (or, a relative path, not found from here): every record counts"
+        )
     try:
         spec = load_spec(path)
         ids = spec_item_ids(spec)

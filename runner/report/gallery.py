@@ -287,6 +287,9 @@ def _header(title: str, out_dir: Path, summary: Summary, quality: Quality | None
         f"{_kinds(summary.get('retries_by_kind'))} · {int(summary.get('requests', 0)):,} requests"
         f" · cost <strong>{_money(float(summary.get('cost_usd', 0.0)))}</strong> · latency p50 {p50}, p95 {p95}"
     )
+    older = int(summary.get("older_records") or 0)
+    if older:  # the gallery shows what the spec asks for now, like the report
+        stats += f" · {older:,} older item{'' if older == 1 else 's'} no longer in the spec left out (--all-records)"
     lines = [
         f'<h1 dir="auto">{esc(_clean(title))}</h1>',
         f'<p class="outdir"><bdi>{esc(_clean(str(out_dir)))}</bdi></p>',

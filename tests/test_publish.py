@@ -338,6 +338,7 @@ def test_a_config_without_aspect_ratio_sends_none_and_keeps_the_ids_of_those_wit
     text = run_cli("estimate", str(path)).stdout
     assert "2 items send none and keep their first reference image's shape (9:16 x2)" in text
     assert "assuming ~18s an image for nanobanana_pro" in text and "raise concurrency" in text
+    assert re.search(r"reference images: 2 sent \(\d+ KiB\)", text)  # binary units, named so
     bad = write_spec(tmp_path, image_configs=[{"aspect_ratio": None}])
     assert "image_configs[0].aspect_ratio" in run_cli("estimate", str(bad)).stderr  # given, it must be a ratio
 

@@ -271,7 +271,13 @@ def _plan(
         how = "converted losslessly to PNG" if members.ext[role] == "png" else "kept as they are in `.bin` members"
         result.warnings.append(
             f"{role} files are of several types ({', '.join(kinds)}): {how}, so every sample has the same members"
-            + ("" if members.ext[role] == "png" else " (install Pillow to get PNG images instead)")
+            + (
+                ""
+                if members.ext[role] == "png"
+                else " (HEIC/HEIF cannot be converted)"
+                if members.pillow
+                else " (install Pillow to get PNG images instead)"
+            )
         )
     if len(order) > 1:
         first = set(order[0])

@@ -8,6 +8,7 @@ import os
 import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .cliargs import EXIT_INTERNAL, build_parser
@@ -84,6 +85,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         notify_url=args.notify_url,
         on_finish=args.on_finish,
         rerun_command=_rerun_command(args),
+        wait=not args.no_wait,
+        poll_s=args.poll,
     )
     result = run_job(spec, options, log=_say)
     for line in describe(result, _rerun_command(args)):
@@ -257,6 +260,11 @@ def cmd_mock_server(args: argparse.Namespace) -> int:
         seed=args.seed,
         flavor=args.flavor,
         answer_format=args.answer_format,
+        batch_latency_s=args.batch_latency,
+        batch_faults=tuple(_fault_rates(args.batch_fault)),
+        batch_max_open=args.batch_max_open,
+        batch_max_tokens=args.batch_max_tokens,
+        state_dir=Path(args.state_dir) if args.state_dir else None,
     )
     try:
         config.validate()
@@ -266,7 +274,16 @@ def cmd_mock_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from .backends.batch.cancel import cancel_batches
+
+    for line in cancel_batches(args.out, mock=args.mock, base_url=args.base_url):
+        _say(line)
+    return 0
+
+
 COMMANDS = {
+    "cancel": cmd_cancel,
     "run": cmd_run,
     "estimate": cmd_estimate,
     "report": cmd_report,

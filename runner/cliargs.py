@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="after Ctrl+C, seconds to let requests finish (default: 30)",
     )
     run.add_argument("--dry-run", action="store_true", help="estimate only, like `runner estimate`")
+    run.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="batch mode: submit and exit 0 (batches stay open on the server); a later `runner run` collects them",
+    )
+    run.add_argument(
+        "--poll", type=_seconds, metavar="S", help="batch mode: seconds between status checks (overrides batch.poll_s)"
+    )
     run.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
 
     est = sub.add_parser(
@@ -151,6 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("--json", action="store_true", help="print what was written and skipped as JSON")
 
+    cancel = sub.add_parser(
+        "cancel",
+        help="batch mode: cancel the batches still open on the server for an output dir",
+        formatter_class=_formatter,
+        description="Cancel every batch of OUT_DIR that is still open on Google's Batch API (the ledger in "
+        "OUT_DIR/batches*.jsonl says which). Their items go back to the to-do list: a later `runner run` submits "
+        "them again. The key is read from the variable the job's api_key_env named.",
+        epilog="examples:\n  runner cancel out/big\n  runner cancel out/big --mock   # batches of a --mock run",
+    )
+    cancel.add_argument("out", metavar="OUT_DIR")
+    cancel.add_argument("--mock", action="store_true", help="the batches were made by a --mock run")
+    cancel.add_argument("--base-url", help="Google's API (default: the one the batches were created at)")
+
     mock = sub.add_parser(
         "mock-server",
         help="serve the built-in mock gateway (for trying the tool and for tests)",
@@ -184,14 +205,28 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--fault", action="append", default=[], metavar="KIND=P", help="inject KIND with probability P")
     mock.add_argument(
         "--flavor",
-        choices=["nanobanana", "openai-compatible"],
+        choices=["nanobanana", "openai-compatible", "gemini"],
         default="nanobanana",
-        help="speak like the gateway (extra_body) or like LiteLLM/OpenRouter (top-level image_config)",
+        help="speak like the gateway (extra_body), like LiteLLM/OpenRouter (top-level image_config), or print "
+        "Google's API (/v1beta, always served too) as the base URL",
     )
     mock.add_argument(
         "--answer-format", choices=["markdown", "images"], help="images in Markdown content or in message.images"
     )
     mock.add_argument("--seed", type=int, default=0, help="seed of the random faults (same seed, same faults)")
+    mock.add_argument(
+        "--batch-latency", type=float, default=2.0, metavar="S", help="Google's Batch API: seconds a batch takes"
+    )
+    mock.add_argument(
+        "--batch-fault",
+        action="append",
+        default=[],
+        metavar="KIND=P",
+        help="Google's Batch API: failed, expired, create_drop, create_503, create_429, missing, truncate, duplicate",
+    )
+    mock.add_argument("--batch-max-open", type=int, default=100, metavar="N", help="open batches allowed (429 past it)")
+    mock.add_argument("--batch-max-tokens", type=int, default=0, metavar="N", help="enqueued-token quota (0: none)")
+    mock.add_argument("--state-dir", metavar="DIR", help="keep uploaded files and batches in DIR across restarts")
     return p
 
 

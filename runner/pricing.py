@@ -6,17 +6,39 @@ from collections.abc import Iterable
 
 from .models import MODELS, effective_size
 from .spec.items import Item
+from .spec.parse import JobSpec
 
 INPUT_IMAGE = "input_image"  # the pricing key of a reference image's price
 
 
-class PriceTable:
-    """The built-in list prices (runner/models.py, with their source) under the spec's overrides."""
+BATCH_DISCOUNT = 0.5  # Google's Batch Mode: half the interactive price (shared/gemini-batch-api.md)
 
-    def __init__(self, overrides: Iterable[tuple[str, Iterable[tuple[str, float]]]] = ()) -> None:
-        self.table = {m: {**info.price_usd, INPUT_IMAGE: info.input_image_usd} for m, info in MODELS.items()}
+
+class PriceTable:
+    """The built-in list prices (runner/models.py, with their source) under the spec's overrides.
+
+    With `batch`, the built-in prices are Google's batch prices (half); prices the spec gives in
+    `pricing` are used as they are (write what you pay)."""
+
+    def __init__(
+        self, overrides: Iterable[tuple[str, Iterable[tuple[str, float]]]] = (), *, batch: bool = False
+    ) -> None:
+        factor = BATCH_DISCOUNT if batch else 1.0
+        self.batch = batch
+        self.table = {
+            m: {
+                **{size: price * factor for size, price in info.price_usd.items()},
+                INPUT_IMAGE: info.input_image_usd * factor,
+            }
+            for m, info in MODELS.items()
+        }
         for model, sizes in overrides:
             self.table[model].update(dict(sizes))
+
+    @classmethod
+    def of(cls, spec: JobSpec) -> PriceTable:
+        """The prices a spec's run pays: its `pricing` over the list prices, halved in batch mode."""
+        return cls(spec.pricing, batch=spec.mode == "batch")
 
     def per_image(self, model: str, image_size: str | None) -> float:
         return self.table[model][effective_size(model, image_size)]

@@ -8,7 +8,7 @@ aside, reports count it.
     item_id, prompt_id, prompt, model, image_config {aspect_ratio, image_size}, repeat, vars,
     inputs [{path | url, sha256, mime, bytes, stored}], params,
     status "ok" | "failed", attempts, retried {kind: n}, request_id, usage, cost_usd,
-    latency_s, elapsed_s, finished_at, run_id,
+    latency_s, elapsed_s, finished_at, run_id, batch (Google's batch that answered it, batch mode only),
     ok:     image_path, mime, bytes, sha256, mtime_ns, width, height, extra_images [...], text,
             recovered (adopted from a whole image on disk after a crash)
     failed: error {kind, status, message}, interrupted (a stop cut its retries short)
@@ -76,6 +76,7 @@ class Record(TypedDict):
     inputs: NotRequired[list[InputRec]]
     params: NotRequired[dict[str, Any]]
     retried: NotRequired[dict[str, int]]  # failure kinds of the attempts that were retried
+    batch: NotRequired[str]  # the batch (batches/...) whose results held this answer: batch mode only
     # status ok
     image_path: NotRequired[str]
     mime: NotRequired[str]
@@ -103,7 +104,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "inputs": (list,), "params": (dict,), "retried": (dict,), "image_path": _STR, "mime": _STR,
     "bytes": _INT, "sha256": _STR, "mtime_ns": _INT + _OPT, "width": _INT + _OPT,
     "height": _INT + _OPT, "extra_images": (list,), "text": _STR, "recovered": (bool,),
-    "interrupted": (bool,), "image_config": (dict,), "error": (dict,),
+    "interrupted": (bool,), "image_config": (dict,), "error": (dict,), "batch": _STR,
 }  # fmt: skip
 
 
@@ -267,6 +268,7 @@ def make_record(
     retried: dict[str, int] | None = None,
     interrupted: bool = False,
     recovered: bool = False,
+    batch: str | None = None,
 ) -> Record:
     """The one place a manifest line is put together: the item's part (Item.record_fields),
     then what became of it."""
@@ -282,6 +284,8 @@ def make_record(
     }
     if retried:
         rec["retried"] = dict(retried)
+    if batch is not None:
+        rec["batch"] = batch
     if images:
         rec.update(images[0])
         if len(images) > 1:

@@ -717,7 +717,7 @@ def test_bad_configs_fail_at_start() -> None:
         with pytest.raises(ValueError):
             MockGateway(config).start()
     assert {"slow", "same_image", "wrong_shape", "uniform", "gzip", "unicode"} <= set(FAULT_KINDS)
-    assert len(FAULT_KINDS) == len(set(FAULT_KINDS)) == 29
+    assert len(FAULT_KINDS) == len(set(FAULT_KINDS)) == 33
 
 
 def test_stop_is_prompt_with_requests_in_flight() -> None:

@@ -449,3 +449,23 @@ def test_the_quick_start_installs_what_the_demo_report_needs() -> None:
     assert "pip install -q -e '.[images]' && .venv/bin/runner run jobs/demo.yaml --mock" in quick
     extras = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'^images = \["pillow', extras, re.M)
+
+
+def test_the_current_items_of_an_edit_chain_include_the_children_of_done_parents(
+    tmp_path: Path, gateway: StartGateway
+) -> None:
+    """A chain's children have ids only once their parents' images exist: report and export count them
+    as the spec's items (spec_item_ids walks the done parents), not as older records."""
+    gw = gateway()
+    prompts = [
+        {"id": "base", "template": "a studio photo of a {product}", "vars": {"product": ["mug", "lamp"]}},
+        {"id": "edit", "template": "put it in a {room}", "images": ["@base"], "vars": {"room": ["kitchen", "loft"]}},
+    ]
+    path = write_spec(tmp_path, gw.base_url, prompts=prompts)
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    out = str(tmp_path / "out")
+    summary = json.loads(run_cli("report", out, "--json").stdout)
+    assert (summary["items"], summary["spec_items"], summary["older_records"]) == (6, 6, 0)
+    proc = run_cli("export", out, "--to", str(tmp_path / "d"))
+    assert "wrote 6 items" in proc.stderr and "left out" not in proc.stderr
+    assert "spec changed" not in run_cli("run", str(path), "--no-progress").stderr  # a rerun: no drift

@@ -10,21 +10,25 @@ and the report never know which backend ran.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import httpx
 
+    from ..engine.feed import Feed
     from ..engine.session import Session
+    from ..output import Store
     from ..pricing import PriceTable
     from ..spec import Item, JobSpec
     from ..spec.items import Shard
 
 
 class Backend(Protocol):
-    async def run(self, items: Iterable[Item], on_disk: dict[int, list[str]] | None = None) -> None:
-        """Get answers for `items` (recorded through the session's sink) until they are done or the run stops."""
+    async def run(self, feed: Feed, on_disk: dict[int, list[str]] | None = None) -> None:
+        """Get answers for the feed's items (recorded through the session's sink, each given back to
+        `feed.finished`) until there are no more or the run stops."""
         ...
 
     def interrupt(self) -> None:
@@ -40,14 +44,22 @@ def make_backend(
     spec: JobSpec,
     session: Session,
     prices: PriceTable,
+    store: Store,
     *,
     base_url: str,
     api_key: str,
     concurrency: int,
     shard: Shard | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
+    lookup: Callable[[set[str]], dict[str, Item]] | None = None,
+    wait: bool = True,
+    poll_s: float | None = None,
+    run_id: str = "",
 ) -> Backend:
-    """The backend a spec asks for, with the request format of its `api_format`."""
+    """The backend a spec asks for (its `mode`), with the request format of its `api_format`.
+
+    `lookup` finds the Items of item ids (batch mode holds only ids while batches are open); `wait`
+    False submits and returns (--no-wait); `poll_s` overrides the spec's batch.poll_s."""
     from ..engine.plan import rpm_share
     from ..gateway.client import Client
     from ..gateway.deadline import Deadlines
@@ -56,7 +68,20 @@ def make_backend(
     from ..policy import ServerWaitOrBackoff
     from .interactive import Pool
 
-    request_format = make_format(spec.api_format)
+    request_format = make_format(spec.api_format, dict(spec.model_ids))
+    if spec.mode == "batch":
+        from ..gateway.gemini import GeminiFormat
+        from .batch.api import GoogleBatchApi
+        from .batch.backend import BatchBackend
+
+        assert isinstance(request_format, GeminiFormat)
+        return BatchBackend(
+            session, store, GoogleBatchApi(base_url, api_key, spec.timeout_s, transport), request_format, prices,
+            spec.inputs, lookup=lookup or (lambda ids: {}), job_name=spec.name, api_key=api_key,
+            base_url=base_url, key_env=spec.api_key_env, max_requests=spec.batch_max_requests,
+            max_attempts=spec.max_attempts, poll_s=poll_s or spec.batch_poll_s, wait=wait, run_id=run_id,
+            work_dir=store.scratch_dir(),
+        )  # fmt: skip
     http = make_http(base_url, request_format.auth_headers(api_key), spec.timeout_s, concurrency, transport)
     client = Client(
         http, api_key, spec.timeout_s, request_format, base_url=base_url, inputs=spec.inputs,

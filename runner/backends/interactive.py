@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import anyio
 from anyio.abc import ObjectSendStream
 from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt
 
+from ..engine.feed import Feed
 from ..engine.limits import MONOTONIC, AdaptiveConcurrency, Clock, RateLimiter
 from ..engine.session import Session
 from ..engine.writer import Finished
@@ -73,7 +73,7 @@ class Pool:
         self.progress = session.progress
         self._stopping = session.stopping
         self._requests_cancelled = False
-        self._items: Iterator[Item] = iter(())
+        self._feed = Feed(iter(()))
         self._on_disk: dict[int, list[str]] = {}
 
     @property
@@ -92,12 +92,13 @@ class Pool:
         self.session.stop("interrupted", "interrupt")
         self.client.deadlines.cancel_all()
 
-    async def run(self, items: Iterable[Item], on_disk: dict[int, list[str]] | None = None) -> None:
-        """Send every item. `on_disk`: image files named by item ids without an ok record (a kill
-        between an image and its line leaves them); such an item's whole images are recorded
-        (`recovered`), not bought again, when its turn comes."""
+    async def run(self, feed: Feed, on_disk: dict[int, list[str]] | None = None) -> None:
+        """Send every item of the feed. `on_disk`: image files named by item ids without an ok record
+        (a kill between an image and its line leaves them); such an item's whole images are
+        recorded (`recovered`), not bought again, when its turn comes."""
         self._on_disk = on_disk or {}
-        self._items = iter(items)
+        self._feed = feed
+        self.session.on_stop.append(feed.stop)
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self.client.deadlines.run)
@@ -113,17 +114,26 @@ class Pool:
                 await self.client.http.aclose()
 
     def _next_item(self) -> Item | None:
-        """The next item for a worker, or None once the items are done or the run stops.
+        """The next item for a worker, or None when there is none now.
 
-        Workers take items straight from the planner's iterator: the event loop runs one of
-        them at a time, so no feeder task and stream are needed between (~13 us per item)."""
+        Workers take items straight from the feed (the planner's iterator): the event loop runs
+        one of them at a time, so no feeder task and stream are needed between (~13 us per item)."""
         if self.stats.stop_reason is not None:  # stopped, draining or not: no new item
             return None
         try:
-            return next(self._items, None)
+            return self._feed.next()
         except RunnerError as e:  # a prompt or image file changed under a running job
             self.session.stop(f"the spec's files changed during the run: {e}", "abort", True)
             return None
+
+    async def _next(self) -> Item | None:
+        """The next item, waiting while an edit chain's parents in flight may still add children;
+        None once there is nothing more (or the run stops)."""
+        item = self._next_item()
+        while item is None and not self._feed.exhausted and self.stats.stop_reason is None:
+            await self._feed.wait()
+            item = self._next_item()
+        return item
 
     def _retrying(self) -> AsyncRetrying:
         """One tenacity controller per worker: attempts, backoff (the server's wait first), a
@@ -141,8 +151,12 @@ class Pool:
     async def _work(self, send: ObjectSendStream[Record]) -> None:
         retrying = self._retrying()
         async with send:
-            while (item := self._next_item()) is not None:
-                record = await self._one(item, retrying)
+            while (item := await self._next()) is not None:
+                record = None
+                try:
+                    record = await self._one(item, retrying)
+                finally:
+                    self._feed.finished(item, record)  # an ok parent's children are planned now
                 if record is not None:
                     await send.send(record)
 

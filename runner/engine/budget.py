@@ -9,10 +9,10 @@ class Budget:
     An answer may hold several images, each billed: an item reserves its price times the
     most images an answer has held so far in this run (at least one)."""
 
-    def __init__(self, max_usd: float | None, spent_before: float) -> None:
+    def __init__(self, max_usd: float | None, spent_before: float, in_flight: float = 0.0) -> None:
         self.max_usd = max_usd
         self.spent = spent_before
-        self.in_flight = 0.0
+        self.in_flight = in_flight  # e.g. batches submitted by an earlier run and not yet collected
         self.images_per_answer = 1
 
     def reserve(self, price: float) -> float | None:

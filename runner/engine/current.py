@@ -13,18 +13,25 @@ streaming pass (one int per item); what extends the items (edit chains) extends 
 
 from __future__ import annotations
 
-from collections.abc import Set
+from collections.abc import Callable, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import RunnerError
+from ..output import ResumeState
 from ..spec.items import iter_keyed
 from ..spec.parse import JobSpec, load_spec
 
 
-def spec_item_ids(spec: JobSpec) -> set[int]:
-    """Every item id the spec yields, as integers (int(item_id, 16)), without building the items."""
+def spec_item_ids(spec: JobSpec, state: ResumeState | None = None) -> set[int]:
+    """Every item id the spec yields, as integers (int(item_id, 16)), without building the items. An
+    edit chain's children are known only from their parents' images: with `state` (scanned with its
+    images), those of the done parents are in it too (plan.iter_known), as a run would plan them."""
+    if spec.chained and state is not None:
+        from .plan import iter_known
+
+        return {key for key, _ in iter_known(spec, state, None)}
     return {key for key, _ in iter_keyed(spec)}
 
 
@@ -59,9 +66,10 @@ class CurrentItems:
 ALL = CurrentItems(None, note="every record (--all-records)")
 
 
-def current_items(snapshot: dict[str, Any]) -> CurrentItems:
+def current_items(snapshot: dict[str, Any], scan: Callable[[], ResumeState] | None = None) -> CurrentItems:
     """The items of the spec named in an output dir's spec.json; every record when the dir names no
-    spec, or it is gone or no longer checks (the note says which)."""
+    spec, or it is gone or no longer checks (the note says which). `scan`: the dir's resume state
+    with its images, read only for a spec with edit chains (their children's ids come from it)."""
     path = snapshot.get("spec_path")
     if not isinstance(path, str) or not path:
         return CurrentItems(None, note="the output dir names no spec (spec.json): every record counts")
@@ -71,7 +79,7 @@ def current_items(snapshot: dict[str, Any]) -> CurrentItems:
         )
     try:
         spec = load_spec(path)
-        ids = spec_item_ids(spec)
+        ids = spec_item_ids(spec, scan() if spec.chained and scan is not None else None)
     except RunnerError as e:
         return CurrentItems(None, path, f"the spec no longer checks ({e}): every record counts")
     return CurrentItems(ids, path)

@@ -22,8 +22,9 @@ from ..spec.items import Shard
 from ..spec.parse import JobSpec, spec_summary
 from .budget import Budget
 from .current import ids_digest
+from .feed import Feed
 from .notify import notify
-from .plan import Plan, budget_share, make_plan, pending
+from .plan import Plan, budget_share, find_items, make_plan, pending
 from .progress import Bar, Quiet, RunStats, status_line
 from .session import Session
 from .summary import describe, summary_dict
@@ -51,6 +52,8 @@ class RunOptions:
     notify_url: str | None = None  # POST the summary here when the run ends (overrides the spec's)
     on_finish: str | None = None  # run this shell command when the run ends (overrides the spec's)
     rerun_command: str | None = None  # how the summary tells a person to resume (the CLI passes its own)
+    wait: bool = True  # batch mode: wait for the batches and collect them; False submits and returns (--no-wait)
+    poll_s: float | None = None  # batch mode: seconds between status checks (default: the spec's batch.poll_s)
     transport: httpx.AsyncBaseTransport | None = None
     api_key: str | None = field(default=None, repr=False)  # given directly (tests, embedding); else from api_key_env
 
@@ -116,8 +119,16 @@ async def _run_with_key(spec: JobSpec, options: RunOptions, log: Log) -> RunResu
         from ..mock import MockConfig, MockGateway
 
         # Real pixel sizes (image_scale 1): a rehearsal's report and gallery look like the real thing;
-        # and the mock speaks the API format the job was written for.
-        config = replace(options.mock_config or MockConfig(image_scale=1), flavor=spec.api_format)
+        # and the mock speaks the API format the job was written for, with the job's model ids.
+        # Its batches and files live in the output dir, so a rerun after a kill finds them again.
+        config = replace(
+            options.mock_config or MockConfig(image_scale=1, batch_latency_s=MOCK_BATCH_S),
+            flavor=spec.api_format,
+            model_ids={**MockConfig().model_ids, **dict(spec.model_ids)},
+            state_dir=_mock_state(options.out or spec.output_dir),
+        )
+        if spec.mode == "batch" and options.poll_s is None:
+            options = replace(options, poll_s=min(spec.batch_poll_s, MOCK_POLL_S))  # the mock's clock is fast
         with MockGateway(config) as gateway:
             return await _run(spec, options, log, gateway.base_url, "mock-key")
     key = (options.api_key or os.environ.get(spec.api_key_env) or "").strip()
@@ -130,6 +141,17 @@ async def _run_with_key(spec: JobSpec, options: RunOptions, log: Log) -> RunResu
         # A key pasted with a stray newline or quote would fail every request, or not be sendable at all.
         raise UsageError(f"the API key in {spec.api_key_env} contains spaces or control characters")
     return await _run(spec, options, log, options.base_url or spec.base_url, key)
+
+
+MOCK_BATCH_S = 1.0  # a batch's life on the --mock clock
+MOCK_POLL_S = 0.25
+
+
+def _mock_state(out: str | Path) -> Path | None:
+    """Where --mock keeps Google's files and batches between runs: beside the output (a remote one: nowhere)."""
+    from ..output import is_remote
+
+    return None if is_remote(out) else Path(out) / ".mock-google"
 
 
 async def _run(spec: JobSpec, options: RunOptions, log: Log, base_url: str, key: str) -> RunResult:
@@ -146,7 +168,7 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
     result = RunResult(store.display, name=spec.name, key_env=spec.api_key_env)
     _say_repairs(store, log)
     previous = store.read_snapshot()  # what the dir remembers of its last run ({} if nothing)
-    state = await anyio.to_thread.run_sync(store.scan, options.verify)
+    state = await anyio.to_thread.run_sync(store.scan, options.verify, spec.chained)
     mock_made = bool(previous.get("made_by_mock"))
     if mock_made != options.mock and state.known_count():  # never mix mock images and paid ones in one dir
         made, now = ("the built-in mock (--mock)", "a real") if mock_made else ("a gateway", "a --mock")
@@ -154,7 +176,7 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
             f"{store.display} holds images made by {made}: {now} run would mix its images in with them "
             "(and skip those items as done); give it another --out"
         )
-    prices = PriceTable(spec.pricing)
+    prices = PriceTable.of(spec)
     plan = await anyio.to_thread.run_sync(lambda: make_plan(spec, state, prices, options.shard, options.retry_failed))
     # Image files without records (a kill between an image and its line) matter only when there
     # is something to run; listing a million files to find none would slow every finished resume.
@@ -165,7 +187,7 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
     result.spent_before_usd = state.spent_usd
     _drift(spec, options, state, plan, store, log, previous, base_url)
     log(f"{spec.name}: " + "; ".join(_plan_parts(plan, state)))
-    if plan.to_run == 0:
+    if plan.to_run == 0 and not plan.in_batch:
         log(
             f"nothing to do: all {plan.items} items are done in {store.display}"
             if not plan.skipped_failed
@@ -182,16 +204,26 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
     on_bug = lambda e, what: write_details(e, f"run {run_id}: {what}", key)  # noqa: E731
     session = Session(
         Writer(store, prices, run_id, on_bug),
-        Budget(budget_share(max_cost, state.spent_usd, options.shard), state.spent_usd),
+        Budget(budget_share(max_cost, state.spent_usd, options.shard), state.spent_usd, state.committed_usd),
         log=shown.write,
         progress=shown if bar_mode else None,
         on_bug=on_bug,
     )
     backend = make_backend(
-        spec, session, prices, base_url=base_url, api_key=key, concurrency=concurrency, shard=options.shard,
-        transport=options.transport,
+        spec, session, prices, store, base_url=base_url, api_key=key, concurrency=concurrency, shard=options.shard,
+        transport=options.transport, lookup=lambda ids: find_items(spec, options.shard, ids, state), wait=options.wait,
+        poll_s=options.poll_s, run_id=run_id,
     )  # fmt: skip
-    session.stats.total = plan.to_run
+    session.stats.total = plan.to_run + plan.in_batch
+
+    def planned(n: int) -> None:  # an edit chain's children, counted as they become known
+        session.stats.total += n
+
+    spec.inputs.reader = store.read_image  # an edit chain's children send their parents' images
+    feed = Feed(
+        pending(spec, state, options.shard, options.retry_failed), spec,
+        lambda key: state.pending(key, options.retry_failed), planned,
+    )  # fmt: skip
     result.stats = session.stats
     try:
         async with anyio.create_task_group() as tg:
@@ -199,7 +231,7 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
                 tg.start_soon(_watch_signals, backend, options.grace_s, tg.cancel_scope, shown.write)
             if not bar_mode and options.status_every > 0:
                 tg.start_soon(_status_lines, session.stats, options.status_every, shown.write)
-            await backend.run(pending(spec, state, options.shard, options.retry_failed), orphans)
+            await backend.run(feed, orphans)
             tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # A run-wide fault raised inside a task (disk full) ends the run as itself, not as a group.
@@ -250,7 +282,7 @@ def _drift(
     else:  # a shard sees only its items; an older spec.json has no digest
         changed = previous.get("fingerprint") != summary["fingerprint"]
     if previous and changed:
-        added = plan.items - plan.known_seen
+        added = plan.items - plan.expected - plan.known_seen  # expected children: not known yet
         gone = state.known_count(options.shard.owns if options.shard else None) - plan.known_seen
         if added or gone:
             log(
@@ -284,6 +316,8 @@ def _plan_parts(plan: Plan, state: ResumeState) -> list[str]:
         parts.append(f"{len(state.retryable)} failed with a retryable error before (will retry)")
     if state.bad_lines:
         parts.append(f"{state.bad_lines} damaged manifest lines ignored")
+    if plan.in_batch:
+        parts.append(f"{plan.in_batch} in batches still open (collected, never submitted again)")
     parts.append(f"{plan.to_run} to run")
     return parts
 

@@ -10,10 +10,10 @@ from typing import Any
 
 from ..imageinfo import dimensions_of_file
 from ..models import MODELS, effective_size, nearest_ratio
-from ..output import ResumeState, open_view
+from ..output import MIME_TYPES, ResumeState, open_view
 from ..pricing import PriceTable, money, usd
 from ..spec.inputs import InputImage
-from ..spec.items import Item, Shard, iter_items, iter_keyed
+from ..spec.items import Item, ItemFields, Memo, Shard, expected_children, iter_children, iter_keyed, parent_image
 from ..spec.parse import JobSpec
 
 
@@ -49,6 +49,10 @@ class Plan:
     input_shapes: Counter[str] = field(default_factory=Counter)  # items sending no aspect ratio: ratio they get
     ids_sum: int = 0  # the sum of the item ids (as ints): current.ids_digest tells when the set changed
     on_disk: int = 0  # items with image files on disk but no ok line (a kill between the two); set by the run
+    in_batch: int = 0  # items in batches still open (batch mode collects them; never sent again)
+    expected: int = 0  # edit chains: children of parents not yet done, counted as if every parent succeeds
+    blocked: int = 0  # ...of them, under parents that failed permanently (not sent unless --retry-failed)
+    steps: dict[str, Line] = field(default_factory=dict)  # edit chains: per prompt (a step), its items and cost
 
     @property
     def remaining(self) -> int:
@@ -59,6 +63,9 @@ class Plan:
         return sum(line.remaining * line.price_usd for line in self.lines.values())
 
 
+BATCH_TURNAROUND_S = 24 * 3600.0
+
+
 def make_plan(
     spec: JobSpec,
     state: ResumeState,
@@ -67,30 +74,52 @@ def make_plan(
     retry_failed: bool = False,
 ) -> Plan:
     plan = Plan()
+    memo: Memo = {}
+    parents = {p.link.parent for p in spec.prompts if p.link is not None}
+    chained = {p.prompt_id for p in spec.prompts if p.link is not None}
     shapes: dict[str, tuple[int, int] | None] = {}
-    for key, fields in iter_keyed(spec, shard):
+    for key, fields in iter_known(spec, state, shard):
         model, inputs = fields.model, fields.inputs
         if fields.config.aspect_ratio is None:
             plan.input_shapes[_kept_shape(model, inputs, shapes)] += 1
-        size = effective_size(model, fields.config.image_size)
-        line = plan.lines.get((model, size))
-        if line is None:
-            line = plan.lines[(model, size)] = Line(model, size, prices.per_image(model, fields.config.image_size))
-        line.items += 1
+        line, step = _line(plan, spec, prices, fields.prompt_id, model, fields.config.image_size)
+        for counted in (line, step):
+            if counted is not None:
+                counted.items += 1
         plan.items += 1
-        plan.ids_sum += key
+        if fields.prompt_id not in chained:  # the drift digest: the spec's own items (children follow their parents)
+            plan.ids_sum += key
         plan.known_seen += state.known(key)
         if key in state.done:
-            line.done += 1
+            for counted in (line, step):
+                if counted is not None:
+                    counted.done += 1
             plan.done += 1
             continue
-        line.remaining += 1
+        if key in state.in_batch:
+            plan.in_batch += 1
+        for counted in (line, step):
+            if counted is not None:
+                counted.remaining += 1
         plan.input_images += len(inputs)
         plan.input_bytes += sum(i.size for i in inputs)
         plan.input_cost += prices.per_input_image(model) * len(inputs)
-        if not state.pending(key, retry_failed):
+        failed = key not in state.in_batch and not state.pending(key, retry_failed)
+        if failed:
             plan.skipped_failed += 1
-    plan.to_run = plan.items - plan.done - plan.skipped_failed
+        if fields.prompt_id in parents:  # its children are not known yet: count them as if it succeeds
+            for (prompt_id, child_model, size), n in expected_children(
+                spec, fields.prompt_id, fields.vars, memo
+            ).items():
+                line, step = _line(plan, spec, prices, prompt_id, child_model, size)
+                for counted in (line, step):
+                    if counted is not None:
+                        counted.items += n
+                        counted.remaining += n
+                plan.items += n
+                plan.expected += n
+                plan.blocked += n if failed else 0
+    plan.to_run = plan.items - plan.done - plan.skipped_failed - plan.in_batch - plan.expected
     return plan
 
 
@@ -108,11 +137,75 @@ def _kept_shape(model: str, inputs: tuple[InputImage, ...], shapes: dict[str, tu
     return nearest_ratio(model, *found) if found else "?"
 
 
+def _line(
+    plan: Plan, spec: JobSpec, prices: PriceTable, prompt_id: str, model: str, size_sent: str | None
+) -> tuple[Line, Line | None]:
+    """The model-and-size line of an item, and (an edit chain) its step's line."""
+    size = effective_size(model, size_sent)
+    line = plan.lines.get((model, size))
+    if line is None:
+        line = plan.lines[(model, size)] = Line(model, size, prices.per_image(model, size_sent))
+    if not spec.chained:
+        return line, None
+    step = plan.steps.get(prompt_id)
+    if step is None:
+        step = plan.steps[prompt_id] = Line(prompt_id, size, 0.0)
+    step.price_usd = max(step.price_usd, line.price_usd)  # a step's price: its dearest image
+    return line, step
+
+
+def iter_known(spec: JobSpec, state: ResumeState, shard: Shard | None) -> Iterator[tuple[int, ItemFields]]:
+    """Every item whose id can be known now: the spec's items in order and, depth first after each
+    done item, the children of an edit chain that its image gives (their ids come from it). A
+    shard takes the roots whose ids it owns and all of their descendants."""
+    if not spec.chained:
+        yield from iter_keyed(spec, shard)
+        return
+    parents = {p.link.parent for p in spec.prompts if p.link is not None}
+    seen: set[int] = set()  # a child two identical parents give: once
+    stack: list[Iterator[tuple[int, ItemFields]]] = [iter_keyed(spec, shard)]
+    while stack:
+        nxt = next(stack[-1], None)
+        if nxt is None:
+            stack.pop()
+            continue
+        key, fields = nxt
+        yield key, fields
+        image = state.images.get(key) if fields.prompt_id in parents and key in state.done else None
+        if image is not None:
+            sha, rel, size = image
+            made = parent_image(fields.item_id, rel, sha, MIME_TYPES.get(rel.rsplit(".", 1)[-1], ""), size)
+            stack.append(_unseen(iter_children(spec, Item(*fields), made), seen))
+
+
+def _unseen(children: Iterator[ItemFields], seen: set[int]) -> Iterator[tuple[int, ItemFields]]:
+    for fields in children:
+        key = int(fields.item_id, 16)
+        if key not in seen:
+            seen.add(key)
+            yield key, fields
+
+
 def pending(spec: JobSpec, state: ResumeState, shard: Shard | None, retry_failed: bool) -> Iterator[Item]:
-    """The items a run sends, in spec order."""
-    for item in iter_items(spec, shard):
-        if state.pending(int(item.item_id, 16), retry_failed):
-            yield item
+    """The items a run sends, in spec order (an edit chain's children of done parents after them)."""
+    for key, fields in iter_known(spec, state, shard):
+        if state.pending(key, retry_failed):
+            yield Item(*fields)
+
+
+def find_items(spec: JobSpec, shard: Shard | None, ids: set[str], state: ResumeState) -> dict[str, Item]:
+    """The spec's Items with these ids, in one pass that stops once all are found; those recorded
+    ok in `state` (a batch collected again after a kill must not record them twice) and those no
+    longer in the spec are left out."""
+    found: dict[str, Item] = {}
+    wanted = {i for i in ids if int(i, 16) not in state.done}
+    if wanted:
+        for _, fields in iter_known(spec, state, shard):
+            if fields.item_id in wanted:
+                found[fields.item_id] = Item(*fields)
+                if len(found) == len(wanted):
+                    break
+    return found
 
 
 def rpm_share(spec: JobSpec, shard: Shard | None) -> float:
@@ -133,13 +226,17 @@ def estimate(
     """Count, price and time the job without sending anything (no key needed)."""
     target = out or spec.output_dir
     with open_view(target) as view:
-        state = view.scan()
+        state = view.scan(images=spec.chained)
         made_by_mock = bool(view.snapshot().get("made_by_mock"))
-    plan = make_plan(spec, state, PriceTable(spec.pricing), shard)
+    plan = make_plan(spec, state, PriceTable.of(spec), shard)
     conc = concurrency or spec.concurrency
     rpm = rpm_share(spec, shard)
     busy_s = sum(line.remaining * MODELS[line.model].latency_s for line in plan.lines.values()) / conc
     time_s = max(busy_s, plan.remaining * 60.0 / rpm) if rpm else busy_s
+    batch = spec.mode == "batch"
+    if batch:  # Google's target turnaround, whatever the size: a day
+        busy_s = time_s = BATCH_TURNAROUND_S if plan.remaining else 0.0
+        rpm = 0.0
     cost = plan.cost
     result: dict[str, Any] = {
         "name": spec.name,
@@ -154,10 +251,15 @@ def estimate(
         "estimated_input_cost_usd": money(plan.input_cost),
         "spent_usd": money(state.spent_usd),
         "estimated_time_s": round(time_s, 1),
-        "time_basis": "requests_per_minute"
+        "time_basis": "batch turnaround (results within 24 h)"
+        if batch
+        else "requests_per_minute"
         if rpm and plan.remaining * 60.0 / rpm >= busy_s
         else "concurrency x typical latency",
         "assumed_latency_s": {m: MODELS[m].latency_s for m in sorted({line.model for line in plan.lines.values()})},
+        "mode": spec.mode,
+        "in_open_batches": plan.in_batch,
+        "committed_usd": money(state.committed_usd),
         "concurrency": conc,
         "requests_per_minute": rpm,
         "by_model": [line.as_dict() for line in sorted(plan.lines.values(), key=lambda x: (x.model, x.size))],
@@ -179,6 +281,23 @@ def estimate(
         )
     if state.bad_lines:
         result["warnings"].append(f"{state.bad_lines} damaged manifest lines ignored (a run sets them aside)")
+    if spec.chained:
+        result["steps"] = [
+            {"prompt_id": step.model, "count": step.items, "done": step.done, "remaining": step.remaining}
+            for step in plan.steps.values()
+        ]
+        result["expected_children"] = plan.expected
+        if plan.expected:
+            result["warnings"].append(
+                f"edit chains: {plan.expected} items are edits of images not made yet, counted and priced as if "
+                "every parent succeeds (their ids come from those images)"
+                + (f"; {plan.blocked} of them are under parents that failed permanently" if plan.blocked else "")
+            )
+    if batch:
+        result["warnings"].append(
+            "batch mode: priced at Google's batch price (half the interactive list price unless `pricing` says "
+            "otherwise); results take up to 24 h (a batch not done in 48 h expires and is resubmitted)"
+        )
     if made_by_mock:
         result["warnings"].append(
             f"{target} holds images made by the built-in mock: `runner run` without --mock refuses it (use --out)"

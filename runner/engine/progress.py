@@ -31,6 +31,11 @@ def status_line(stats: RunStats, now: float | None = None) -> str:
     )
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """`1 item`, `2 items` (`many` where adding an s is wrong)."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
 def duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f}s"
@@ -102,6 +107,7 @@ class RunStats:
     stop_failure: str | None = None  # the failure kind that aborted the run (auth, no_balance, ...)
     abort: bool = False
     signalled: bool = False
+    open_batches: int = 0  # batch mode: batches left open on the server when the run ended
     started: float = field(default_factory=time.monotonic)
 
     @property

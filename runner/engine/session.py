@@ -48,6 +48,7 @@ class Session:
         self.on_bug: OnBug = on_bug or (lambda e, what: "nowhere")
         self.stats = RunStats()
         self.stopping = anyio.Event()
+        self.on_stop: list[Callable[[], None]] = []  # told of any stop (a feed stops handing out items)
         self.sink = Sink(writer, self.stats, progress)
 
     @property
@@ -63,6 +64,8 @@ class Session:
         s = self.stats
         if s.stop_reason is None:
             s.stop_reason, s.stop_kind, s.abort, s.stop_failure = reason, kind, abort, failure
+            for tell in self.on_stop:
+                tell()
         if not drain:
             self.stopping.set()
 
@@ -87,15 +90,30 @@ class Sink:
         self.savers: ThreadPoolExecutor | None = None  # images saved, lines built
         self._committer: ThreadPoolExecutor | None = None  # lines appended: never queued behind saves
 
+    def open(self) -> None:
+        """Start the threads (`start` does it too): for `save` and `commit_now` without the committing task."""
+        if self.savers is None:
+            self.savers = ThreadPoolExecutor(SAVE_THREADS, thread_name_prefix="runner-save")
+            self._committer = ThreadPoolExecutor(1, thread_name_prefix="runner-commit")
+
     def start(self, tg: TaskGroup, buffer: int) -> MemoryObjectSendStream[Record]:
         """Start the threads and the committing task; records sent to the stream returned are
         committed. Close every clone of it to let the task drain, then `shutdown`."""
         # Records are small (their images are on disk): room for what a commit delay gathers.
         send, recv = anyio.create_memory_object_stream[Record](max(buffer, 1024))
-        self.savers = ThreadPoolExecutor(SAVE_THREADS, thread_name_prefix="runner-save")
-        self._committer = ThreadPoolExecutor(1, thread_name_prefix="runner-commit")
+        self.open()
         tg.start_soon(self._commit, recv)
         return send
+
+    async def commit_now(self, records: list[Record]) -> list[Record]:
+        """Append these lines at once (fsynced when durable) and count them: when this returns
+        they are in the manifest, whatever happens next (a batch is marked collected only after)."""
+        records = await self.in_thread(self._committer, self.writer.commit, records)
+        for rec in records:
+            self.stats.count(rec)
+        if self.progress:
+            self.progress.update(self.stats)
+        return records
 
     def shutdown(self) -> None:
         for executor in (self.savers, self._committer):

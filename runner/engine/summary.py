@@ -65,6 +65,12 @@ def describe(result: RunResult, command: str = "runner run JOB.yaml", *, absolut
 
 def _next_steps(result: RunResult, command: str) -> list[str]:
     s = result.stats
+    if s.open_batches:
+        out = result.out_dir
+        return [
+            f"{s.open_batches} batches stay open on Google's Batch API (results within 24 h): `{command}` collects "
+            f"them and submits what is left; `runner report {out}` shows them; `runner cancel {out}` cancels them"
+        ]
     if s.signalled:
         if s.done >= s.total and not s.failed and not s.interrupted:
             return ["interrupted, but every item had finished: nothing is left to run"]

@@ -32,6 +32,7 @@ class Finished:
     cost: float
     retried: Counter[str]
     interrupted: bool = False
+    batch: str | None = None  # the batch that answered it (batch mode)
 
 
 class Writer:
@@ -97,6 +98,7 @@ class Writer:
             error=error,
             retried=dict(f.retried),
             interrupted=f.interrupted,
+            batch=f.batch,
         )
 
     def bug_record(self, fields: dict[str, Any], e: Exception, attempts: int) -> Record:

@@ -6,6 +6,7 @@ so both paths record an item alike (shared/gemini-batch-api.md).
 
 from __future__ import annotations
 
+import base64
 import binascii
 import json
 import re
@@ -105,6 +106,26 @@ def parse_response(body: bytes | bytearray, api_key: str | None) -> Outcome:
     return read_response(obj, api_key, images)
 
 
+def read_results_line(line: bytes, api_key: str | None) -> tuple[str, Outcome] | None:
+    """A line of a batch's results file (`{"key", "response"}` or `{"key", "error"}`, in either
+    order) -> (key, Outcome), or None when it is not such a line (cut off, not JSON)."""
+    cut = _cut_data(line) if len(line) > MAX_DOCUMENT // 4 else None
+    doc, images = cut if cut is not None else (line, None)
+    if len(doc) > MAX_DOCUMENT:
+        return None
+    try:
+        obj = json.loads(doc)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("key"), str):
+        return None
+    if isinstance(obj.get("error"), dict):
+        return obj["key"], error_failure(obj["error"], api_key)
+    if "response" not in obj:
+        return None
+    return obj["key"], read_response(obj["response"], api_key, images)
+
+
 def _cut_data(body: bytes | bytearray) -> tuple[bytes, list[bytes]] | None:
     """Take every `"data": "<base64>"` out of the raw body and decode it in steps, before the JSON
     is parsed (a 4K answer is ~20 MB of base64: parsed as JSON it holds the GIL far longer and keeps
@@ -195,9 +216,11 @@ def _image(inline: dict[str, Any], data: bytes | None, api_key: str | None, requ
         raw = inline.get("data")
         if not isinstance(raw, str):
             return Failure("invalid_response", 200, "inlineData has no data", request_id=request_id)
-        try:
-            data = binascii.a2b_base64(raw.encode("ascii"), strict_mode=True)
-        except (binascii.Error, UnicodeEncodeError):
+        try:  # proto3 JSON bytes: the standard alphabet, or the URL-safe one
+            encoded = raw.encode("ascii")
+            data = (binascii.a2b_base64(encoded, strict_mode=True) if b"-" not in encoded and b"_" not in encoded
+                    else base64.urlsafe_b64decode(encoded))  # fmt: skip
+        except (binascii.Error, ValueError):
             return Failure("invalid_response", 200, "image data is not valid base64", request_id=request_id)
     mime = "image/jpeg" if mime == "image/jpg" else mime
     if not is_whole_image(mime, data):

@@ -18,12 +18,13 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ..models import MODELS
+from .faults import MARKER
 from .google import RPC_CODES, GoogleError, invalid, line_error, model_of, now_iso, parse_generate
 from .google import field as get
 from .validate import Generation
@@ -60,6 +61,7 @@ class MockFile:
             "createTime": now_iso(self.created), "updateTime": now_iso(self.created),
             "expirationTime": now_iso(self.created + 48 * 3600), "sha256Hash": self.sha256, "uri": f"{base}/{self.name}",
             "state": "ACTIVE", "source": "GENERATED" if self.batch else "UPLOADED",
+            **({"downloadUri": f"{base.rsplit('/', 1)[0]}/download/v1beta/{self.name}:download?alt=media"} if self.batch else {}),
         }  # fmt: skip
 
 
@@ -137,6 +139,7 @@ class BatchService:
         self.files: dict[str, MockFile] = {}
         self.batches: dict[str, MockBatch] = {}
         self.uploads: dict[str, _Upload] = {}
+        self._batch_uses: dict[tuple[str, int], int] = {}
         self.stats: dict[str, Any] = {}
         self.reset_stats()
         self._load()
@@ -297,11 +300,12 @@ class BatchService:
                 )
             busy = {k for b in live for k in b.keys}
             self.stats["double_submits"] += sum(1 for k in keys if k in busy)
+            marked = {self._batch_marker(p, k) for k, p in prompts} - {None}
             planned = "SUCCEEDED"
-            if fault in ("failed", "expired") or any(
-                self.pick(p, k) in ("batch_failed", "batch_expired") for k, p in prompts
-            ):
-                planned = "FAILED" if fault == "failed" or any("batch_failed" in p for _, p in prompts) else "EXPIRED"
+            if fault == "failed" or "batch_failed" in marked:
+                planned = "FAILED"
+            elif fault == "expired" or "batch_expired" in marked:
+                planned = "EXPIRED"
             mock = MockBatch(
                 id=secrets.token_hex(8), display_name=str(get(batch, "displayName") or ""), model=model,
                 model_id=model_id, input_file=file_name, created=now, latency_s=self.latency_s, keys=keys,
@@ -314,6 +318,19 @@ class BatchService:
                 self.stats["unknown_outcomes"] += 1
         self._save(mock)
         return mock, {"create_drop": "drop", "create_503": "503"}.get(fault or "")
+
+    def _batch_marker(self, prompt: str, key: str) -> str | None:
+        """`[fault:batch_failed]` / `[fault:batch_expiredxN]` in a line's prompt: the whole batch ends so
+        (counted per key apart from the line faults, which are drawn when the batch ends)."""
+        for position, m in enumerate(MARKER.finditer(prompt)):
+            kind, times = m.group(1), m.group(2)
+            if kind not in ("batch_failed", "batch_expired"):
+                continue
+            used = self._batch_uses.get((key, position), 0)
+            if times is None or used < int(times):
+                self._batch_uses[(key, position)] = used + 1
+                return kind
+        return None
 
     def _draw(self) -> str | None:
         draw, total = self._rng.random(), 0.0
@@ -441,17 +458,16 @@ class BatchService:
         (self.dir / "batches" / f"{batch_id}.json").unlink(missing_ok=True)
 
     # -- results ----------------------------------------------------------------------------
-    def results(self, file: MockFile, line: Callable[[Generation, str, str], bytes], base: str) -> Iterator[bytes]:
-        """The lines of a batch's results file, generated one at a time: in a shuffled order, with
-        the lines its outcomes say are missing, cut off or doubled. `line(gen, key, outcome)`
-        renders one line (the gateway's images)."""
+    def results(self, file: MockFile) -> Iterator[tuple[Generation | dict[str, Any], str, str]]:
+        """The lines of a batch's results file, one at a time, in no promised order: (the request as
+        a Generation, or the error it gets; its key; its outcome). Missing lines are left out; the
+        caller renders each line, cuts off the truncated ones and doubles the duplicates."""
         batch = self.batch(str(file.batch))
         with self._lock:
             self.stats["downloads"] += 1
         assert batch.lines is not None
-        rng = random.Random(batch.seed + 1)
         order = list(range(len(batch.keys)))
-        rng.shuffle(order)  # no promised order
+        random.Random(batch.seed + 1).shuffle(order)
         with self._content(batch.input_file).open("rb") as f:
             for i in order:
                 outcome = batch.lines[i]
@@ -459,33 +475,19 @@ class BatchService:
                     continue
                 f.seek(batch.offsets[i])
                 obj = json.loads(f.readline())
-                key = batch.keys[i]
                 entry: dict[str, Any] = {"inputs": [], "params": {}}
                 try:
-                    gen = parse_generate(obj.get("request"), batch.model, entry, self.file_sha)
+                    gen: Generation | dict[str, Any] = parse_generate(
+                        obj.get("request"), batch.model, entry, self.file_sha
+                    )
                 except GoogleError as e:
-                    yield _line(key, None, line_error(RPC_CODES.get(e.status, 3), e.status, e.message), i)
-                    continue
-                text = line(gen, key, outcome)
-                if outcome == "truncate":
-                    text = text[: max(10, len(text) // 2)]  # cut off mid-line: the line ends, the JSON does not
-                yield text + b"\n"
-                if outcome == "duplicate":
-                    yield text + b"\n"
-
-
-def _line(key: str, response: bytes | None, error: dict[str, Any] | None, position: int) -> bytes:
-    """One results line; the key first on even lines, last on odd ones (no promise either way)."""
-    body = json.dumps({"error": error}).encode()[1:-1] if error is not None else b'"response": ' + (response or b"{}")
-    keyed = b'"key": ' + json.dumps(key).encode()
-    return b"{" + (keyed + b", " + body if position % 2 == 0 else body + b", " + keyed) + b"}\n"
+                    gen = line_error(RPC_CODES.get(e.status, 3), e.status, e.message)
+                yield gen, batch.keys[i], outcome
 
 
 def results_line(key: str, position: int, response: bytes | None = None, error: dict[str, Any] | None = None) -> bytes:
-    """A results line without its newline (the service adds it)."""
-    return _line(key, response, error, position).rstrip(b"\n")
-
-
-async def stream(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
-    for chunk in chunks:
-        yield chunk
+    """One results line, without its newline: the key first on even positions, last on odd ones
+    (Google promises neither, so the reader must not depend on it)."""
+    body = json.dumps({"error": error}).encode()[1:-1] if error is not None else b'"response": ' + (response or b"{}")
+    keyed = b'"key": ' + json.dumps(key).encode()
+    return b"{" + (keyed + b", " + body if position % 2 == 0 else body + b", " + keyed) + b"}"

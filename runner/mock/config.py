@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
+from ..models import MODELS
 from .faults import FAULT_KINDS
 from .images import pillow_available
 from .validate import FLAVORS
 
 RETRY_AFTER_MODES = ("header", "body", "both", "none")
+BATCH_FAULT_KINDS = ("failed", "expired", "create_drop", "create_503", "create_429", "missing", "truncate", "duplicate")
 ANSWER_FORMATS = ("markdown", "images")
 
 
@@ -34,6 +37,13 @@ class MockConfig:
     # openai-compatible: LiteLLM/OpenRouter in front of Gemini (top-level image_config, no extra_body).
     flavor: str = "nanobanana"
     answer_format: str | None = None  # markdown | images; None: the flavour's (markdown, images)
+    # Google's own API (served beside the chat endpoint; `flavor: gemini` makes it the base_url):
+    model_ids: dict[str, str] = field(default_factory=lambda: {m: i.google_model for m, i in MODELS.items()})
+    batch_latency_s: float = 2.0  # a batch's whole life on the fast clock: PENDING, RUNNING, then its end
+    batch_faults: tuple[tuple[str, float], ...] = ()  # (kind, probability): whole batches or results lines
+    batch_max_open: int = 100  # open batches at once; past it, create answers 429 (0: no limit)
+    batch_max_tokens: int = 0  # tokens enqueued across open batches (e.g. 2_000_000 for Tier 1; 0: no limit)
+    state_dir: Path | None = None  # keep files and batches here, so they outlive the process
 
     def validate(self) -> None:
         if self.mime not in ("png", "jpeg", "webp"):
@@ -53,9 +63,14 @@ class MockConfig:
                 raise ValueError(f"bad fault rate {kind}={rate}: kinds are {', '.join(FAULT_KINDS)}")
         if sum(rate for _, rate in self.fault_rates) > 1.0:
             raise ValueError("fault rates add up to more than 1")
+        for kind, rate in self.batch_faults:
+            if kind not in BATCH_FAULT_KINDS or not 0.0 <= rate <= 1.0:
+                raise ValueError(f"bad batch fault rate {kind}={rate}: kinds are {', '.join(BATCH_FAULT_KINDS)}")
+        if self.batch_latency_s < 0 or self.batch_max_open < 0 or self.batch_max_tokens < 0:
+            raise ValueError("batch_latency_s, batch_max_open and batch_max_tokens must be >= 0")
 
     @property
     def effective_answer_format(self) -> str:
         if self.answer_format is not None:
             return self.answer_format
-        return "markdown" if self.flavor == "nanobanana" else "images"
+        return "markdown" if self.flavor in ("nanobanana", "gemini") else "images"

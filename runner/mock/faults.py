@@ -13,6 +13,8 @@ FAULT_KINDS: tuple[str, ...] = (
     "prompt_blocked", "401", "402", "403", "413", "drop", "truncate", "html", "empty",
     "badjson", "content_filter", "text_only", "not_image", "slow", "two_images",
     "same_image", "wrong_shape", "uniform", "gzip", "unicode",
+    # Google's Batch API: a results line missing, or there twice; the batch holding the request ends FAILED or EXPIRED
+    "missing", "duplicate", "batch_failed", "batch_expired",
 )  # fmt: skip
 # Gateway-level refusals: answered at once, without the generation latency.
 IMMEDIATE = frozenset({"400", "401", "402", "403", "413", "429", "429_noretry"})

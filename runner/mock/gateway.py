@@ -9,6 +9,7 @@ import json
 import random
 import threading
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -117,6 +118,11 @@ class Gateway:
     async def chat(self, auth: str | None, body: bytes | None) -> Reply:
         """The answer to one chat request (`body` None: it was over the size limit), counted in the
         stats before it is returned: a client that has its answer must already see it there."""
+        return await self.counted(lambda entry: self._chat(auth, body, entry))
+
+    async def counted(self, answer: Callable[[dict[str, Any]], Awaitable[Reply]]) -> Reply:
+        """One generation request (chat, or Google's generateContent) answered by `answer(entry)`,
+        counted and logged the one way; `entry` is its requests_log line, filled as far as it gets."""
         entry: dict[str, Any] = {
             "model": None, "prompt": None, "image_config": None, "config_from": None,
             "inputs": [], "params": {}, "status": 0, "fault": None,
@@ -125,7 +131,7 @@ class Gateway:
             self._stats["requests"] += 1
         reply: Reply | None = None
         try:
-            reply = await self._chat(auth, body, entry)
+            reply = await answer(entry)
             return reply
         finally:
             with self._lock:
@@ -149,16 +155,33 @@ class Gateway:
         if not self._authorized(auth):
             return json_reply(401, bodies.AUTH_ERROR)
         try:
-            gen = parse_request(body, self.config.flavor, entry)
+            flavor = (
+                "nanobanana" if self.config.flavor == "gemini" else self.config.flavor
+            )  # gemini: chat stays the gateway's
+            gen = parse_request(body, flavor, entry)
         except Rejected as exc:
             return json_reply(exc.status, exc.body)
+        wait = self.admit(gen)
+        if wait is not None:
+            return self._too_many(wait, self.config.retry_after)
+        kind = await self.fault_for(gen, entry)
+        if kind is None or kind == "slow":
+            return await self._answer(gen)
+        return await self._fault(kind, gen)
+
+    def admit(self, gen: Generation) -> float | None:
+        """Count the request's prompt and model; the seconds until a slot when the rate limit refuses it."""
         self._bump("by_prompt", gen.prompt)
         self._bump("by_model", gen.model)
         wait = self._window.admit()
         if wait is not None:
             with self._lock:
                 self._stats["rate_limited"] += 1
-            return self._too_many(wait, self.config.retry_after)
+        return wait
+
+    async def fault_for(self, gen: Generation, entry: dict[str, Any]) -> str | None:
+        """The fault this request gets (markers, then the rates), after the generation latency
+        unless it is a gateway-level refusal."""
         kind = entry["fault"] = self._faults.pick(gen.prompt, gen.digest.hex())
         if kind is not None:
             self._bump("by_fault", kind)
@@ -168,9 +191,14 @@ class Gateway:
             if delay > 0:
                 # A client that hangs up cancels this (aiohttp's handler_cancellation): nothing lingers.
                 await asyncio.sleep(delay)
-        if kind is None or kind == "slow":
-            return await self._answer(gen)
-        return await self._fault(kind, gen)
+        return kind
+
+    def pick_fault(self, prompt: str, key: str) -> str | None:
+        """A fault for one line of a batch (markers, then the rates), counted like a request's."""
+        kind = self._faults.pick(prompt, key)
+        if kind is not None:
+            self._bump("by_fault", kind)
+        return kind
 
     def _too_many(self, wait: float | None, mode: str) -> Reply:
         if self.config.flavor == "openai-compatible":
@@ -179,7 +207,7 @@ class Gateway:
         return json_reply(429, payload, headers=headers)
 
     # -- answers ---------------------------------------------------------------------------
-    async def _image(self, gen: Generation, variant: str = "") -> bytes:
+    async def image(self, gen: Generation, variant: str = "") -> bytes:
         """The data URI of the request's image; a variant is another image for the same request."""
         cfg = self.config
         width, height = scaled_size(gen.model, gen.aspect_ratio, gen.size, cfg.image_scale)
@@ -207,7 +235,7 @@ class Gateway:
     async def _answer(self, gen: Generation, variant: str = "", text: str = "") -> Reply:
         if gen.text_only:  # openai-compatible, modalities without "image"
             return self._completion(gen, [], text or bodies.TEXT_ONLY)
-        return self._completion(gen, [await self._image(gen, variant)], text)
+        return self._completion(gen, [await self.image(gen, variant)], text)
 
     async def _fault(self, kind: str, gen: Generation) -> Reply:
         if kind in bodies.FAULT_ERRORS:
@@ -240,5 +268,5 @@ class Gateway:
             reply = await self._answer(gen)
             packed = await asyncio.get_running_loop().run_in_executor(None, gzip.compress, reply.body, 1)
             return replace(reply, body=packed, headers=(("Content-Encoding", "gzip"),))
-        uris = [await self._image(gen), await self._image(gen, "1")]  # two_images
+        uris = [await self.image(gen), await self.image(gen, "1")]  # two_images
         return self._completion(gen, uris, bodies.TWO_IMAGES)

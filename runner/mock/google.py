@@ -161,8 +161,11 @@ def _inline(inline: dict[str, Any], i: int) -> str:
     mime = str(field(inline, "mimeType") or "").lower()
     if mime not in _INPUT_MIMES:
         raise invalid(f"contents[0].parts[{i}].inlineData: unsupported MIME type {mime!r}")
-    try:
-        data = base64.b64decode(str(inline.get("data", "")), validate=True)
+    raw = str(inline.get("data", ""))
+    try:  # proto3 JSON takes bytes in the standard or the URL-safe alphabet (google-genai sends the second)
+        data = (
+            base64.b64decode(raw, validate=True) if "-" not in raw and "_" not in raw else base64.urlsafe_b64decode(raw)
+        )
     except (binascii.Error, ValueError):
         raise invalid(f"contents[0].parts[{i}].inlineData.data: invalid base64") from None
     if not _magic_ok(mime, data):

@@ -14,6 +14,7 @@ from aiohttp import web
 from . import bodies
 from .config import MockConfig
 from .gateway import Gateway, Reply, json_reply
+from .gemini_api import GoogleAPI
 from .validate import MAX_REQUEST_BYTES
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class MockGateway:
     def __init__(self, config: MockConfig | None = None) -> None:
         self.config = config or MockConfig()
         self._gateway = Gateway(self.config)
+        self._google: GoogleAPI | None = None  # made at start: it holds a folder for uploaded files
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -54,6 +56,7 @@ class MockGateway:
         if self._thread is not None:
             raise RuntimeError("mock gateway already started")
         self.config.validate()
+        self._google = GoogleAPI(self.config, self._gateway)
         ready = threading.Event()
         errors: list[BaseException] = []
         self._thread = threading.Thread(target=self._run, args=(ready, errors), name="mock-gateway", daemon=True)
@@ -62,6 +65,7 @@ class MockGateway:
         if errors:
             self._thread.join()
             self._thread = None
+            self._google.close()
             raise errors[0]
         return self.base_url
 
@@ -76,6 +80,8 @@ class MockGateway:
             loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=5)
         self._thread = self._loop = self._runner = self._listener = None
+        if self._google is not None:
+            self._google.close()
 
     def __enter__(self) -> MockGateway:
         self.start()
@@ -90,15 +96,24 @@ class MockGateway:
 
     @property
     def base_url(self) -> str:
-        return local_url(self.config.host, self.port) + "/v1"
+        """Where a client of the configured flavour points: `/v1` for the chat shapes, `/v1beta` for Google's."""
+        return local_url(self.config.host, self.port) + ("/v1beta" if self.config.flavor == "gemini" else "/v1")
+
+    @property
+    def root_url(self) -> str:
+        """The server itself (google-genai's `base_url` is this: it adds `/v1beta`, `/upload/v1beta`, ...)."""
+        return local_url(self.config.host, self.port)
 
     def stats(self) -> dict[str, Any]:
-        """A snapshot of the counters and the requests log (keys: see Gateway.stats)."""
-        return self._gateway.stats()
+        """A snapshot of the counters and the requests log (keys: see Gateway.stats), and under
+        `google` the Files and Batch APIs' (see batches.BatchService.snapshot, plus `key_in_url`)."""
+        return {**self._gateway.stats(), "google": self._google.stats() if self._google else {}}
 
     def reset_stats(self, *, faults: bool = False) -> None:
         """Zero the counters and the log; with faults=True also forget markers, the rate window and the RNG."""
         self._gateway.reset_stats(faults=faults)
+        if self._google is not None:
+            self._google.reset_stats()
 
     # -- the event loop thread -------------------------------------------------------------
     def _run(self, ready: threading.Event, errors: list[BaseException]) -> None:
@@ -168,6 +183,16 @@ class MockGateway:
         auth = request.headers.get("Authorization")
         if auth is not None:
             self._gateway.saw_auth(auth)
+        if GoogleAPI.serves(request.path) and self._google is not None:
+            generating = request.method == "POST" and request.path.endswith(":generateContent")
+            if generating:
+                self._gateway.flight(1)
+            try:
+                answer = await self._google.handle(request)
+            finally:
+                if generating:
+                    self._gateway.flight(-1)
+            return answer if isinstance(answer, web.StreamResponse) else await self._send(request, answer)
         if path == "/chat/completions" and request.method == "POST":
             self._gateway.flight(1)
             try:
@@ -175,9 +200,9 @@ class MockGateway:
             finally:
                 self._gateway.flight(-1)
         if path == "/mock/stats" and request.method == "GET":
-            reply = json_reply(200, self._gateway.stats())
+            reply = json_reply(200, self.stats())
         elif path == "/mock/reset" and request.method == "POST":
-            self._gateway.reset_stats(faults=request.query.get("faults") == "1")
+            self.reset_stats(faults=request.query.get("faults") == "1")
             reply = json_reply(200, {"ok": True})
         elif path == "/chat/completions":
             error = bodies.error_body(f"method {request.method} not allowed", "invalid_request_error", 405)
@@ -250,7 +275,7 @@ def serve(config: MockConfig) -> None:
     """Run in the foreground until Ctrl-C or SIGTERM."""
     gateway = MockGateway(config)
     gateway.start()
-    print(f"mock gateway listening on http://{config.host}:{gateway.port}/v1", flush=True)
+    print(f"mock gateway listening on {gateway.base_url}", flush=True)
     try:
         wait_for_interrupt()
     finally:

@@ -15,7 +15,7 @@ from ..models import MODELS, effective_size, nearest_ratio
 from .bodies import error_body
 from .images import PNG_SIGNATURE
 
-FLAVORS = ("nanobanana", "openai-compatible")
+FLAVORS = ("nanobanana", "openai-compatible", "gemini")  # gemini: Google's own API is the base_url
 # Google's limits per request: Gemini 2.5 Flash Image takes up to 3 images, 3 Pro and 3.1 Flash up to 14.
 MAX_INPUT_IMAGES = {"nanobanana": 3, "nanobanana_pro": 14, "nanobanana_2": 14}
 MAX_REQUEST_BYTES = 20 * 1024 * 1024

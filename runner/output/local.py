@@ -9,7 +9,9 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from .manifest import (
     scan,
 )
 
+_SCRATCH = re.compile(r"^\.scratch-(\d+)-[A-Za-z0-9_]+$")  # Store.scratch_dir's folders
 _TEMP = re.compile(r"^\..+\.(\d+)(?:-\d+)?\.tmp$")  # .<name>.<pid>-<n>.tmp, as Jail.atomic names them
 
 
@@ -159,9 +162,9 @@ class LocalStore:
         self._lock_fds.append(fd)
 
     # -- resume -----------------------------------------------------------------------------
-    def scan(self, verify: bool) -> ResumeState:
+    def scan(self, verify: bool, images: bool = False) -> ResumeState:
         root = str(self.path)  # a plain string: a Path per image made resume twice as slow
-        state = scan(self.path, lambda rec: image_intact(root, rec, verify))
+        state = scan(self.path, lambda rec: image_intact(root, rec, verify), images)
         state.add_ledger(self.ledger())
         return state
 
@@ -217,6 +220,16 @@ class LocalStore:
         except OSError as e:
             raise output_error(e, self.display) from None
         return found
+
+    def scratch_dir(self) -> Path:
+        """A fresh private folder inside the output dir for big temporary files (a batch's requests
+        and results: gigabytes belong on the output's disk, not in /tmp), named so that nothing can
+        be planted there first; a dead run's is removed by the next one."""
+        for entry in os.scandir(self.jail.dir_fd("")):
+            m = _SCRATCH.match(entry.name)
+            if m and not _alive(int(m.group(1))) and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(self.jail.path(entry.name), ignore_errors=True)
+        return Path(tempfile.mkdtemp(prefix=f".scratch-{os.getpid()}-", dir=self.path))
 
     def _remove_temp(self, dir_fd: int, name: str) -> None:
         m = _TEMP.match(name)

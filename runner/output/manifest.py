@@ -254,6 +254,8 @@ class ResumeState:
     permanent: set[int] = field(default_factory=set)
     bad_images: set[int] = field(default_factory=set)  # latest record ok, image missing or corrupt
     in_batch: set[int] = field(default_factory=set)  # submitted in a batch still open (output/ledger.py)
+    # Edit chains only (scan's keep_images): a done item's image (sha256, path, bytes), its children's input.
+    images: dict[int, tuple[str, str, int]] = field(default_factory=dict)
     spent_usd: float = 0.0
     committed_usd: float = 0.0  # what open batches may still cost (counted by the budget from submission)
     bad_lines: int = 0
@@ -279,9 +281,11 @@ class ResumeState:
         return sum(1 for s in sets for key in s if owns(key))
 
 
-def scan(out: Path, intact: Intact) -> ResumeState:
+def scan(out: Path, intact: Intact, keep_images: bool = False) -> ResumeState:
     """Resolve the record that counts per item (record.supersedes, the one rule) and sort the items
-    into done, bad image, retryable and permanent; `intact` checks an ok record's image."""
+    into done, bad image, retryable and permanent; `intact` checks an ok record's image. With
+    `keep_images` (an edit chain: children are planned from their parents' images), what a done
+    item's image is, too."""
     state = ResumeState()
     bad: list[int] = []
     rows = (rec for p in manifest_paths(out) for rec in (_index_rows(p) if index_valid(p) else _records(p, bad)))
@@ -297,8 +301,12 @@ def scan(out: Path, intact: Intact) -> ResumeState:
                 continue
             for s in (state.done, state.retryable, state.permanent, state.bad_images):
                 s.discard(key)
+            state.images.pop(key, None)
         if rec.get("status") == "ok":
-            (state.done if intact(rec) else state.bad_images).add(key)
+            whole = intact(rec)
+            (state.done if whole else state.bad_images).add(key)
+            if whole and keep_images:
+                state.images[key] = (str(rec.get("sha256")), str(rec.get("image_path")), int(rec.get("bytes") or 0))
         else:
             kind = (rec.get("error") or {}).get("kind")
             (state.permanent if kind in PERMANENT else state.retryable).add(key)

@@ -172,13 +172,17 @@ class RemoteStore:
     def close(self) -> None:
         self._tmp.cleanup()
 
-    def scan(self, verify: bool) -> ResumeState:
-        state = scan(self.path, lambda rec: self.source.intact(rec, verify))
+    def scan(self, verify: bool, images: bool = False) -> ResumeState:
+        state = scan(self.path, lambda rec: self.source.intact(rec, verify), images)
         state.add_ledger(self.ledger())
         return state
 
     def ledger(self) -> Ledger:
         return read_ledger(ledger_paths(self.path))
+
+    def scratch_dir(self) -> Path:
+        """A private local folder for big temporary files (removed with the store)."""
+        return Path(tempfile.mkdtemp(prefix="scratch-", dir=self.path))
 
     def append_ledger(self, event: dict[str, Any]) -> None:
         """One batch event as an object of its own (an object store cannot append): complete or absent.

@@ -26,7 +26,7 @@ def read_scoped(view: View, all_records: bool = False) -> tuple[Manifests, Summa
 
     require_manifest(view)  # before the spec is expanded: a wrong dir is a usage error at once
     snapshot = view.snapshot()
-    current = ALL if all_records else current_items(snapshot)
+    current = ALL if all_records else current_items(snapshot, lambda: view.scan(images=True))
     manifests = read_manifests(view, current.wants if current.ids is not None else None)
     summary = summarize(manifests)
     if current.ids is not None:

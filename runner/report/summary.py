@@ -13,6 +13,7 @@ from typing import Any, NotRequired, TypedDict
 
 from ..errors import UsageError
 from ..output import View
+from ..output.ledger import BatchEntry
 from ..output.manifest import iter_records
 from ..pricing import money, usd
 from ..record import Record, size_of, supersedes
@@ -33,6 +34,24 @@ class ModelLine(TypedDict):
     ok: int
     failed: int
     cost_usd: NotRequired[float]
+
+
+class OpenBatch(TypedDict):
+    name: str | None  # batches/... (None: prepared by a run that stopped before the server answered)
+    display_name: str
+    state: str | None  # as last seen by a run
+    items: int
+    submitted_at: str
+    stats: dict[str, Any]
+
+
+class BatchesSummary(TypedDict):
+    """Google Batch Mode: what the ledger (output/ledger.py) says is submitted and not yet collected."""
+
+    open: list[OpenBatch]
+    committed_usd: float  # what the open batches may still cost
+    collected: int  # batches collected into the manifest
+    abandoned: int  # batches that never ran or ended without results (their items went back)
 
 
 class Summary(TypedDict):
@@ -72,6 +91,7 @@ class Summary(TypedDict):
     older_cost_usd: NotRequired[float]  # what their lines cost
     records_note: NotRequired[str]  # why every record counts (no spec, spec gone, --all-records)
     sources: NotRequired[list[dict[str, str]]]  # where the images came from: {base_url ("mock"), api_format}
+    batches: BatchesSummary
     # runner.quality.analyze
     duplicates: NotRequired[list[list[str]]]
     near_duplicates: NotRequired[list[list[str]] | None]
@@ -269,6 +289,29 @@ def summarize(m: Manifests) -> Summary:
         "vars": {name: dict(counts.most_common()) for name, counts in sorted(var_counts.items())},
         "inputs": dict(inputs.most_common(MAX_INPUTS_SHOWN)),
         "distinct_inputs": len(inputs),
+        "batches": _batches(m.view),
+    }
+
+
+def _batches(view: View) -> BatchesSummary:
+    ledger = view.ledger()
+    ended = [b.ended for b in ledger.batches.values()]
+    return {
+        "open": [_open_batch(b) for b in ledger.open_batches()],
+        "committed_usd": money(ledger.committed_usd()),
+        "collected": ended.count("collected"),
+        "abandoned": ended.count("abandoned"),
+    }
+
+
+def _open_batch(b: BatchEntry) -> OpenBatch:
+    return {
+        "name": b.name,
+        "display_name": b.display_name,
+        "state": b.state,
+        "items": len(b.items),
+        "submitted_at": b.prepared_at,
+        "stats": b.stats,
     }
 
 
@@ -305,6 +348,14 @@ def format_text(summary: Summary) -> str:
                      f"asks for ({usd(summary.get('older_cost_usd') or 0.0)} spent on them); --all-records counts them"))  # fmt: skip
     elif summary.get("records_note"):
         rows.append(("records", str(summary["records_note"])))
+    batches = summary.get("batches")
+    if batches and (batches["open"] or batches["collected"]):
+        open_ = batches["open"]
+        said = f"{batches['collected']} collected, {len(open_)} open"
+        if open_:
+            waiting = sum(b["items"] for b in open_)
+            said += f" ({waiting} items, {usd(batches['committed_usd'])} committed, not yet collected)"
+        rows.append(("batches", said))
     if summary.get("bad_lines"):
         rows.append(("bad lines", f"{summary['bad_lines']} unreadable manifest line(s) skipped (damaged or cut off)"))
     width = max(len(k) for k, _ in rows)
@@ -323,6 +374,21 @@ def format_text(summary: Summary) -> str:
                 c.rjust(w) for c, w in zip(r[2:], widths[2:], strict=True)
             ]
             text.append("  " + "  ".join(cells).rstrip())
+
+    open_batches = summary["batches"]["open"] if summary.get("batches") else []
+    if open_batches:
+        text += ["", "open batches (runner run collects them; runner cancel OUT cancels them):"]
+        for b in open_batches[:20]:
+            seen = b["stats"]
+            progress = (
+                f" {seen.get('successfulRequestCount', 0)} ok, {seen.get('pendingRequestCount', '?')} pending,"
+                if seen
+                else ""
+            )
+            text.append(f"  {b['name'] or b['display_name'] + ' (not yet known to be created)'}: {b['state'] or 'submitted'},"
+                        f" {b['items']} items,{progress} submitted {b['submitted_at'][:19].replace('T', ' ')} UTC")  # fmt: skip
+        if len(open_batches) > 20:
+            text.append(f"  ... {len(open_batches) - 20} more")
 
     if summary.get("failures_by_kind"):
         text += ["", "failures:"]

@@ -216,3 +216,17 @@ def pricing(c: Checker, raw: Any) -> tuple[tuple[str, tuple[tuple[str, float], .
             table.append((size, c.number(price, f"pricing.{model}.{size}", 0)))
         out.append((model, tuple(table)))
     return tuple(out)
+
+
+def model_ids(c: Checker, raw: Any) -> tuple[tuple[str, str], ...]:
+    """`model_ids: {nanobanana_pro: gemini-3-pro-image-preview}`: the Gemini API's name for a model."""
+    if raw is None:
+        return ()
+    m = c.mapping(raw, "model_ids", set(MODELS))
+    out = []
+    for model, name in m.items():
+        name = c.string(name, f"model_ids.{model}").removeprefix("models/")
+        if not all(ch.isalnum() or ch in "-._" for ch in name):
+            raise c.fail(f"model_ids.{model}", f"{name!r} is not a model id (letters, digits, '-', '.', '_')")
+        out.append((model, name))
+    return tuple(out)

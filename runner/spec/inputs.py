@@ -9,6 +9,7 @@ import os
 import stat
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -49,18 +50,23 @@ class InputImage:
     sha256: str | None = None
     mime: str | None = None
     size: int = 0
+    parent: str | None = None  # an edit chain: the item_id whose image this is...
+    image_path: str | None = None  # ...and where that image is in the output dir
 
     @property
     def key(self) -> str:
-        """What the item id hashes: the bytes for a file, the text for a URL."""
+        """What the item id hashes: the bytes for a file (a parent's image too), the text for a URL."""
         return f"url:{self.url}" if self.url is not None else f"sha256:{self.sha256}"
 
     @property
     def stored(self) -> str | None:
-        """Where the output dir keeps its copy (content-addressed, so each file is stored once)."""
+        """Where the output dir keeps its copy (content-addressed, so each file is stored once; a
+        parent's image is its own image file)."""
+        if self.image_path is not None:
+            return self.image_path
         if self.sha256 is None or self.mime is None:
             return None
-        return f"inputs/{self.sha256[:2]}/{self.sha256}.{EXTENSIONS[self.mime]}"
+        return f"inputs/{self.sha256[:2]}/{self.sha256}.{EXTENSIONS.get(self.mime, 'png')}"
 
     @property
     def request_bytes(self) -> int:
@@ -81,6 +87,8 @@ class Inputs:
 
     def __init__(self, base: Path, max_cached_bytes: int = 256 << 20) -> None:
         self.base = base
+        # How a run reads an image of its own output dir (an edit chain's parent image): set by the run.
+        self.reader: Callable[[str], bytes | None] | None = None
         self._meta: OrderedDict[str | tuple[str, str], tuple[InputImage, ...]] = OrderedDict()
         self._fallbacks: dict[tuple[str, str], bool] = {}
         self._uris: OrderedDict[str, str] = OrderedDict()
@@ -124,6 +132,8 @@ class Inputs:
     def _resolve(self, ref: str, base: Path) -> tuple[InputImage, ...]:
         if not isinstance(ref, str) or not ref.strip():
             raise InputError("expected a path or an http(s) URL")
+        if ref.startswith("@"):
+            raise InputError(f"{ref!r}: @ID (another prompt's images) works in the images of a prompt under `prompts`")
         if is_url(ref):
             parts = urlsplit(ref)
             if not parts.hostname or any(c.isspace() for c in ref) or parts.username or parts.password:
@@ -159,24 +169,38 @@ class Inputs:
             raise InputError(f"cannot read {path}: {e.strerror or e}") from None
         return InputImage(ref, path=str(path), sha256=h.hexdigest(), mime=mime, size=st.st_size)
 
+    def read(self, image: InputImage) -> bytes:
+        """The bytes of a local reference image (or a parent's image in the output dir), checked
+        against the sha256 its item id was made from; InputError when it changed or went away."""
+        if image.image_path is not None:
+            data = self.reader(image.image_path) if self.reader is not None else None
+            if data is None:
+                raise InputError(f"{image.image_path} (the image of item {image.parent}) is gone from the output dir")
+            where = image.image_path
+        else:
+            assert image.path is not None
+            try:
+                data = Path(image.path).read_bytes()
+            except OSError as e:
+                raise InputError(f"cannot read {image.path}: {e.strerror or e}") from None
+            where = image.path
+        if hashlib.sha256(data).hexdigest() != image.sha256:
+            raise InputError(f"{where} changed since its item was planned; rerun to send the new one")
+        return data
+
     def data_uri(self, image: InputImage) -> str:
         """What a request carries for this image: the URL, or the file as a data: URI.
 
         Raises InputError when the file changed since it was checked (its hash is in the item id)."""
         if image.url is not None:
             return image.url
-        assert image.path is not None and image.sha256 is not None
+        assert image.sha256 is not None
         with self._lock:
             uri = self._uris.get(image.sha256)
             if uri is not None:
                 self._uris.move_to_end(image.sha256)
                 return uri
-        try:
-            data = Path(image.path).read_bytes()
-        except OSError as e:
-            raise InputError(f"cannot read {image.path}: {e.strerror or e}") from None
-        if hashlib.sha256(data).hexdigest() != image.sha256:
-            raise InputError(f"{image.path} changed since the spec was checked; rerun to send the new one")
+        data = self.read(image)
         uri = f"data:{image.mime};base64,{base64.b64encode(data).decode('ascii')}"
         with self._lock:
             if len(uri) <= self._max // 4:

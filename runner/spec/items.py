@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from json.encoder import encode_basestring as _quote
 from typing import Any, NamedTuple
 
 from ..errors import SpecError, UsageError
+from .chains import joins, merged
 from .inputs import InputError, InputImage
 from .parse import JobSpec
 from .sources import iter_prompts
@@ -56,6 +58,9 @@ class Item:
 def _input_record(image: InputImage) -> dict[str, Any]:
     if image.url is not None:
         return {"url": image.url}
+    if image.parent is not None:  # an edit chain: the parent item's own image
+        return {"item_id": image.parent, "path": image.image_path, "sha256": image.sha256, "mime": image.mime,
+                "bytes": image.size, "stored": image.image_path}  # fmt: skip
     return {"path": image.ref, "sha256": image.sha256, "mime": image.mime, "bytes": image.size, "stored": image.stored}
 
 
@@ -164,6 +169,8 @@ def _iter_inline(spec: JobSpec) -> Iterator[_Prompt]:
     resolve = spec.inputs.resolve
     top = _top_images(spec)
     for p in spec.prompts:
+        if p.link is not None:  # a chained prompt: its items come from its parent's images (iter_children)
+            continue
         if p.template is not None:
             fixed = not any("{" in ref for ref in p.images)
             own = tuple(img for ref in p.images for img in resolve(ref)) if fixed else ()
@@ -197,3 +204,73 @@ def _iter_files(spec: JobSpec) -> Iterator[_Prompt]:
                 )
         except (OSError, ValueError) as e:  # the file changed since the spec was checked (InputError included)
             raise SpecError(str(spec.spec_path), f"prompt_files[{i}]", f"{f.path}: {e}") from None
+
+
+def parent_image(item_id: str, image_path: str, sha256: str, mime: str, size: int) -> InputImage:
+    """An item's image as a reference image of its chained children."""
+    return InputImage(f"@{item_id}", sha256=sha256, mime=mime, size=size, parent=item_id, image_path=image_path)
+
+
+def iter_children(spec: JobSpec, parent: Item, image: InputImage) -> Iterator[ItemFields]:
+    """The items of the prompts chained to `parent`'s prompt, fed `image` (its image): each child
+    prompt's combinations whose labels agree with the parent's, every config, every repeat."""
+    resolve = spec.inputs.resolve
+    try:
+        top = _top_images(spec)
+        for p in spec.children_of(parent.prompt_id):
+            assert p.link is not None
+            if p.template is not None:
+                combos: Iterator[tuple[str, dict[str, str] | None]] = p.template.expand(parent.vars)
+            else:
+                assert p.text is not None
+                combos = iter([(p.text, dict(p.labels) or None)])
+            for text, own in combos:
+                if not joins(own or {}, parent.vars):
+                    continue
+                inputs: list[InputImage] = []
+                for slot, ref in enumerate(p.images):
+                    if slot == p.link.slot:
+                        inputs.append(image)
+                    else:
+                        inputs += resolve(ref.format(**own) if own and "{" in ref else ref)
+                labels = merged(parent.vars, own)
+                refs = top + tuple(inputs)
+                for config in p.image_configs:
+                    for r in range(p.repeats):
+                        iid = item_id(p.model, text, config, r, refs, p.params)
+                        yield ItemFields(iid, p.prompt_id, text, p.model, config, r, labels, refs, p.params)
+    except InputError as e:  # a reference image changed or went away since the spec was checked
+        raise SpecError(str(spec.spec_path), "images", str(e)) from None
+
+
+Memo = dict[tuple[str, tuple[tuple[str, str], ...]], Counter[tuple[str, str, str | None]]]
+
+
+def expected_children(
+    spec: JobSpec, prompt_id: str, vars_: dict[str, str] | None, memo: Memo
+) -> Counter[tuple[str, str, str | None]]:
+    """How many descendants an ok item of `prompt_id` with labels `vars_` gets, assuming every
+    parent succeeds: (their prompt_id, model, image_size sent) -> count. Their ids cannot be known
+    before their parents' images are; counts and prices can. `memo` (one per pass) remembers the
+    answer per (prompt, labels): parents alike have alike descendants."""
+    labels = tuple(sorted((vars_ or {}).items()))
+    found = memo.get((prompt_id, labels))
+    if found is not None:
+        return found
+    parent = dict(labels)
+    counts: Counter[tuple[str, str, str | None]] = Counter()
+    for p in spec.children_of(prompt_id):
+        if p.template is not None:
+            combos: Iterator[dict[str, str] | None] = (own for _, own in p.template.expand(parent))
+        else:
+            combos = iter([dict(p.labels) or None])
+        for own in combos:
+            if not joins(own or {}, parent):
+                continue
+            below = expected_children(spec, p.prompt_id, merged(parent, own), memo)
+            for config in p.image_configs:
+                counts[(p.prompt_id, p.model, config.image_size)] += p.repeats
+                for key, n in below.items():
+                    counts[key] += p.repeats * n
+    memo[(prompt_id, labels)] = counts
+    return counts

@@ -11,21 +11,25 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SpecError
-from . import checks
+from . import chains, checks
+from .chains import Link
 from .checks import Checker, check_url, describe
-from .inputs import InputError, Inputs, check_request
+from .inputs import InputError, InputImage, Inputs, check_request
 from .sources import columns, file_kind, iter_prompts
 from .templates import Template, parse_template, placeholders
 from .values import DEFAULT_CONFIG, ImageConfig, Params
 from .yamlfile import load_yaml
 
 DEFAULT_BASE_URL = "https://api.getinfinityblue.com/v1"
-API_FORMATS = ("nanobanana", "openai-compatible")
+GEMINI_BASE_URL = "https://generativelanguage.googleapis.com/v1beta"  # the default for api_format gemini
+MODES = ("interactive", "batch")
+BATCH_KEYS = {"max_requests", "poll_s"}
+API_FORMATS = ("nanobanana", "openai-compatible", "gemini")
 TOP_KEYS = {
     "name", "model", "image_configs", "repeats", "prompts", "prompt_files", "output_dir",
     "base_url", "api_key_env", "concurrency", "requests_per_minute", "max_attempts",
     "timeout_s", "max_cost_usd", "pricing", "max_consecutive_failures", "backoff_base_s", "backoff_max_s",
-    "images", "params", "api_format", "max_response_mb", "notify_url", "on_finish",
+    "images", "params", "api_format", "max_response_mb", "notify_url", "on_finish", "mode", "batch", "model_ids",
 }  # fmt: skip
 PROMPT_KEYS = {"id", "prompt", "model", "image_configs", "repeats", "images", "params", "vars"}
 TEMPLATE_KEYS = {"id", "template", "vars", "combine", "sample", "seed", "model", "image_configs", "repeats"}
@@ -45,6 +49,7 @@ class PromptEntry:
     images: tuple[str, ...] = ()  # its own references (templates may hold {placeholders}), after the top-level ones
     params: Params = ()
     labels: tuple[tuple[str, str], ...] = ()  # `vars` of a plain prompt
+    link: Link | None = None  # an edit chain: `@ID` in its images names its parent prompt
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,10 @@ class JobSpec:
     pricing: tuple[tuple[str, tuple[tuple[str, float], ...]], ...]
     fingerprint: str  # hash of what decides the items: changes mean spec drift
     api_format: str = "nanobanana"
+    mode: str = "interactive"  # or batch: Google's Batch API (api_format gemini only)
+    batch_max_requests: int = 100  # items per batch: sized by its results file (~3.5 MB a 1K image line)
+    batch_poll_s: float = 60.0  # seconds between status checks of open batches
+    model_ids: tuple[tuple[str, str], ...] = ()  # runner model -> the Gemini API's id, over the built-in defaults
     images: tuple[str, ...] = ()  # references sent first with every prompt
     params: Params = ()  # top-level params (prompts carry them merged already)
     max_response_mb: float = 64.0
@@ -84,6 +93,15 @@ class JobSpec:
     on_finish: str | None = None
     warnings: tuple[str, ...] = ()
     inputs: Inputs = field(default_factory=lambda: Inputs(Path(".")), compare=False, repr=False)
+
+    @property
+    def chained(self) -> bool:
+        """Does any prompt feed on another's images (an edit chain)?"""
+        return any(p.link is not None for p in self.prompts)
+
+    def children_of(self, prompt_id: str) -> tuple[PromptEntry, ...]:
+        """The prompts chained to this one (`@prompt_id` in their images)."""
+        return tuple(p for p in self.prompts if p.link is not None and p.link.parent == prompt_id)
 
 
 def load_spec(path: str | Path) -> JobSpec:
@@ -121,15 +139,20 @@ def parse_spec(raw: Any, path: Path) -> JobSpec:
     for i, ref in enumerate(images):
         _resolve(c, inputs, ref, f"images[{i}]")
     params = checks.params(c, top.get("params"), "params", {}, repeats)
-    ctx = _Context(c, base, inputs, images, dict(params), model, configs, repeats)
+    api_format = top.get("api_format", "nanobanana")
+    if api_format not in API_FORMATS:
+        raise c.fail("api_format", f"expected one of {', '.join(API_FORMATS)}, got {describe(api_format)}")
+    ctx = _Context(c, base, inputs, images, dict(params), model, configs, repeats, api_format)
+    _check_inline_only(ctx, [img for ref in images for img in inputs.resolve(ref)], "images")
 
     prompts: list[PromptEntry] = []
     ids: set[str] = set()
     raw_prompts = top.get("prompts") or []
     if not isinstance(raw_prompts, list):
         raise c.fail("prompts", f"expected a list, got {describe(raw_prompts)}")
+    links = chains.prescan(c.file, raw_prompts)
     for i, p in enumerate(raw_prompts):
-        entry = _prompt_entry(ctx, p, f"prompts[{i}]")
+        entry = _prompt_entry(ctx, p, f"prompts[{i}]", links.get(i))
         if entry.prompt_id in ids:
             raise c.fail(f"prompts[{i}].id", f"duplicate prompt id {entry.prompt_id!r}")
         ids.add(entry.prompt_id)
@@ -156,17 +179,25 @@ def parse_spec(raw: Any, path: Path) -> JobSpec:
         output_dir = Path(
             os.path.normpath(base / c.string(out, "output_dir") if out is not None else base / "out" / name)
         )
-    base_url = c.string(top.get("base_url", DEFAULT_BASE_URL), "base_url").rstrip("/")
+    gemini = api_format == "gemini"
+    base_url = c.string(top.get("base_url", GEMINI_BASE_URL if gemini else DEFAULT_BASE_URL), "base_url").rstrip("/")
     if (problem := check_url(base_url)) is not None:
         raise c.fail("base_url", problem)
-    key_env = c.string(top.get("api_key_env", "NANOBANANA_API_KEY"), "api_key_env")
+    key_env = c.string(top.get("api_key_env", "GEMINI_API_KEY" if gemini else "NANOBANANA_API_KEY"), "api_key_env")
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
         raise c.fail(
             "api_key_env", "expected the NAME of an environment variable (the key itself never goes in a spec)"
         )
-    api_format = top.get("api_format", "nanobanana")
-    if api_format not in API_FORMATS:
-        raise c.fail("api_format", f"expected one of {', '.join(API_FORMATS)}, got {describe(api_format)}")
+    mode = top.get("mode", "interactive")
+    if mode not in MODES:
+        raise c.fail("mode", f"expected one of {', '.join(MODES)}, got {describe(mode)}")
+    if mode == "batch" and not gemini:
+        raise c.fail(
+            "mode",
+            "batch mode is Google's own Batch API: it needs api_format: gemini (a chat gateway has no batch endpoint)",
+        )
+    batch = c.mapping(top["batch"], "batch", BATCH_KEYS) if top.get("batch") is not None else {}
+    model_ids = checks.model_ids(c, top.get("model_ids"))
     notify = top.get("notify_url")
     if notify is not None and (problem := check_url(c.string(notify, "notify_url"))) is not None:
         raise c.fail("notify_url", problem)
@@ -193,6 +224,10 @@ def parse_spec(raw: Any, path: Path) -> JobSpec:
         pricing=checks.pricing(c, top.get("pricing")),
         fingerprint=_fingerprint(prompts, files, model, configs, repeats, images, params),
         api_format=api_format,
+        mode=mode,
+        batch_max_requests=c.integer(batch.get("max_requests", 100), "batch.max_requests", 1, 50_000),
+        batch_poll_s=c.number(batch.get("poll_s", 60.0), "batch.poll_s", 0, strict=True),
+        model_ids=model_ids,
         images=images,
         params=params,
         max_response_mb=c.number(top.get("max_response_mb", 64), "max_response_mb", 0, strict=True),
@@ -215,10 +250,11 @@ class _Context:
     model: str | None
     configs: tuple[ImageConfig, ...]
     repeats: int
+    api_format: str = "nanobanana"
     warnings: list[str] = field(default_factory=list)
 
 
-def _prompt_entry(ctx: _Context, p: Any, key: str) -> PromptEntry:
+def _prompt_entry(ctx: _Context, p: Any, key: str, link: Link | None = None) -> PromptEntry:
     c = ctx.c
     if isinstance(p, str):
         text = c.string(p, key)
@@ -247,42 +283,52 @@ def _prompt_entry(ctx: _Context, p: Any, key: str) -> PromptEntry:
         own_configs = ctx.configs
         c.check_support(own_model, own_configs, "image_configs", inherited_by=key)
     own_repeats = c.integer(m.get("repeats", ctx.repeats), f"{key}.repeats", 1, 10_000)
-    own_images = checks.refs(c, m.get("images"), f"{key}.images")
+    all_images = checks.refs(c, m.get("images"), f"{key}.images")
+    # The parent's image (`@ID`) is not a file to check: it is made during the run.
+    own_images = tuple(ref for i, ref in enumerate(all_images) if link is None or i != link.slot)
     params = checks.params(c, m.get("params"), f"{key}.params", ctx.params, own_repeats)
     pid = str(m["id"]).strip() if m.get("id") not in (None, "") else None
+    inherited = link.inherited if link is not None else frozenset()
     if is_template:
         used = frozenset(n for ref in own_images for n in _placeholders(c, ref, f"{key}.images"))
-        tpl = parse_template(c.file, key, m, ctx.base, used)
+        tpl = parse_template(c.file, key, m, ctx.base, used | inherited, inherited)
         missing = used - set(tpl.names)
         if missing:
-            raise c.fail(f"{key}.images", f"placeholder {{{sorted(missing)[0]}}} has no variable in vars")
+            name = sorted(missing)[0]
+            why = (
+                "the parent's labels fill prompts, not image paths" if name in inherited else "has no variable in vars"
+            )
+            raise c.fail(f"{key}.images", f"placeholder {{{name}}} {why}")
         if tpl.sample and tpl.sample > tpl.full_count:
             ctx.warnings.append(
                 f"{key}: sample {tpl.sample} is more than the {tpl.full_count} combinations: every one is used"
             )
-        _check_template_images(ctx, own_model, tpl, own_images, key)
+        _check_template_images(ctx, own_model, tpl, own_images, key, chained=link is not None)
         entry_id = pid or f"t_{tpl.digest[:8]}"
         return PromptEntry(
-            entry_id, own_model, own_configs, own_repeats, template=tpl, images=own_images, params=params
+            entry_id, own_model, own_configs, own_repeats, template=tpl, images=all_images, params=params, link=link
         )
     if "prompt" not in m:
         raise c.fail(f"{key}.prompt", "required key is missing")
     text = c.string(m["prompt"], f"{key}.prompt")
-    for i, ref in enumerate(own_images):
-        _resolve(c, ctx.inputs, ref, f"{key}.images[{i}]")
-    _check_request(ctx, own_model, text, own_images, key)
+    for i, ref in enumerate(all_images):
+        if link is None or i != link.slot:
+            _resolve(c, ctx.inputs, ref, f"{key}.images[{i}]")
+    _check_request(ctx, own_model, text, own_images, key, chained=link is not None)
     labels = checks.labels(c, m.get("vars"), f"{key}.vars")
     return PromptEntry(
-        pid or _derived_id(text), own_model, own_configs, own_repeats, text=text, images=own_images, params=params,
-        labels=labels,
+        pid or _derived_id(text), own_model, own_configs, own_repeats, text=text, images=all_images, params=params,
+        labels=labels, link=link,
     )  # fmt: skip
 
 
-def _check_template_images(ctx: _Context, model: str, tpl: Template, refs: tuple[str, ...], key: str) -> None:
+def _check_template_images(
+    ctx: _Context, model: str, tpl: Template, refs: tuple[str, ...], key: str, chained: bool = False
+) -> None:
     """Resolve every path the template's images can take (only the vars they use are combined)."""
     used = sorted({n for ref in refs for n in placeholders(ref)})
     if not refs:
-        _check_request(ctx, model, tpl.longest, (), key)
+        _check_request(ctx, model, tpl.longest, (), key, chained=chained)
         return
     columns_ = [tpl.values[tpl.names.index(n)] for n in used]
     combos = zip(*columns_, strict=True) if tpl.combine == "zip" and used else itertools.product(*columns_)
@@ -291,17 +337,35 @@ def _check_template_images(ctx: _Context, model: str, tpl: Template, refs: tuple
         images: list[Any] = []
         for i, ref in enumerate(refs):
             images += _resolve(ctx.c, ctx.inputs, ref.format(**values), f"{key}.images[{i}]")
-        _check_request(ctx, model, tpl.longest, tuple(images), key, resolved=True)
+        _check_request(ctx, model, tpl.longest, tuple(images), key, resolved=True, chained=chained)
 
 
 def _check_request(
-    ctx: _Context, model: str, text: str | int, refs: tuple[Any, ...], key: str, resolved: bool = False
+    ctx: _Context,
+    model: str,
+    text: str | int,
+    refs: tuple[Any, ...],
+    key: str,
+    resolved: bool = False,
+    chained: bool = False,
 ) -> None:
     images = [img for ref in ctx.images for img in ctx.inputs.resolve(ref)]
     images += list(refs) if resolved else [img for ref in refs for img in ctx.inputs.resolve(ref)]
+    _check_inline_only(ctx, images, f"{key}.images")
+    if chained:  # the parent's image, made during the run: counted, its size not yet known
+        images.append(InputImage("@parent", sha256="", mime="image/png"))
     problem = check_request(model, text, tuple(images))
     if problem is not None:
         raise ctx.c.fail(f"{key}.images" if refs else key, problem)
+
+
+def _check_inline_only(ctx: _Context, images: list[Any], key: str) -> None:
+    """Google's own API takes reference images inline (or uploaded), not as http(s) URLs to fetch."""
+    url = next((img.url for img in images if img.url is not None), None)
+    if ctx.api_format == "gemini" and url is not None:
+        raise ctx.c.fail(
+            key, f"{url}: api_format gemini sends reference images from files; download it and name the file"
+        )
 
 
 def _resolve(c: Checker, inputs: Inputs, ref: str, key: str) -> tuple[Any, ...]:
@@ -338,6 +402,10 @@ def _prompt_file(ctx: _Context, f: Any, key: str) -> PromptFile:
                     images += found
                     if fallback and len(beside_spec) < 3 and ref not in beside_spec:
                         beside_spec.append(ref)
+                if ctx.api_format == "gemini" and any(img.url for img in images):
+                    raise ValueError(
+                        f"prompt {prompt.prompt_id!r}: api_format gemini sends reference images from files, not URLs"
+                    )
                 problem = check_request(ctx.model, prompt.text, images)
                 if problem is not None:
                     raise ValueError(f"prompt {prompt.prompt_id!r}: {problem}")
@@ -384,4 +452,5 @@ def spec_summary(spec: JobSpec) -> dict[str, Any]:
         "prompts": len(spec.prompts),
         "prompt_files": {str(f.path): f.count for f in spec.prompt_files},
         "api_format": spec.api_format,
+        "mode": spec.mode,
     }

@@ -58,8 +58,9 @@ class Template:
         """How many prompts it yields: the sample size, or every combination."""
         return min(self.sample, self.full_count) if self.sample else self.full_count
 
-    def expand(self) -> Iterator[tuple[str, dict[str, str]]]:
-        """Yield (prompt text, vars) for every combination, or for the seeded sample."""
+    def expand(self, given: dict[str, str] | None = None) -> Iterator[tuple[str, dict[str, str]]]:
+        """Yield (prompt text, vars) for every combination, or for the seeded sample. `given`: labels
+        from a chained prompt's parent, which its placeholders may use (its own values win)."""
         combos: Iterator[tuple[str, ...]] = self._combos()
         if self.sample and self.sample < self.full_count:
             if self.full_count <= RANK_LIMIT:
@@ -71,7 +72,7 @@ class Template:
                 combos = (self._combo(i) for i in self._draw())
         for combo in combos:
             vars_ = dict(zip(self.names, combo, strict=True))
-            yield self.template.format(**vars_), vars_
+            yield self.template.format(**({**given, **vars_} if given else vars_)), vars_
 
     def _draw(self) -> list[int]:
         """`sample` distinct combination numbers from a seeded stream: reproducible, and a
@@ -112,9 +113,16 @@ def placeholders(text: str) -> list[str]:
 
 
 def parse_template(
-    file: str, key: str, m: dict[str, Any], base: Path, also_used: frozenset[str] = frozenset()
+    file: str,
+    key: str,
+    m: dict[str, Any],
+    base: Path,
+    also_used: frozenset[str] = frozenset(),
+    inherited: frozenset[str] = frozenset(),
 ) -> Template:
-    """Check a template mapping; `also_used` are placeholders of its image paths, which may name vars too."""
+    """Check a template mapping; `also_used` are placeholders of its image paths, which may name vars
+    too; `inherited` are label names a chained template gets from its parents (its placeholders may
+    use them without vars of their own)."""
 
     def fail(k: str, problem: str) -> SpecError:
         return SpecError(file, f"{key}.{k}", problem)
@@ -130,7 +138,7 @@ def parse_template(
     if not isinstance(raw_vars, dict) or not raw_vars:
         raise fail("vars", "a template needs a mapping of variables to lists of values")
     for f in fields:
-        if f not in raw_vars:
+        if f not in raw_vars and f not in inherited:
             raise fail(
                 "template", f"placeholder {{{f}}} has no variable in vars (vars: {', '.join(map(str, raw_vars))})"
             )

@@ -1,0 +1,69 @@
+"""`runner cancel OUT`: cancel the batches an output dir's ledger says are still open on Google's Batch API.
+
+It only talks to the server: the run that owns the output dir (waiting, or the next one) sees the
+batches CANCELLED when it polls and writes that down itself, so cancel needs no lock and can run
+beside a waiting run. Cancelled items go back to the to-do list.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import anyio
+
+from ...errors import UsageError
+from ...output import is_remote, open_view
+from ...safety import printable
+from .api import ApiError, GoogleBatchApi, Unknown
+
+
+def cancel_batches(out: str | Path, *, mock: bool = False, base_url: str | None = None) -> list[str]:
+    """Cancel the open batches of `out`; returns what happened, a line each."""
+    return anyio.run(_cancel, out, mock, base_url)
+
+
+async def _cancel(out: str | Path, mock: bool, base_url: str | None) -> list[str]:
+    with open_view(out) as view:
+        entries = view.ledger().open_batches()
+    if not entries:
+        return [f"no open batches in {out}"]
+    async with AsyncExitStack() as stack:
+        if mock:
+            from ...mock import MockConfig, MockGateway
+
+            state = None if is_remote(out) else Path(out) / ".mock-google"
+            gateway = stack.enter_context(MockGateway(MockConfig(flavor="gemini", state_dir=state)))
+            base, key = gateway.base_url, "mock-key"
+        else:
+            key_env = entries[0].key_env or "GEMINI_API_KEY"
+            key = os.environ.get(key_env, "").strip()
+            if not key:
+                raise UsageError(f"no API key: set {key_env} (the variable the job's api_key_env named)")
+            bases = {e.base_url for e in entries if e.base_url}
+            base = base_url or (bases.pop() if len(bases) == 1 else "")
+            if not base:
+                raise UsageError("the open batches were created at several base URLs: give --base-url")
+        api = GoogleBatchApi(base, key)
+        stack.push_async_callback(api.aclose)
+        lines = []
+        unnamed = {e.display_name: e for e in entries if e.name is None}
+        found: dict[str, str] = {}
+        if unnamed:  # prepared by a run that stopped before it heard back: look them up by display name
+            async for info in api.list():
+                if info.display_name in unnamed and not info.done:
+                    found[info.display_name] = info.name
+        for entry in entries:
+            name = entry.name or found.get(entry.display_name)
+            if name is None:
+                lines.append(f"{entry.display_name}: not on the server (never created); nothing to cancel")
+                continue
+            try:
+                await api.cancel(name)
+            except (ApiError, Unknown) as e:
+                why = e.failure.message if isinstance(e, ApiError) else str(e)
+                lines.append(f"{name}: could not cancel it: {why}")
+                continue
+            lines.append(f"{name}: cancelled ({len(entry.items)} items go back to the to-do list)")
+        return [printable(line) for line in lines]

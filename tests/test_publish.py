@@ -343,8 +343,11 @@ def test_a_config_without_aspect_ratio_sends_none_and_keeps_the_ids_of_those_wit
     assert "image_configs[0].aspect_ratio" in run_cli("estimate", str(bad)).stderr  # given, it must be a ratio
 
 
-def test_the_mock_keeps_the_input_shape_and_the_size_check_expects_it(tmp_path: Path, gateway: StartGateway) -> None:
-    gw = gateway()
+@pytest.mark.parametrize("api_format", ["nanobanana", "openai-compatible", "gemini"])
+def test_the_mock_keeps_the_input_shape_and_the_size_check_expects_it(
+    tmp_path: Path, gateway: StartGateway, api_format: str
+) -> None:
+    gw = gateway(flavor=api_format)
     for name, size, fmt in (
         ("wide.png", (160, 90), "PNG"),
         ("tall.jpg", (90, 160), "JPEG"),
@@ -355,7 +358,9 @@ def test_the_mock_keeps_the_input_shape_and_the_size_check_expects_it(tmp_path: 
         {"id": n.split(".")[0], "prompt": f"edit {n}", "images": [n]} for n in ("wide.png", "tall.jpg", "odd.webp")
     ]
     prompts.append({"id": "none", "prompt": "no reference"})
-    path = write_spec(tmp_path, gw.base_url, image_configs=[{}], model="nanobanana", prompts=prompts)
+    path = write_spec(
+        tmp_path, gw.base_url, image_configs=[{}], model="nanobanana", prompts=prompts, api_format=api_format
+    )
     assert run_cli("run", str(path), "--no-progress").returncode == 0
     shapes = {r["prompt_id"]: (r["width"], r["height"]) for r in read_manifest(tmp_path / "out")}
     assert nearest_ratio("nanobanana", 100, 70) == "3:2"  # 1.43: nearer 3:2 (1.5) than 4:3 (1.33)

@@ -166,11 +166,24 @@ def _estimate_text(est: dict[str, Any]) -> str:
             f"reference images: {est['input_images']} sent ({_size(est['input_bytes'])}), billed as input "
             f"tokens: about {usd(est['estimated_input_cost_usd'])} more (pricing: MODEL: {{input_image: USD}})"
         )
+    if est.get("input_shapes"):
+        shapes = ", ".join(f"{ratio} x{n}" for ratio, n in est["input_shapes"].items())
+        rows.append(
+            f"aspect ratio: {sum(est['input_shapes'].values())} items send none and keep their first reference "
+            f"image's shape ({shapes})"
+        )
+    latency = ", ".join(f"~{s:g}s an image for {m}" for m, s in est.get("assumed_latency_s", {}).items())
     rows.append(
         f"time: about {duration(est['estimated_time_s'])} at concurrency {est['concurrency']}"
         + (f", {est['requests_per_minute']:g} requests/minute" if est["requests_per_minute"] else "")
-        + f" (bound by {est['time_basis']})"
+        + f" (bound by {est['time_basis']}; assuming {latency}, the typical latency)"
     )
+    if est["remaining"]:
+        rows.append(
+            "to finish sooner: raise requests_per_minute if your key allows more"
+            if est["time_basis"] == "requests_per_minute"
+            else "to finish sooner: raise concurrency (or --concurrency), within your key's rate limit"
+        )
     if est["spent_usd"]:
         rows.append(f"already spent in {est['output_dir']}: {usd(est['spent_usd'])}")
     rows.extend(f"warning: {w}" for w in est["warnings"])
@@ -178,14 +191,14 @@ def _estimate_text(est: dict[str, Any]) -> str:
 
 
 def _size(n: int) -> str:
-    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 1024:.0f} KB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import report
     from .report.summary import format_quality, format_text
 
-    summary = report(args.out, near_threshold=args.near_threshold, html=args.html)
+    summary = report(args.out, near_threshold=args.near_threshold, html=args.html, all_records=args.all_records)
     if "gallery" in summary:
         _say(f"gallery: {summary['gallery']['path']} ({summary['gallery']['images']} images)")
     if args.json:
@@ -200,13 +213,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .safety import printable
 
     filters = Filters(args.exclude_duplicates, args.exclude_mismatched, Filters.parse_where(args.where))
-    result = export_dataset(args.out, args.format, to=args.to, filters=filters, shard_size=args.shard_size)
+    result = export_dataset(
+        args.out, args.format, to=args.to, filters=filters, shard_size=args.shard_size, all_records=args.all_records
+    )
     where = result.location
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
         return 0
     skipped = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in result.skipped.items())
     _say(f"wrote {result.written} items as {args.format} to {where}" + (f"; skipped: {skipped}" if skipped else ""))
+    if result.older:
+        _say(
+            f"left out {result.older} older item{'s' if result.older != 1 else ''} whose records the spec no "
+            "longer asks for (--all-records exports them too)"
+        )
+    elif result.records_note and not args.all_records:
+        _say(f"note: {result.records_note}")
     for reason, ids in result.examples.items():
         _say(f"  {reason.replace('_', ' ')}: e.g. {', '.join(ids)}")
     for warning in result.warnings:

@@ -110,13 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="what a run produced: counts, failures, cost, latency",
         formatter_class=_formatter,
-        description="Summarise an output dir from its manifest(s).",
+        description="Summarise an output dir from its manifest(s): the items its spec asks for now (--all-records: every record).",
         epilog="examples:\n  runner report out/demo\n  runner report out/demo --html out/demo/gallery.html\n"
         "  runner report out/demo --json | jq .failures_by_kind",
     )
     rep.add_argument("out", metavar="OUT_DIR")
     rep.add_argument("--json", action="store_true", help="print one JSON object")
     rep.add_argument("--html", metavar="FILE", help="also write a self-contained HTML gallery to FILE")
+    rep.add_argument(
+        "--all-records",
+        action="store_true",
+        help="count every record, also of items the output dir's spec no longer asks for (default: the spec's items)",
+    )
     rep.add_argument(
         "--near-threshold",
         type=int,
@@ -129,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="deliver the dataset: Hugging Face imagefolder metadata or WebDataset shards, with a dataset card",
         formatter_class=_formatter,
-        description="Write the ok images of OUT_DIR as a dataset with a card (README.md): `imagefolder` "
+        description="Write the ok images of the items OUT_DIR's spec asks for as a dataset with a card (README.md): `imagefolder` "
         '(metadata.jsonl beside the images, for datasets.load_dataset("imagefolder", data_dir=...)) or '
         "`webdataset` (tar shards of KEY.<ext> + KEY.json). Labels, params and reference images are columns.",
         epilog="examples:\n  runner export out/demo\n"
@@ -147,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--exclude-duplicates", action="store_true", help="keep one item of each byte-identical group")
     exp.add_argument("--exclude-mismatched", action="store_true", help="leave out images of the wrong aspect ratio")
     exp.add_argument("--where", action="append", default=[], metavar="VAR=VALUE", help="only items with this label")
+    exp.add_argument(
+        "--all-records",
+        action="store_true",
+        help="export every recorded item, also those the output dir's spec no longer asks for (default: the spec's items)",
+    )
     exp.add_argument("--json", action="store_true", help="print what was written and skipped as JSON")
 
     cancel = sub.add_parser(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # Source: ../shared/nanobanana-api.md, compiled from Google's Gemini image-generation and
@@ -95,3 +96,15 @@ def pixel_size(model: str, aspect_ratio: str, image_size: str | None) -> tuple[i
     w, h = PIXELS_1K[aspect_ratio]
     scale = SIZE_SCALE[effective_size(model, image_size)]
     return round(w * scale), round(h * scale)
+
+
+def nearest_ratio(model: str, width: int, height: int) -> str:
+    """The aspect ratio `model` supports that is nearest to width:height (on a log scale): what an
+    image config without `aspect_ratio` gets when its first reference image is this shape."""
+    target = math.log(width / height)
+
+    def distance(ratio: str) -> float:
+        w, h = (int(x) for x in ratio.split(":"))
+        return abs(math.log(w / h) - target)
+
+    return min(MODELS[model].aspect_ratios, key=distance)

@@ -54,8 +54,13 @@ class PriceTable:
 
 def usd(value: float) -> str:
     """Money for people, one rule everywhere: cents from a dollar up, a tenth of a cent below
-    (rounded from the millionths, so a float sum and a stored total print alike)."""
+    (rounded from the millionths, so a float sum and a stored total print alike); nothing is
+    `$0.00`, and less than a tenth of a cent `<$0.001` (never a `$0.000` that is not nothing)."""
     value = money(value)
+    if value == 0:
+        return "$0.00"
+    if 0 < value < 0.0005:
+        return "<$0.001"
     return f"${value:,.2f}" if abs(value) >= 1 else f"${value:.3f}"
 
 

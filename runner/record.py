@@ -29,7 +29,7 @@ from .models import MODELS, effective_size
 
 
 class ImageConfigRec(TypedDict):
-    aspect_ratio: str
+    aspect_ratio: str | None  # None: none was sent (the model kept the input image's shape)
     image_size: str | None
 
 
@@ -144,7 +144,7 @@ def check(obj: Any) -> Record | None:
         if not isinstance(error.get("message", ""), str):
             return None
     config = obj.get("image_config")
-    if config is not None and not isinstance(config.get("aspect_ratio", ""), str):
+    if config is not None and not isinstance(config.get("aspect_ratio", ""), str | None):
         return None
     if any(not _input_ok(x) for x in obj.get("inputs") or []):
         return None

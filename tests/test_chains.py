@@ -140,6 +140,8 @@ def test_a_parent_made_again_gives_its_children_new_ids(tmp_path: Path, gateway:
     assert new["e"]["inputs"][0]["sha256"] == new["base"]["sha256"]
     assert second.stats()["requests"] == 2
     report = json.loads(run_cli("report", str(out), "--json").stdout)
+    assert report["items"] == 2 and report["older_records"] == 1  # what the spec asks for now: the new edit
+    report = json.loads(run_cli("report", str(out), "--json", "--all-records").stdout)
     assert report["chains"]["stale"] == [old["e"]["item_id"]]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tarfile
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+from PIL import Image
 
 from runner import __version__
 from runner.errors import UsageError
@@ -30,6 +32,7 @@ SUMMARY = {
     "first_finished_at": "2026-11-25T08:00:00+00:00",
     "last_finished_at": "2026-11-25T09:13:00+00:00",
     "runs": 2,
+    "sources": [{"base_url": "https://api.getinfinityblue.com/v1", "api_format": "nanobanana"}],
 }
 
 
@@ -126,7 +129,8 @@ def test_imagefolder_in_place_through_the_cli(tmp_path: Path) -> None:
     rows = rows_of(path)
     assert len(rows) == 1 and rows[0]["prompt"] == "prompt number 1"
     assert (rows[0]["var_prompt"], rows[0]["var_model"], rows[0]["var_file_name_value"]) == ("p", "m", "f")
-    assert "SynthID" in (out.root / "README.md").read_text()  # the CLI writes the card beside the metadata
+    card = (out.root / "README.md").read_text()  # the CLI writes the card beside the metadata
+    assert "was not recorded" in card and "SynthID" not in card  # a dir written by hand names no source
     result = export_imagefolder(out.records, LocalSource(out.root), out.root)  # type: ignore[arg-type]
     assert (result.linked, result.copied, result.written) == (0, 0, 1)  # dest is the output dir: nothing to place
     assert var_columns({"a", "var_a", "file_name", "image", "x_file_names"}) == {
@@ -270,18 +274,27 @@ def test_webdataset_loads_with_datasets(outdir: OutDir, tmp_path: Path, datasets
     assert set(card_features) == set(ds.features)
 
 
-def test_webdataset_mixed_files_warn(tmp_path: Path) -> None:
+def test_webdataset_mixed_files_get_one_name_per_role(tmp_path: Path) -> None:
+    """A PNG and a JPEG image: one member name (PNG, converted losslessly); a sample with an extra
+    image comes first, in a shard of its own, so the loader sees that member and the other gets None."""
     out = OutDir(tmp_path / "out")
     out.add(1, picture(64, 64, seed=1))
     out.add(2, picture(64, 64, seed=2, fmt="JPEG"), mime="image/jpeg", extra=[picture(64, 64, seed=3)])
     out.write()
     result = export_webdataset(out.records, LocalSource(out.root), tmp_path / "w")  # type: ignore[arg-type]
-    assert result.written == 2 and any("same files" in w for w in result.warnings)
+    assert result.written == 2 and result.files == ["shard-000000.tar", "shard-000001.tar", "README.md"]
+    assert any("converted losslessly to PNG" in w for w in result.warnings)
     with tarfile.open(tmp_path / "w" / "shard-000000.tar") as tar:
-        assert tar.getnames() == [
-            f"{item_id(1)}.png", f"{item_id(1)}.json", f"{item_id(2)}.jpg", f"{item_id(2)}.json", f"{item_id(2)}.extra1.png",
-        ]  # fmt: skip
-    assert "same files" in (tmp_path / "w" / "README.md").read_text()
+        assert tar.getnames() == [f"{item_id(2)}.png", f"{item_id(2)}.json", f"{item_id(2)}.extra1.png"]
+        converted = tar.extractfile(f"{item_id(2)}.png").read()  # type: ignore[union-attr]
+        doc = json.load(tar.extractfile(f"{item_id(2)}.json"))  # type: ignore[arg-type]
+    with tarfile.open(tmp_path / "w" / "shard-000001.tar") as tar:
+        assert tar.getnames() == [f"{item_id(1)}.png", f"{item_id(1)}.json"]
+    assert converted.startswith(b"\x89PNG") and (doc["mime"], doc["image_file_mime"]) == ("image/jpeg", "image/png")
+    original = (out.root / out.records[1]["image_path"]).read_bytes()
+    with Image.open(io.BytesIO(converted)) as a, Image.open(io.BytesIO(original)) as b:
+        assert a.tobytes() == b.convert(a.mode).tobytes()  # the JPEG's decoded pixels, exactly
+    assert "converted losslessly" in (tmp_path / "w" / "README.md").read_text()
 
 
 # --- the dataset card --------------------------------------------------------------------------
@@ -300,18 +313,21 @@ def test_card_says_how_the_data_was_made(outdir: OutDir, tmp_path: Path) -> None
     assert header["configs"][0]["data_files"][0]["path"] == "shard-*.tar"
     body = text.split("---\n", 2)[2]
     assert "# rooftop-cats" in body and "12 synthetic images" in body
-    assert "| nanobanana_pro | 1:1 | 1K | 12 |" in body
+    assert "| nanobanana\\_pro (Gemini 3 Pro Image) | 1:1 | 1K | 12 |" in body
+    assert "through the gateway at api.getinfinityblue.com (api\\_format nanobanana)" in body
     assert "Items requested: 17; succeeded: 14; failed: 3." in body
     assert "between 2026-11-25T08:00:00+00:00 and 2026-11-25T09:13:00+00:00" in body
     assert "Cost: $1.88" in body and "Runs (resumed sessions): 2." in body
     assert (
-        "| content_filter | 2 | refusal: image blocked by the safety filter |" in body
-        and "| server_error | 1 |  |" in body
+        "| content\\_filter | 2 | refusal: image blocked by the safety filter |" in body
+        and "| server\\_error | 1 |  |" in body
     )
     assert "Refusals (the model or its filters declined): 2." in body
     assert "Byte-identical duplicates removed: 1" in body and "missing image: 1" in body
     assert "SynthID" in body and f"runner {__version__}" in body
-    assert "`json`: struct" in body and "`input0.png`: image" in body
+    assert "- `json` (struct): the request and its record" in body
+    assert "- `input0.png` (image): the source image at position 0" in body
+    assert "the **source** is `input0.png`" in body and "**result** is `png`" in body  # an edit dataset
 
 
 def test_card_text_to_image_without_inputs(tmp_path: Path) -> None:
@@ -379,7 +395,7 @@ def test_a_mock_run_with_repeated_and_misshapen_answers_end_to_end(
     assert len(rep["duplicates"]) == 1 and set(rep["duplicates"][0]) == dups
     assert rep["size_mismatches"] == [recs["odd [fault:wrong_shape]"]["item_id"]]
     text = run_cli("report", str(out)).stdout
-    assert "byte-identical images: 1 groups (2 items)" in text and "not the aspect ratio asked for" in text
+    assert "byte-identical images: 1 group (2 items)" in text and "not the aspect ratio asked for" in text
 
     dest = tmp_path / "dist"
     proc = run_cli(
@@ -391,4 +407,5 @@ def test_a_mock_run_with_repeated_and_misshapen_answers_end_to_end(
     kept = {row["json"]["vars"]["x"] for row in ds} - {f"p{i}" for i in range(6)}
     assert len(ds) == 7 and kept in ({"dup a [fault:same_image]"}, {"dup b [fault:same_image]"})
     card = (dest / "README.md").read_text()
-    assert "SynthID" in card and "content_filter" in card and f"runner {__version__}" in card
+    assert "content\\_filter" in card and f"runner {__version__}" in card
+    assert "through the gateway at 127.0.0.1" in card and "SynthID" in card  # a gateway (the mock, unknown to runner)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import hashlib
 import html
+import io
 import json
 import os
 import re
@@ -411,7 +413,10 @@ def test_100k_items_build_and_first_render(tmp_path: Path, browser: Browser) -> 
 CHROMIUM = "/usr/bin/chromium"
 # Runs before the page's own script (CDP-injected scripts are exempt from the page's CSP).
 WATCH = """window.__csp = []; document.addEventListener("securitypolicyviolation",
-  e => window.__csp.push(e.violatedDirective + " " + e.blockedURI));"""
+  e => window.__csp.push(e.violatedDirective + " " + e.blockedURI));
+window.addEventListener("load", () => { window.__atLoad = Array.from(document.querySelectorAll(".media img"),
+  i => [i.getBoundingClientRect().top < innerHeight, i.complete && i.naturalWidth > 0, i.loading, i.decoding]); });"""
+# __atLoad: each image at the load event, the moment a plain `chromium --headless --screenshot` takes its picture
 
 
 def chromium_or_skip() -> None:
@@ -548,3 +553,61 @@ class Browser:
     def errors(self) -> list[str]:
         """Script exceptions and CSP violations seen on the current page."""
         return self.exceptions + self.eval("window.__csp")
+
+
+def test_a_plain_headless_screenshot_shows_the_first_screenful(tmp_path: Path, browser: Browser) -> None:
+    """Issue 22: `chromium --headless --screenshot` (no virtual-time budget) must show the images of the
+    first screen, outputs and references alike, not grey boxes: they load eagerly (the load event waits
+    for them) and decode in the first frame; the rest stay lazy."""
+    out = tmp_path / "out"
+    out.mkdir()
+    colours = [((n * 67) % 200 + 40, (n * 131) % 200 + 40, (n * 29) % 200 + 40) for n in range(40)]
+    ref = store_input(out, png(1024, 1024, (250, 120, 0)))
+    lines = [line(out, n, prompt=f"p{n}", image=png(1376, 768, colours[n]), inputs=[ref] if n < 2 else [])
+             for n in range(1, 40)]  # fmt: skip
+    lines.insert(0, manifest_line(out, 0, prompt="p0", image=png(1376, 768, colours[0]), inputs=[ref], repeat=1,
+                                  params={"seed": 1235}, at="2026-11-25T08:00:00+00:00"))  # fmt: skip
+    write_manifest(out, lines)
+    html_file = out / "gallery.html"
+    gallery(out, html_file, quality=None)
+    browser.open(html_file.as_uri())  # returns at the load event: nothing more is waited for
+    visible = browser.eval(
+        "Array.from(document.querySelectorAll('.media img'), i => [i.getBoundingClientRect(), i])"
+        ".filter(([r]) => r.top < innerHeight && r.bottom > 0)"
+        ".map(([r, i]) => [Math.round(r.left + r.width / 2), Math.round(r.top + r.height / 2),"
+        " i.complete && i.naturalWidth > 0, i.closest('.card').dataset.id, i.parentNode.className])"
+    )
+    assert len(visible) >= 8 and any(cls == "in" for *_, cls in visible)  # outputs and a reference in view
+    at_load = [row for row in browser.eval("window.__atLoad") if row[0]]  # the first screenful, at the load event
+    assert len(at_load) == len(visible) and all(loaded for _, loaded, _, _ in at_load), at_load  # naturalWidth > 0
+    assert {(how, decoding) for _, _, how, decoding in at_load} == {("eager", "sync")}  # painted in the first frame
+    assert all(loaded for _, _, loaded, _, _ in visible), visible
+    assert browser.eval("document.querySelectorAll('.media img[loading=lazy]').length") > 0  # the rest: lazy
+    # an edit: the reference as large as the output beside it, and the repeat and seed on the card
+    card = f".card[data-id='{item_id(0)}']"
+    sizes = browser.eval(f'Array.from(document.querySelectorAll("{card} .media img"), i => i.clientWidth)')
+    assert len(sizes) == 2 and sizes[0] == sizes[1] and sizes[0] >= 200, sizes
+    assert "repeat 1 · seed 1235" in browser.text(f"{card} .meta")
+    colour_of = {item_id(n): colours[n] for n in range(40)}
+    want = [((250, 120, 0) if cls == "in" else colour_of[iid], x, y) for x, y, _, iid, cls in visible]
+    # the page's own screenshot right after the load event: each image's colour at its centre
+    pil = pytest.importorskip("PIL.Image")
+    data = browser.call("Page.captureScreenshot", {"format": "png"})["data"]
+    shot = pil.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+    for colour, x, y in want:
+        if y < shot.height:
+            got = shot.getpixel((x, y))
+            assert max(abs(a - b) for a, b in zip(got, colour, strict=True)) <= 8, (x, y, got, colour)
+    # and `chromium --headless --screenshot`, as a user takes it: every image of the first rows is in it
+    # (by colour: its layout is its own, a scrollbar narrower)
+    plain = tmp_path / "shot.png"
+    subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,900",
+         f"--user-data-dir={tmp_path / 'plain'}", f"--screenshot={plain}", html_file.as_uri()],
+        capture_output=True, timeout=60, check=True, env={**os.environ, "HOME": str(tmp_path)},
+    )  # fmt: skip
+    counts = {colour: n for n, colour in pil.open(plain).convert("RGB").getcolors(1 << 21)}
+    first_rows = {colour for colour, _, y in want if y < 600}
+    assert len(first_rows) >= 5
+    missing = [colour for colour in first_rows if counts.get(colour, 0) < 5000]  # ~190x100 pixels an image
+    assert not missing, missing

@@ -111,7 +111,7 @@ def test_ids_of_prompts_without_images_or_params_stay_as_they_were(tmp_path: Pat
             {"prompt": "x", "model": "nanobanana", "images": ["a.png"] * 4},
             "4 reference images; nanobanana takes at most 3",
         ),
-        ({"prompt": "x", "images": ["big.png"]}, "over the 20 MB cap (largest image big.png: 16.0 MB)"),
+        ({"prompt": "x", "images": ["big.png"]}, "over the 20 MiB cap (largest image big.png: 16.0 MiB)"),
         ({"prompt": "x", "images": ["text.png"]}, "not a png, jpeg, webp, heic or heif image (by its first bytes)"),
         ({"prompt": "x", "images": ["gone.png"]}, "file not found"),
         ({"prompt": "x", "images": ["refs/*.jpg"]}, "the pattern matches no file"),

@@ -286,7 +286,8 @@ def test_reference_images_of_every_accepted_kind_are_read_in_order(gw: MockGatew
     assert png_digest(data) == request_digest("nanobanana_pro", "combine these", "3:2", "1K", expected, {"seed": 7})
     [(_, other)] = images(two_texts)
     b_sha = hashlib.sha256(PNG_B).hexdigest()
-    assert png_digest(other) == request_digest("nanobanana", "first\nsecond", "1:1", "1K", [b_sha], {})
+    # no aspect_ratio sent: the first reference image's shape (24x16 is 3:2), as Google does
+    assert png_digest(other) == request_digest("nanobanana", "first\nsecond", "3:2", "1K", [b_sha], {})
     log = gw.stats()["requests_log"]
     assert [entry["inputs"] for entry in log] == [expected, [b_sha]]
     assert log[0]["prompt"] == "combine these" and log[1]["prompt"] == "first\nsecond"

@@ -36,7 +36,9 @@ def test_the_limiter_says_what_it_decided(tmp_path: Path, gateway: StartGateway)
     path = write_spec(tmp_path, gw.base_url, prompts=prompts, concurrency=4)
     proc = run_cli("run", str(path), "--no-progress")
     assert proc.returncode == 0, proc.stderr
-    assert re.search(r"rate limited \(429\): concurrency lowered from 4 to 2; set requests_per_minute", proc.stderr)
+    said = re.findall(r"rate limited \(429\) at ~(\d+) requests/minute: concurrency lowered from 4 to 2; set "
+                      r"requests_per_minute to stay under the limit \(e\.g\. requests_per_minute: (\d+)\)", proc.stderr)  # fmt: skip
+    assert len(said) == 1 and 1 <= int(said[0][1]) <= int(said[0][0]), proc.stderr  # measured, said once
     assert "the server asked to wait 1s: pausing every request until then" in proc.stderr
 
 
@@ -45,8 +47,17 @@ def test_the_limiter_says_what_it_decided(tmp_path: Path, gateway: StartGateway)
     [
         ({"max_cost_usd": 0.2}, 3, r"raise max_cost_usd in the spec or pass --max-cost"),
         ({"api_key": "another-key"}, 3, r"check the key in \$RUNNER_TEST_KEY"),
-        ({"prompts": ["a", "b [fault:content_filter]"]}, 1, r"1 items failed permanently .*--retry-failed` tries"),
-        ({"prompts": ["a", "b [fault:503]"], "max_attempts": 2}, 1, r"1 items failed with errors a retry may cure"),
+        (
+            {"prompts": ["a", "b [fault:content_filter]"]},
+            1,
+            r"1 item failed permanently \(content_filter 1\): .*--retry-failed` tries",
+        ),
+        ({"prompts": ["a", "b [fault:503]"], "max_attempts": 2}, 1, r"1 item failed with errors a retry may cure"),
+        (
+            {"prompts": ["a", "b [fault:400]"]},
+            1,
+            r"1 item failed permanently \(bad_request 1\).*\(a bad_request is the request",
+        ),
     ],
 )
 def test_each_stop_says_what_to_do_next(
@@ -58,6 +69,10 @@ def test_each_stop_says_what_to_do_next(
     proc = run_cli("run", str(path), "--no-progress")
     assert proc.returncode == expected_exit, proc.stderr
     assert re.search(r"next: .*" + hint, proc.stderr), proc.stderr
+    # the closing line names the job, how long it took and where its images are
+    assert re.search(r"^t: \d+ ok, \d+ failed, .* in \d+s -> ", proc.stderr, re.M), proc.stderr
+    if expected_exit == 1:  # failures: where to see which and why
+        assert f"next: which items failed and why: `runner report {tmp_path / 'out'}`" in proc.stderr
     if "max_cost_usd" in setup:  # the stop line's spend is the summary's
         spent = re.search(r"\$([\d.]+) in all", proc.stderr).group(1)  # type: ignore[union-attr]
         assert f"stopped: budget reached: ${spent} spent of max_cost_usd 0.2" in proc.stderr
@@ -155,7 +170,8 @@ def test_a_finished_run_notifies_a_webhook_and_a_command_without_the_key(
     assert proc.returncode == 1, proc.stderr
     (body,) = got
     sent = json.loads(body)
-    assert sent["text"].startswith("1 ok, 1 failed") and sent["runner"]["exit_code"] == 1
+    assert sent["text"].startswith("t: 1 ok, 1 failed") and sent["runner"]["exit_code"] == 1
+    assert sent["text"].endswith(f"-> {tmp_path / 'out'}") and sent["runner"]["name"] == "t"  # the job, where it is
     assert sent["runner"]["failures_by_kind"] == {"content_filter": 1}
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["ok"] == 1 and summary["output_dir"].endswith("out")

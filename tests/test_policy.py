@@ -274,3 +274,40 @@ def test_adaptive_concurrency_halves_once_per_burst_and_recovers() -> None:
         return seen
 
     assert anyio.run(main) == [8, 10, 5]
+
+
+def test_adaptive_concurrency_says_each_change_once_with_the_rate_it_measured() -> None:
+    """Issue 22: a night of 429s is a few lines, each with the request rate measured and a
+    requests_per_minute to set, not the same line 25 times."""
+    clock = FakeClock()
+
+    async def main() -> list[str | None]:
+        ac = AdaptiveConcurrency(4, cooldown_s=1, clock=clock, repeat_s=600)
+        for _ in range(30):  # 30 requests over the last 10 seconds: 180 a minute
+            ac.sent()
+            clock.t += 1 / 3
+        said = [ac.rate_limited()]  # 4 -> 2
+        clock.t += 2
+        said.append(ac.rate_limited())  # 2 -> 1
+        said += [ac.succeeded() for _ in range(1 + 2 + 3)]  # 1 -> 2, 2 -> 3, 3 -> 4
+        clock.t += 2
+        said.append(ac.rate_limited())  # 4 -> 2 again, within 10 minutes: not said again
+        clock.t += 2
+        said.append(ac.rate_limited())  # 2 -> 1 again: not said either
+        clock.t += 601
+        said += [ac.succeeded(), ac.rate_limited()]  # 1 -> 2, 2 -> 1: ten minutes on, said again
+        return said
+
+    said = anyio.run(main)
+    assert said[0] == (
+        "rate limited (429) at ~180 requests/minute: concurrency lowered from 4 to 2; set requests_per_minute "
+        "to stay under the limit (e.g. requests_per_minute: 144)"
+    )
+    assert said[1] is not None and "concurrency lowered from 2 to 1" in said[1]
+    assert [s for s in said[2:8] if s] == [
+        "1 success in a row: concurrency raised to 2 (of 4)",
+        "2 successes in a row: concurrency raised to 3 (of 4)",
+        "3 successes in a row: concurrency raised to 4 (of 4)",
+    ]
+    assert said[8:10] == [None, None]
+    assert said[10] == "1 success in a row: concurrency raised to 2 (of 4)" and "from 2 to 1" in str(said[11])

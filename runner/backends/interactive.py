@@ -250,6 +250,7 @@ class Pool:
                 run.reserved = reserved
                 run.attempts += 1
                 self.stats.requests += 1
+                self.concurrency.sent()
                 t0 = time.monotonic()
                 outcome = await self.client.generate(run.item)
                 run.latency = time.monotonic() - t0
@@ -262,7 +263,7 @@ class Pool:
             return run.last
         if isinstance(outcome, Failure) and outcome.kind == "rate_limited":
             if (said := self.concurrency.rate_limited()) is not None:
-                self.log(said + "; set requests_per_minute to stay under the limit")
+                self.log(said)
             if outcome.retry_after is not None and self.rate.pause(outcome.retry_after):
                 self.log(f"the server asked to wait {outcome.retry_after:g}s: pausing every request until then")
         elif isinstance(outcome, Success) and (said := self.concurrency.succeeded()) is not None:

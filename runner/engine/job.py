@@ -23,6 +23,7 @@ from ..pricing import PriceTable
 from ..spec.items import Shard
 from ..spec.parse import JobSpec, spec_summary
 from .budget import Budget
+from .current import ids_digest
 from .feed import Feed
 from .notify import notify
 from .plan import Plan, budget_share, find_items, make_plan, pending
@@ -62,6 +63,7 @@ class RunOptions:
 @dataclass
 class RunResult:
     out_dir: str
+    name: str = ""  # the job's
     key_env: str = "NANOBANANA_API_KEY"
     items: int = 0
     skipped_done: int = 0
@@ -110,7 +112,7 @@ async def run_job_async(spec: JobSpec, options: RunOptions = RunOptions(), log: 
     url = options.notify_url or spec.notify_url
     command = options.on_finish or spec.on_finish
     if url or command:
-        text = describe(result, options.rerun_command or "runner run JOB.yaml")[0]
+        text = describe(result, options.rerun_command or "runner run JOB.yaml", absolute_path=True)[0]
         await notify(summary_dict(result), text, url=url, command=command, key_env=spec.api_key_env, log=log)
     return result
 
@@ -169,7 +171,7 @@ async def _run(spec: JobSpec, options: RunOptions, log: Log, base_url: str, key:
 
 
 async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str, key: str, store: Store) -> RunResult:
-    result = RunResult(store.display, key_env=spec.api_key_env)
+    result = RunResult(store.display, name=spec.name, key_env=spec.api_key_env)
     _say_repairs(store, log)
     previous = store.read_snapshot()  # what the dir remembers of its last run ({} if nothing)
     state = await anyio.to_thread.run_sync(store.scan, options.verify, spec.chained)
@@ -189,7 +191,7 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
     result.items, result.skipped_done, result.skipped_failed = plan.items, plan.done, plan.skipped_failed
     result.to_run = plan.to_run
     result.spent_before_usd = state.spent_usd
-    _drift(spec, options, state, plan, store, log, previous)
+    _drift(spec, options, state, plan, store, log, previous, base_url)
     log(f"{spec.name}: " + "; ".join(_plan_parts(plan, state)))
     for warning in plan.warnings():
         log(f"warning: {warning}")
@@ -271,21 +273,41 @@ def _drift(
     store: Store,
     log: Log,
     previous: dict[str, Any],
+    base_url: str,
 ) -> None:
-    """Say how the spec changed since the output dir last ran it (spec drift); remember this one,
-    how many items it has (for `report`), and whether mock images are in the dir."""
+    """Say how the spec changed since the output dir last ran it (spec drift), in the run that changed
+    it: the set of item ids, not only the spec's text (a reference image's bytes, a prompt file's rows);
+    remember this one, how many items it has (for `report`), whether mock images are in the dir, and
+    where its images came from (for the dataset card)."""
     summary = spec_summary(spec)
     summary["made_by_mock"] = bool((options.mock and plan.to_run) or previous.get("made_by_mock"))
     summary["items"] = plan.items if options.shard is None else previous.get("items")
-    if previous and previous.get("fingerprint") != summary["fingerprint"]:
-        added = plan.items - plan.known_seen
+    summary["sources"] = _sources(previous, "mock" if options.mock else base_url, spec.api_format, plan.to_run > 0)
+    if options.shard is None:
+        summary["items_digest"] = ids_digest(plan.ids_sum)
+    elif isinstance(previous.get("items_digest"), str):
+        summary["items_digest"] = previous["items_digest"]
+    if options.shard is None and isinstance(previous.get("items_digest"), str):
+        changed = previous["items_digest"] != summary["items_digest"]
+    else:  # a shard sees only its items; an older spec.json has no digest
+        changed = previous.get("fingerprint") != summary["fingerprint"]
+    if previous and changed:
+        added = plan.items - plan.expected - plan.known_seen  # expected children: not known yet
         gone = state.known_count(options.shard.owns if options.shard else None) - plan.known_seen
         if added or gone:
             log(
                 f"the spec changed since the last run in {store.display}: {added} new items, "
-                f"{gone} recorded items are no longer in the spec (their records stay); going on with the new spec"
+                f"{gone} recorded items are no longer in the spec (their records stay; report and export leave "
+                "them out); going on with the new spec"
             )
     store.write_snapshot(summary)
+
+
+def _sources(previous: dict[str, Any], base_url: str, api_format: str, sends: bool) -> list[dict[str, str]]:
+    """Where the dir's images came from, every run's that sends something (base_url "mock": the built-in mock)."""
+    seen = [s for s in previous.get("sources") or [] if isinstance(s, dict)]
+    here = {"base_url": base_url, "api_format": api_format}
+    return (seen if here in seen or not sends else [*seen, here])[-20:]
 
 
 def _plan_parts(plan: Plan, state: ResumeState) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Protocol
 
 import anyio
@@ -65,16 +66,52 @@ class AdaptiveConcurrency:
     """Additive-increase, multiplicative-decrease on the number of requests in flight.
 
     A burst of 429s halves the limit once (not once per 429); every `limit` successes
-    in a row win back one slot, up to the configured concurrency.
+    in a row win back one slot, up to the configured concurrency. Each change is said once
+    (the same change again within `repeat_s` is not said again: a night of 429s is a few lines,
+    not hundreds), a cut with the request rate measured when the 429s came (`sent()` counts
+    requests), and the requests_per_minute that would stay under it.
     """
 
-    def __init__(self, maximum: int, cooldown_s: float = 2.0, clock: Clock = MONOTONIC) -> None:
+    WINDOW_S = 60.0  # the request rate is measured over the last minute
+
+    def __init__(
+        self, maximum: int, cooldown_s: float = 2.0, clock: Clock = MONOTONIC, repeat_s: float = 600.0
+    ) -> None:
         self.maximum = maximum
         self.clock = clock
         self.limiter = anyio.CapacityLimiter(maximum)
         self.cooldown_s = cooldown_s
+        self.repeat_s = repeat_s
         self._last_cut = -math.inf
         self._streak = 0
+        self._sent: deque[float] = deque()
+        self._said: dict[tuple[int, int], float] = {}  # (from, to) -> when it was last said
+
+    def sent(self) -> None:
+        """A request went out (for the rate a 429 reports)."""
+        now = self.clock.now()
+        self._sent.append(now)
+        while self._sent and self._sent[0] < now - self.WINDOW_S:
+            self._sent.popleft()
+
+    def per_minute(self) -> float:
+        """Requests sent per minute over the last minute (over the time since the first, if shorter)."""
+        now = self.clock.now()
+        while self._sent and self._sent[0] < now - self.WINDOW_S:
+            self._sent.popleft()
+        if not self._sent:
+            return 0.0
+        span = max(1.0, min(self.WINDOW_S, now - self._sent[0]))
+        return len(self._sent) * 60.0 / span
+
+    def _say(self, before: int, after: int) -> bool:
+        """Is this change worth a line (not said in the last repeat_s)?"""
+        now = self.clock.now()
+        last = self._said.get((before, after), -math.inf)
+        if now - last < self.repeat_s:
+            return False
+        self._said[(before, after)] = now
+        return True
 
     @property
     def limit(self) -> int:
@@ -91,7 +128,16 @@ class AdaptiveConcurrency:
             return None
         before = self.limit
         self.limiter.total_tokens = max(1, before // 2)
-        return f"rate limited (429): concurrency lowered from {before} to {self.limit}"
+        if not self._say(before, self.limit):
+            return None
+        rate = round(self.per_minute())
+        if not rate:  # nothing sent in the last minute that was counted: no rate to report
+            return f"rate limited (429): concurrency lowered from {before} to {self.limit}; set requests_per_minute"
+        suggested = max(1, rate * 4 // 5)  # a fifth under what was refused
+        return (
+            f"rate limited (429) at ~{rate} requests/minute: concurrency lowered from {before} to {self.limit}; "
+            f"set requests_per_minute to stay under the limit (e.g. requests_per_minute: {suggested})"
+        )
 
     def succeeded(self) -> str | None:
         """A success came back; says so when the limit was raised."""
@@ -102,4 +148,7 @@ class AdaptiveConcurrency:
             return None
         self._streak = 0
         self.limiter.total_tokens = self.limit + 1
-        return f"{self.limit - 1} successes in a row: concurrency raised to {self.limit} (of {self.maximum})"
+        if not self._say(self.limit - 1, self.limit):
+            return None
+        streak = self.limit - 1
+        return f"{streak} success{'' if streak == 1 else 'es'} in a row: concurrency raised to {self.limit} (of {self.maximum})"

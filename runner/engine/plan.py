@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..models import MODELS, effective_size
+from ..imageinfo import dimensions_of_file
+from ..models import MODELS, effective_size, nearest_ratio
 from ..output import MIME_TYPES, ResumeState, open_view
 from ..pricing import PriceTable, money, usd
+from ..spec.inputs import InputImage
 from ..spec.items import Item, ItemFields, Memo, Shard, expected_children, iter_children, iter_keyed, parent_image
 from ..spec.parse import JobSpec
 
@@ -47,6 +50,8 @@ class Plan:
     input_bytes: int = 0
     input_cost: float = 0.0
     lines: dict[tuple[str, str], Line] = field(default_factory=dict)
+    input_shapes: Counter[str] = field(default_factory=Counter)  # items sending no aspect ratio: ratio they get
+    ids_sum: int = 0  # the sum of the item ids (as ints): current.ids_digest tells when the set changed
     on_disk: int = 0  # items with image files on disk but no ok line (a kill between the two); set by the run
     in_batch: int = 0  # items in batches still open (batch mode collects them; never sent again)
     expected: int = 0  # edit chains: children of parents not yet done, counted as if every parent succeeds
@@ -95,13 +100,19 @@ def make_plan(
     memo: Memo = {}
     parents = {p.link.parent for p in spec.prompts if p.link is not None}
     last_prompt, odd, long = "", False, False
+    chained = {p.prompt_id for p in spec.prompts if p.link is not None}
+    shapes: dict[str, tuple[int, int] | None] = {}
     for key, fields in iter_known(spec, state, shard):
         model, inputs = fields.model, fields.inputs
+        if fields.config.aspect_ratio is None:
+            plan.input_shapes[_kept_shape(model, inputs, shapes)] += 1
         line, step = _line(plan, spec, prices, fields.prompt_id, model, fields.config.image_size)
         for counted in (line, step):
             if counted is not None:
                 counted.items += 1
         plan.items += 1
+        if fields.prompt_id not in chained:  # the drift digest: the spec's own items (children follow their parents)
+            plan.ids_sum += key
         plan.known_seen += state.known(key)
         if key in state.done:
             for counted in (line, step):
@@ -143,6 +154,20 @@ def make_plan(
                 plan.blocked += n if failed else 0
     plan.to_run = plan.items - plan.done - plan.skipped_failed - plan.in_batch - plan.expected
     return plan
+
+
+def _kept_shape(model: str, inputs: tuple[InputImage, ...], shapes: dict[str, tuple[int, int] | None]) -> str:
+    """The aspect ratio an item without one gets: its first reference image's (the nearest the model
+    supports), 1:1 without reference images, "?" for a URL (the gateway fetches it: unknown here)."""
+    if not inputs:
+        return "1:1"
+    first = inputs[0]
+    if first.path is None or first.sha256 is None:
+        return "?"
+    if first.sha256 not in shapes:
+        shapes[first.sha256] = dimensions_of_file(first.path)
+    found = shapes[first.sha256]
+    return nearest_ratio(model, *found) if found else "?"
 
 
 def _line(
@@ -264,12 +289,15 @@ def estimate(
         else "requests_per_minute"
         if rpm and plan.remaining * 60.0 / rpm >= busy_s
         else "concurrency x typical latency",
+        "assumed_latency_s": {m: MODELS[m].latency_s for m in sorted({line.model for line in plan.lines.values()})},
         "mode": spec.mode,
         "in_open_batches": plan.in_batch,
         "committed_usd": money(state.committed_usd),
         "concurrency": conc,
         "requests_per_minute": rpm,
         "by_model": [line.as_dict() for line in sorted(plan.lines.values(), key=lambda x: (x.model, x.size))],
+        # items whose image config has no aspect_ratio: the ratio each gets (its first reference image's)
+        "input_shapes": dict(plan.input_shapes.most_common()),
         "max_cost_usd": spec.max_cost_usd,
         "damaged_lines": state.bad_lines,
         "warnings": list(spec.warnings) + plan.warnings(),

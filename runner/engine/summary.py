@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import time
 from typing import TYPE_CHECKING, Any
 
 from ..policy import PERMANENT
 from ..pricing import usd
 from ..safety import printable
+from .progress import duration
 
 if TYPE_CHECKING:
     from .job import RunResult
@@ -16,7 +19,7 @@ def summary_dict(result: RunResult) -> dict[str, Any]:
     """The run's outcome as JSON (for --notify-url and --on-finish): no key, no prompts."""
     s = result.stats
     return {
-        "output_dir": result.out_dir, "exit_code": result.exit_code, "items": result.items,
+        "name": result.name, "output_dir": absolute(result.out_dir), "exit_code": result.exit_code, "items": result.items,
         "skipped_done": result.skipped_done, "skipped_failed": result.skipped_failed, "ok": s.ok,
         "failed": s.failed, "interrupted": s.interrupted, "recovered": s.recovered, "retries": s.retries,
         "retries_by_kind": dict(s.retries_by_kind), "requests": s.requests, "failures_by_kind": dict(s.failures_by_kind),
@@ -26,12 +29,24 @@ def summary_dict(result: RunResult) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def describe(result: RunResult, command: str = "runner run JOB.yaml") -> list[str]:
-    """The closing summary a person reads, and what to do next."""
+def absolute(out_dir: str) -> str:
+    """The output dir as an absolute path (a URL as it is): a webhook's reader is elsewhere."""
+    return out_dir if "://" in out_dir else os.path.abspath(out_dir)
+
+
+def _items(n: int) -> str:
+    return f"{n} item{'' if n == 1 else 's'}"
+
+
+def describe(result: RunResult, command: str = "runner run JOB.yaml", *, absolute_path: bool = False) -> list[str]:
+    """The closing summary a person reads, and what to do next (`absolute_path`: for a notification)."""
     s = result.stats
+    name = f"{result.name}: " if result.name else ""
+    out = absolute(result.out_dir) if absolute_path else result.out_dir
     lines = [
-        f"{s.ok} ok, {s.failed} failed, {s.retries} retries, {s.requests} requests, "
-        f"{usd(s.spent_usd)} spent this run ({usd(result.total_spent_usd)} in all) -> {result.out_dir}"
+        f"{name}{s.ok} ok, {s.failed} failed, {s.retries} retries, {s.requests} requests, "
+        f"{usd(s.spent_usd)} spent this run ({usd(result.total_spent_usd)} in all) "
+        f"in {duration(time.monotonic() - s.started)} -> {out}"
     ]
     if s.retries_by_kind:
         lines.append("retried: " + ", ".join(f"{k}={v}" for k, v in sorted(s.retries_by_kind.items())))
@@ -96,12 +111,22 @@ def _next_steps(result: RunResult, command: str) -> list[str]:
     if s.stop_kind == "breaker":
         return [f"the service kept failing: wait a while, then `{command}` resumes"]
     hints = []
-    permanent = sum(n for k, n in s.failures_by_kind.items() if k in PERMANENT) + result.skipped_failed
-    retryable = s.failed - sum(n for k, n in s.failures_by_kind.items() if k in PERMANENT) + s.interrupted
+    kinds = {k: n for k, n in sorted(s.failures_by_kind.items()) if k in PERMANENT}
+    permanent = sum(kinds.values()) + result.skipped_failed
+    retryable = s.failed - sum(kinds.values()) + s.interrupted
     if retryable:
-        hints.append(f"{retryable} items failed with errors a retry may cure: `{command}` tries them again")
+        hints.append(f"{_items(retryable)} failed with errors a retry may cure: `{command}` tries them again")
     if permanent:
+        why = [f"{k} {n}" for k, n in kinds.items()]
+        why += [f"{result.skipped_failed} before, skipped"] if result.skipped_failed else []
         hints.append(
-            f"{permanent} items failed permanently (refused or no image): `{command} --retry-failed` tries them again"
+            f"{_items(permanent)} failed permanently ({', '.join(why)}): `{command} --retry-failed` tries them again"
+            + (
+                " (a bad_request is the request itself: a retry alone will not cure it)"
+                if "bad_request" in kinds
+                else ""
+            )
         )
+    if retryable or permanent:
+        hints.append(f"which items failed and why: `runner report {result.out_dir}`")
     return hints

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 from collections import Counter
 from collections.abc import Collection, Iterable
@@ -28,6 +29,12 @@ class Filters:
     exclude_duplicates: bool = False  # keep the first item of each byte-identical group
     exclude_mismatched: bool = False  # drop items whose image is not the requested aspect ratio
     where: tuple[tuple[str, str], ...] = ()
+
+    def describe(self) -> str:
+        """The filter as the command line gives it (for the dataset card): `none` without one."""
+        parts = [shlex.join(["--where", f"{name}={value}"]) for name, value in self.where]
+        parts += ["--exclude-duplicates"] * self.exclude_duplicates + ["--exclude-mismatched"] * self.exclude_mismatched
+        return " ".join(parts) or "none"
 
     @staticmethod
     def parse_where(conditions: Iterable[str]) -> tuple[tuple[str, str], ...]:
@@ -55,6 +62,8 @@ class ExportResult:
     copied: int = 0  # ... or copied (another filesystem, or a remote source)
     warnings: list[str] = field(default_factory=list)
     location: str = ""  # where the dataset ended up: dest, or the remote URL it was uploaded to
+    older: int = 0  # items with records that the output dir's spec no longer asks for, left out
+    records_note: str | None = None  # why every record's item was exported (no spec, spec gone, --all-records)
 
     def skip(self, reason: str, item_id: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -73,6 +82,8 @@ class ExportResult:
             "linked": self.linked,
             "copied": self.copied,
             "warnings": self.warnings,
+            "older_records_left_out": self.older,
+            "records_note": self.records_note,
         }
 
 
@@ -82,6 +93,7 @@ class Selection:
     var_names: list[str]  # every template variable of the exported items, sorted
     duplicates_removed: int
     models: Counter[tuple[str, str, str]]  # (model, aspect_ratio, image_size) -> items
+    filters: Filters = field(default_factory=Filters)
 
 
 def select(records: Iterable[Record], source: ImageSource, filters: Filters, result: ExportResult) -> Selection:
@@ -91,28 +103,40 @@ def select(records: Iterable[Record], source: ImageSource, filters: Filters, res
     copy a duplicate group keeps is one that is exported."""
     kept: list[Record] = []
     labels: set[str] = set()
+    named = {name for name, _ in filters.where}
+    values: dict[str, Counter[str]] = {name: Counter() for name in named}  # of the ok items, for a refusal
+    items = ok = 0
     for rec in latest(records, source.intact).values():
+        items += 1
         labels.update(str(k) for k in rec.get("vars") or {})
         if rec["status"] != "ok":
             result.skip("failed", rec["item_id"])
-        elif not _matches(rec, filters.where):
+            continue
+        ok += 1
+        for name in named:
+            value = (rec.get("vars") or {}).get(name)
+            if value is not None:
+                values[name][str(value)] += 1
+        if not _matches(rec, filters.where):
             result.skip("where", rec["item_id"])
         elif not source.exists(rec.get("image_path", "")):
             result.skip("missing_image", rec["item_id"])
         else:
             kept.append(rec)
-    unknown = sorted({name for name, _ in filters.where} - labels)
+    unknown = sorted(named - labels)
     if unknown:  # a typo, not an empty selection: say so before anything is written
         known = ", ".join(sorted(labels)) or "none"
         raise UsageError(f"--where: no item has a label named {', '.join(unknown)} (labels: {known})")
-    if filters.where and not kept:
-        result.warnings.append("--where: no item has all of those values")
+    if not kept:
+        raise UsageError(_nothing(filters, values, items, ok, result))
     if filters.exclude_mismatched:
         bad = set(shape_checks(kept, source)["size_mismatches"])
         for rec in kept:
             if rec["item_id"] in bad:
                 result.skip("size_mismatch", rec["item_id"])
         kept = [rec for rec in kept if rec["item_id"] not in bad]
+    if not kept:
+        raise UsageError("nothing to export: every image is the wrong shape (--exclude-mismatched)")
     removed = 0
     if filters.exclude_duplicates:
         copies = {item for group in duplicate_groups(kept) for item in group[1:]}
@@ -123,9 +147,63 @@ def select(records: Iterable[Record], source: ImageSource, filters: Filters, res
         kept = [rec for rec in kept if rec["item_id"] not in copies]
     names = sorted({str(k) for rec in kept for k in (rec.get("vars") or {})})
     models = Counter(
-        (rec.get("model", ""), (rec.get("image_config") or {}).get("aspect_ratio", ""), size_of(rec)) for rec in kept
+        (rec.get("model", ""), (rec.get("image_config") or {}).get("aspect_ratio") or "", size_of(rec)) for rec in kept
     )
-    return Selection(kept, names, removed, models)
+    return Selection(kept, names, removed, models, filters)
+
+
+def _nothing(filters: Filters, values: dict[str, Counter[str]], items: int, ok: int, result: ExportResult) -> str:
+    """Why an export would hold nothing, naming the label values that do exist."""
+    if not items:
+        return "nothing to export: the output dir has no records of the items its spec asks for (--all-records: every record)"
+    if not ok:
+        return f"nothing to export: none of the {items} items is ok (failed: {result.skipped.get('failed', 0)})"
+    if filters.where:
+        wanted = ", ".join(f"{name}={value}" for name, value in filters.where)
+        have = "; ".join(
+            f"{name} has "
+            + ", ".join(f"{v!r} ({n})" for v, n in values[name].most_common(20))
+            + (f", ... {len(values[name]) - 20} more" if len(values[name]) > 20 else "")
+            for name in dict.fromkeys(name for name, _ in filters.where)
+        )
+        return (
+            f"--where {wanted}: no ok item has {'that value' if len(filters.where) == 1 else 'all of those'} ({have})"
+        )
+    return f"nothing to export: the images of all {ok} ok items are missing"
+
+
+@dataclass
+class Staging:
+    """A destination written only once there is something to write, and left as it was when the
+    export is refused after all (every selected item's files gone): no empty folder, no stray file."""
+
+    dest: Path
+    made: Path | None = None  # the topmost folder this export created
+    placed: list[Path] = field(default_factory=list)  # files made in a folder that was there before
+
+    def __enter__(self) -> Staging:
+        missing = None
+        for folder in (self.dest, *self.dest.parents):
+            if folder.exists():
+                break
+            missing = folder
+        self.dest.mkdir(parents=True, exist_ok=True)
+        self.made = missing
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is None:
+            return
+        if self.made is not None:
+            shutil.rmtree(self.made, ignore_errors=True)
+        for path in self.placed:
+            path.unlink(missing_ok=True)
+
+    def require(self, result: ExportResult) -> None:
+        """Refuse an export that wrote no item (UsageError: exit 2)."""
+        if not result.written:
+            why = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in result.skipped.items())
+            raise UsageError(f"nothing exported: no selected item could be written ({why})")
 
 
 def _matches(rec: Record, where: tuple[tuple[str, str], ...]) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -22,26 +23,30 @@ def export_dataset(
     to: str | Path | None = None,
     filters: Filters | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
+    all_records: bool = False,
 ) -> ExportResult:
     """Export the ok items of an output dir with a dataset card; `result.location` says where it went.
 
-    Without `to`: `imagefolder` goes into the output dir itself (its images are already there),
-    `webdataset` into OUT/webdataset; for a remote output dir the files are written locally, then
-    uploaded there. With `to`, into that local dir (images hardlinked, or copied)."""
-    from ..report.summary import read_manifests, summarize
+    The items are those the dir's spec asks for now (how many older records were left out is in the
+    card and `result.older`); `all_records` exports every record's item. Without `to`: `imagefolder`
+    goes into the output dir itself (its images are already there), `webdataset` into OUT/webdataset;
+    for a remote output dir the files are written locally, then uploaded there. With `to`, into that
+    local dir (images hardlinked, or copied). Nothing to export is a UsageError, with nothing written."""
+    from ..report import read_scoped
 
     assert format in FORMATS, format
     sub = "" if format == "imagefolder" else "webdataset"
     with open_view(out) as view, tempfile.TemporaryDirectory(prefix="runner-export-") as tmp:
-        manifests = read_manifests(view)
-        summary = summarize(manifests)
+        manifests, summary = read_scoped(view, all_records)
         if to is not None:
             dest = Path(to)
         elif view.remote:
             dest = Path(tmp)  # written here, then uploaded into the remote output dir
         else:
             dest = Path(out) / sub if sub else Path(out)
-            if sub:  # inside the output dir: a link planted there must not send shards elsewhere
+            if sub and os.path.lexists(
+                dest
+            ):  # inside the output dir: a link planted there must not send shards elsewhere
                 _real_folder(Path(out), sub)
         records = list(manifests.latest.values())
         if format == "imagefolder":
@@ -54,6 +59,8 @@ def export_dataset(
             result = export_webdataset(
                 records, view.source, dest, shard_size=shard_size, filters=filters, summary=summary
             )
+        result.older = summary.get("older_records", 0)
+        result.records_note = summary.get("records_note")
         result.location = str(dest)
         if view.remote and to is None:
             result.location = upload_dir(str(out), dest, sub)
@@ -63,7 +70,7 @@ def export_dataset(
 def _real_folder(out: Path, name: str) -> None:
     jail = Jail(out)
     try:
-        jail.dir_fd(name, create=True)
+        jail.dir_fd(name)
     except OSError as e:
         raise output_error(e, str(out)) from None
     finally:

@@ -32,7 +32,17 @@ from ..output.files import atomic_file
 from ..output.source import ImageSource, read_dimensions
 from ..record import Record
 from ..report.summary import Summary
-from .common import ExportResult, Filters, all_files, local_inputs, place, require_records, select, size_of
+from .common import (
+    ExportResult,
+    Filters,
+    Staging,
+    all_files,
+    local_inputs,
+    place,
+    require_records,
+    select,
+    size_of,
+)
 
 METADATA = "metadata.jsonl"
 FIXED = (
@@ -87,31 +97,45 @@ def export_imagefolder(
     from .card import write_card
 
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
     result = ExportResult("imagefolder", dest)
-    chosen = select(require_records(records), source, filters or Filters(), result)
+    chosen = select(require_records(records), source, filters or Filters(), result)  # raises before any write
     columns = var_columns(chosen.var_names)
     extras = {
         "params": any(rec.get("params") for rec in chosen.records),
         "input_images": any(local_inputs(rec) for rec in chosen.records),
         "input_urls": any(x.get("url") for rec in chosen.records for x in rec.get("inputs") or []),
         "extra_images": any(rec.get("extra_images") for rec in chosen.records),
+        "aspect_ratio": any((rec.get("image_config") or {}).get("aspect_ratio") for rec in chosen.records),
     }
     placed: set[str] = set()  # reference images already in dest (many items share one)
-    with atomic_file(dest / METADATA) as f:
-        for rec in chosen.records:
-            if copy_files and not all(place(source, rel, dest, result, placed) for rel in all_files(rec)):
-                result.skip("missing_file", rec["item_id"])
-                continue
-            f.write(
-                (json.dumps(row(rec, columns, extras, source), ensure_ascii=False) + "\n").encode("utf-8", "replace")
-            )
-            result.written += 1
-    result.files.append(METADATA)
-    if card:
-        features = features_of(columns, extras)
-        result.files.append(write_card(dest, result, chosen, summary, features))
+    with Staging(dest) as staging:
+        with atomic_file(dest / METADATA) as f:
+            for rec in chosen.records:
+                if copy_files and not all(
+                    _place_new(source, rel, dest, result, placed, staging) for rel in all_files(rec)
+                ):
+                    result.skip("missing_file", rec["item_id"])
+                    continue
+                line = json.dumps(row(rec, columns, extras, source), ensure_ascii=False) + "\n"
+                f.write(line.encode("utf-8", "replace"))
+                result.written += 1
+            staging.require(result)  # inside: the old metadata.jsonl stays as it was
+        result.files.append(METADATA)
+        if card:
+            features = features_of(columns, extras)
+            result.files.append(write_card(dest, result, chosen, summary, features))
     return result
+
+
+def _place_new(
+    source: ImageSource, rel: str, dest: Path, result: ExportResult, placed: set[str], staging: Staging
+) -> bool:
+    """place(), noting a file this export made, so that a refused export takes it away again."""
+    new = rel not in placed and not (dest / rel).exists()
+    done = place(source, rel, dest, result, placed)
+    if done and new:
+        staging.placed.append(dest / rel)
+    return done
 
 
 def row(rec: Record, columns: dict[str, str], extras: dict[str, bool], source: ImageSource) -> dict[str, Any]:
@@ -151,7 +175,8 @@ def features_of(columns: dict[str, str], extras: dict[str, bool]) -> list[dict[s
     """The columns as `datasets` loads them, in the dataset card's YAML form."""
     features: list[dict[str, Any]] = [{"name": "image", "dtype": "image"}]
     features += [
-        {"name": name, "dtype": "string"}
+        # aspect_ratio: null in every row when none was sent (the edits kept their inputs' shapes)
+        {"name": name, "dtype": "string" if name != "aspect_ratio" or extras.get("aspect_ratio", True) else "null"}
         for name in ("item_id", "prompt_id", "prompt", "model", "aspect_ratio", "image_size")
     ]
     features += [{"name": name, "dtype": "int64"} for name in ("repeat", "width", "height")]

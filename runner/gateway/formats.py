@@ -87,11 +87,13 @@ def chat_body(item: Item, api_format: str = "nanobanana", image_urls: list[str] 
         content = [{"type": "text", "text": item.prompt}]
         content += [{"type": "image_url", "image_url": {"url": url}} for url in image_urls]
     body: dict[str, Any] = {"model": item.model, "stream": False, "messages": [{"role": "user", "content": content}]}
+    config = item.config.as_sent()  # empty when neither is given: nothing is sent, the model decides
     if api_format == "openai-compatible":
-        body["image_config"] = item.config.as_sent()
+        if config:
+            body["image_config"] = config
         body["modalities"] = ["image", "text"]
-    else:
-        body["extra_body"] = {"google": {"image_config": item.config.as_sent()}}
+    elif config:
+        body["extra_body"] = {"google": {"image_config": config}}
     body.update(item.sent_params())
     return body
 

@@ -65,7 +65,9 @@ class GeminiFormat:
             assert inputs is not None, "items with reference images need the spec's Inputs"
             data = inputs.data_uri(image)
             parts.append({"inlineData": {"mimeType": image.mime, "data": data[data.index(",") + 1 :]}})
-        image_config = {"aspectRatio": item.config.aspect_ratio}
+        image_config: dict[str, str] = {}
+        if item.config.aspect_ratio is not None:  # none sent: Google keeps the input image's shape
+            image_config["aspectRatio"] = item.config.aspect_ratio
         if item.config.image_size is not None:
             image_config["imageSize"] = item.config.image_size
         config: dict[str, Any] = {"responseModalities": ["TEXT", "IMAGE"], "imageConfig": image_config}

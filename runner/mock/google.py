@@ -16,8 +16,9 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..imageinfo import dimensions
 from ..models import MODELS, effective_size
-from .validate import DIGEST_PARAMS, MAX_INPUT_IMAGES, Generation, _magic_ok
+from .validate import DIGEST_PARAMS, MAX_INPUT_IMAGES, Generation, _magic_ok, input_ratio
 
 # GenerateContentRequest's fields; proto JSON takes the lowerCamel and the snake_case spelling.
 _FIELDS = frozenset(
@@ -94,6 +95,7 @@ def parse_generate(body: Any, model: str, entry: dict[str, Any], file_sha: Calla
         raise invalid("contents.parts must not be empty")
     texts: list[str] = []
     inputs: list[str] = entry["inputs"]
+    shapes: list[tuple[int, int] | None] = []  # each input's (width, height), for a request without aspectRatio
     for i, part in enumerate(parts):
         if not isinstance(part, dict):
             raise invalid(f"contents[0].parts[{i}]: expected an object")
@@ -101,7 +103,7 @@ def parse_generate(body: Any, model: str, entry: dict[str, Any], file_sha: Calla
         if isinstance(part.get("text"), str):
             texts.append(part["text"])
         elif isinstance(inline, dict):
-            inputs.append(_inline(inline, i))
+            inputs.append(_inline(inline, i, shapes))
         elif isinstance(data_ref, dict):
             uri = str(field(data_ref, "fileUri") or "")
             sha = file_sha(uri)
@@ -112,6 +114,7 @@ def parse_generate(body: Any, model: str, entry: dict[str, Any], file_sha: Calla
                     f"You do not have permission to access the File {uri} or it may not exist.",
                 )
             inputs.append(sha)
+            shapes.append(None)  # an uploaded file: its shape is not looked up (a square, as without one)
         else:
             raise invalid(f"contents[0].parts[{i}]: a part needs text, inlineData or fileData")
     prompt = "\n".join(texts)
@@ -139,7 +142,7 @@ def parse_generate(body: Any, model: str, entry: dict[str, Any], file_sha: Calla
         if key not in ("aspectRatio", "aspect_ratio", "imageSize", "image_size"):
             raise invalid(f"Invalid JSON payload received. Unknown name \"{key}\" at 'generation_config.image_config'")
     info = MODELS[model]
-    ratio = field(image_config, "aspectRatio") or "1:1"
+    ratio = field(image_config, "aspectRatio") or input_ratio(model, shapes)  # none sent: the input's shape
     if ratio not in info.aspect_ratios:
         raise invalid(f"aspect ratio {ratio!r} is not supported")
     size = field(image_config, "imageSize")
@@ -157,7 +160,7 @@ def parse_generate(body: Any, model: str, entry: dict[str, Any], file_sha: Calla
     )  # fmt: skip
 
 
-def _inline(inline: dict[str, Any], i: int) -> str:
+def _inline(inline: dict[str, Any], i: int, shapes: list[tuple[int, int] | None]) -> str:
     mime = str(field(inline, "mimeType") or "").lower()
     if mime not in _INPUT_MIMES:
         raise invalid(f"contents[0].parts[{i}].inlineData: unsupported MIME type {mime!r}")
@@ -170,6 +173,7 @@ def _inline(inline: dict[str, Any], i: int) -> str:
         raise invalid(f"contents[0].parts[{i}].inlineData.data: invalid base64") from None
     if not _magic_ok(mime, data):
         raise invalid(f"contents[0].parts[{i}]: the image data is not a valid {mime} file")
+    shapes.append(dimensions(data))
     return hashlib.sha256(data).hexdigest()
 
 

@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..models import MODELS, effective_size
+from ..imageinfo import dimensions
+from ..models import MODELS, effective_size, nearest_ratio
 from .bodies import error_body
 from .images import PNG_SIGNATURE
 
@@ -110,8 +111,9 @@ def _magic_ok(mime: str, data: bytes) -> bool:
     return bool(brands & _HEIF_BRANDS)
 
 
-def _input_image(part: dict[str, Any], where: str) -> str:
-    """The identity of one image part: the sha256 hex of a data URI's bytes, or an http(s) URL as is."""
+def _input_image(part: dict[str, Any], where: str, shapes: list[tuple[int, int] | None] | None = None) -> str:
+    """The identity of one image part: the sha256 hex of a data URI's bytes, or an http(s) URL as is.
+    `shapes` gets the image's (width, height), or None where it cannot be known (a URL, an odd header)."""
     image = part.get("image_url")
     url = image.get("url") if isinstance(image, dict) else None
     if not isinstance(url, str) or not url:
@@ -119,6 +121,8 @@ def _input_image(part: dict[str, Any], where: str) -> str:
     if url.startswith(("http://", "https://")):
         if not url.partition("://")[2].split("/", 1)[0]:
             raise Rejected(f"{where}: the image URL has no host", where)
+        if shapes is not None:
+            shapes.append(None)  # the gateway would fetch it; the mock does not
         return url
     if not url.startswith("data:"):
         raise Rejected(f"{where}: the image url must be a data URI or an http(s) URL", where)
@@ -135,11 +139,16 @@ def _input_image(part: dict[str, Any], where: str) -> str:
         raise Rejected(f"{where}: the data URI is not valid base64", where) from None
     if not _magic_ok(mime, data):
         raise Rejected(f"{where}: the image data is not a valid {mime} file", where)
+    if shapes is not None:
+        shapes.append(dimensions(data))
     return hashlib.sha256(data).hexdigest()
 
 
-def _prompt(data: dict[str, Any], entry: dict[str, Any]) -> tuple[str, list[str]]:
-    """The last user message: its text (text parts joined by newlines) and its images' identities in order."""
+def _prompt(
+    data: dict[str, Any], entry: dict[str, Any], shapes: list[tuple[int, int] | None] | None = None
+) -> tuple[str, list[str]]:
+    """The last user message: its text (text parts joined by newlines) and its images' identities in order
+    (their shapes into `shapes`)."""
     messages = data.get("messages")
     users: list[int] = []
     if isinstance(messages, list):
@@ -165,7 +174,7 @@ def _prompt(data: dict[str, Any], entry: dict[str, Any]) -> tuple[str, list[str]
                 raise Rejected(f"{where}: a text part needs a string text", where)
             texts.append(part["text"])
         elif kind == "image_url" and isinstance(part, dict):
-            inputs.append(_input_image(part, where))
+            inputs.append(_input_image(part, where, shapes))
         else:
             raise Rejected(f"{where}: unsupported content part {kind!r}; use text or image_url", where)
     if not any(text.strip() for text in texts):
@@ -224,13 +233,16 @@ def parse_request(body: bytes, flavor: str, entry: dict[str, Any]) -> Generation
     if flavor == "openai-compatible" and "extra_body" in data:
         raise Rejected('Invalid JSON payload received. Unknown name "extra_body": Cannot find field.', "extra_body")
     entry["params"] = params = _params(data)
-    prompt, inputs = _prompt(data, entry)
+    shapes: list[tuple[int, int] | None] = []
+    prompt, inputs = _prompt(data, entry, shapes)
     if len(inputs) > MAX_INPUT_IMAGES[model]:
         limit = MAX_INPUT_IMAGES[model]
         raise Rejected(f"too many input images ({len(inputs)}): {model} takes at most {limit}", "messages")
     config = _image_config(data, flavor, entry)
     info = MODELS[model]
-    ratio = config.get("aspect_ratio", "1:1")
+    ratio = config.get("aspect_ratio")
+    if ratio is None:  # none sent: Google keeps the first reference image's shape
+        ratio = input_ratio(model, shapes)
     if ratio not in info.aspect_ratios:
         raise Rejected(f"aspect_ratio {ratio!r} is not supported by {model}", "aspect_ratio")
     size = config.get("image_size")
@@ -239,3 +251,11 @@ def parse_request(body: bytes, flavor: str, entry: dict[str, Any]) -> Generation
     text_only = flavor == "openai-compatible" and _text_only(data)
     size = effective_size(model, size if info.sizes else None)
     return Generation(model, prompt, ratio, size, inputs, params, text_only)
+
+
+def input_ratio(model: str, shapes: list[tuple[int, int] | None]) -> str:
+    """The aspect ratio of a request that sends none, as Google chooses it: the supported ratio nearest
+    to the first reference image's shape; a square without reference images (or when the first one's
+    shape is unknown)."""
+    first = shapes[0] if shapes else None
+    return nearest_ratio(model, *first) if first else "1:1"

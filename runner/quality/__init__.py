@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypedDict
 
-from ..models import MODELS, effective_size, pixel_size
+from ..models import MODELS, effective_size, nearest_ratio, pixel_size
 from ..output.source import ImageSource, LocalSource, read_dimensions
 from ..record import Record, images_of, latest
 from .phash import MAX_THRESHOLD, HashCache, hash_images, near_pairs, pillow_missing
@@ -106,6 +106,7 @@ def shape_checks(records: Iterable[Record], source: ImageSource) -> dict[str, An
     off: list[str] = []
     unreadable: list[str] = []
     seen: dict[tuple[str, str, str], dict[str, int]] = {}
+    shapes: dict[str, tuple[int, int] | None] = {}  # a reference image's (width, height), read once
     for rec in records:
         images = images_of(rec)
         if not images:
@@ -113,6 +114,10 @@ def shape_checks(records: Iterable[Record], source: ImageSource) -> dict[str, An
         model = rec.get("model", "")
         config = rec.get("image_config") or {}
         aspect = str(config.get("aspect_ratio") or "")
+        label = aspect
+        if config.get("aspect_ratio", "") is None:  # none sent: the model keeps the input's shape
+            aspect = expected_ratio(rec, source, shapes)
+            label = f"{aspect or '?'} (input's shape)"
         sent = config.get("image_size")
         size = effective_size(model, sent) if model in MODELS else str(sent or "?")
         wanted = _ratio(aspect)
@@ -129,7 +134,7 @@ def shape_checks(records: Iterable[Record], source: ImageSource) -> dict[str, An
                     broken = True
                     continue
                 w, h = found
-            counts = seen.setdefault((model, aspect, size), {})
+            counts = seen.setdefault((model, label, size), {})
             counts[f"{w}x{h}"] = counts.get(f"{w}x{h}", 0) + 1
             if wanted is not None and abs((w / h) / wanted - 1) > ASPECT_TOLERANCE:
                 bad_shape = True
@@ -143,6 +148,22 @@ def shape_checks(records: Iterable[Record], source: ImageSource) -> dict[str, An
         for (m, a, s), c in sorted(seen.items())
     ]
     return {"size_mismatches": mismatched, "size_off": off, "pixel_sizes": pixel_sizes, "unreadable": unreadable}
+
+
+def expected_ratio(rec: Record, source: ImageSource, shapes: dict[str, tuple[int, int] | None]) -> str:
+    """The aspect ratio an item that sent none should have: the supported ratio nearest to its first
+    reference image's shape ("1:1" without reference images, as Google makes squares then; "" when the
+    first one is a URL or cannot be read: not checked)."""
+    inputs = rec.get("inputs") or []
+    if not inputs:
+        return "1:1"
+    stored = inputs[0].get("stored")
+    if not stored or rec.get("model") not in MODELS:
+        return ""
+    if stored not in shapes:
+        shapes[stored] = read_dimensions(source, stored)
+    found = shapes[stored]
+    return nearest_ratio(rec["model"], *found) if found else ""
 
 
 def near_duplicates(

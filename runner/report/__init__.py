@@ -2,6 +2,9 @@
 
 from runner.report import report
 summary = report("out/demo", html="out/demo/gallery.html")   # what `runner report --json` prints
+
+Both report and export hold the items the output dir's spec asks for now (engine/current.py),
+saying how many older records they leave out; `all_records=True` counts every record.
 """
 
 from __future__ import annotations
@@ -9,23 +12,53 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UsageError
-from ..output import is_remote, open_view
+from ..output import View, is_remote, open_view
+from ..pricing import money
 from ..quality import DEFAULT_NEAR_THRESHOLD
-from .summary import Summary
+from .summary import Manifests, Summary
 
 
-def report(out: str | Path, *, near_threshold: int = DEFAULT_NEAR_THRESHOLD, html: str | Path | None = None) -> Summary:
+def read_scoped(view: View, all_records: bool = False) -> tuple[Manifests, Summary]:
+    """The manifests and their summary, over the items of the dir's spec now (or every record, with
+    `all_records` or when the spec cannot be read: `records_note` says why)."""
+    from ..engine.current import ALL, current_items
+    from .summary import read_manifests, require_manifest, summarize
+
+    require_manifest(view)  # before the spec is expanded: a wrong dir is a usage error at once
+    snapshot = view.snapshot()
+    current = ALL if all_records else current_items(snapshot, lambda: view.scan(images=True))
+    manifests = read_manifests(view, current.wants if current.ids is not None else None)
+    summary = summarize(manifests)
+    if current.ids is not None:
+        summary["spec_items"] = len(current.ids)
+        summary["older_records"] = len(manifests.older)
+        summary["older_cost_usd"] = money(manifests.older_cost)
+    elif current.note:
+        summary["records_note"] = current.note
+    sources = [x for x in snapshot.get("sources") or [] if isinstance(x, dict)]
+    if not sources and summary["made_by_mock"]:  # written before runner recorded its sources
+        sources = [{"base_url": "mock", "api_format": str(snapshot.get("api_format") or "nanobanana")}]
+    summary["sources"] = [{k: str(v) for k, v in x.items() if k in ("base_url", "api_format")} for x in sources]
+    return manifests, summary
+
+
+def report(
+    out: str | Path,
+    *,
+    near_threshold: int = DEFAULT_NEAR_THRESHOLD,
+    html: str | Path | None = None,
+    all_records: bool = False,
+) -> Summary:
     """Summarise an output dir (local or an fsspec URL) from its manifests, with the quality of its
     images; with `html`, also write the gallery there (`gallery`: its path and how many images).
+    Only the items the dir's spec asks for now count, unless `all_records` (see read_scoped).
     Raises UsageError for a dir that is not an output dir, a bad threshold, or --html on a remote dir."""
     from ..quality import analyze
-    from .summary import read_manifests, summarize
 
     if html is not None and is_remote(out):
         raise UsageError("--html needs a local output dir: the gallery links to the image files")
     with open_view(out) as view:
-        manifests = read_manifests(view)
-        summary = summarize(manifests)
+        manifests, summary = read_scoped(view, all_records)
         try:
             quality = analyze(
                 manifests.latest.values(), view.source, near_threshold=near_threshold, cache_path=view.quality_cache()

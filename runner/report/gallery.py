@@ -25,6 +25,7 @@ from .summary import Summary
 MAX_OPTIONS = 1000  # values a filter offers (the most frequent); the page says when there are more
 FLAGS = ("duplicate", "near-duplicate", "wrong shape", "uniform")  # bits 1, 2, 4, 8 of an item's flags
 _BUILTIN_KEYS = ("status", "error", "model", "aspect_ratio", "size", "flag", "dup", "near")
+INPUT_SHAPE = "none (input's shape)"  # the aspect ratio filter's value for items that sent none
 
 # Text from records is hostile: C0/C1 controls and lone surrogates become U+FFFD before anything is
 # written (a lone surrogate cannot even be encoded). Bidi controls stay, and are isolated by the page.
@@ -172,8 +173,10 @@ def _items(records: Iterable[Record], quality: Quality | None, base: str) -> tup
     input_sets: dict[Any, int] = {}
     inputs: list[list[tuple[str | None, str]]] = []
     ids: list[str] = []
-    col: dict[str, list[Any]] = {k: [] for k in ("p", "pid", "img", "w", "h", "c", "a", "e", "in", "r", "fl")}
-    p, pid, img, w, h, c, a, e, in_, r, fl = col.values()
+    col: dict[str, list[Any]] = {
+        k: [] for k in ("p", "pid", "img", "w", "h", "c", "a", "e", "in", "r", "fl", "rp", "sd")
+    }
+    p, pid, img, w, h, c, a, e, in_, r, fl, rp, sd = col.values()
     extra: dict[str, list[str]] = {}
     any_web = False
     for n, rec in enumerate(records):
@@ -181,11 +184,15 @@ def _items(records: Iterable[Record], quality: Quality | None, base: str) -> tup
         ids.append(iid)
         config = rec.get("image_config") or {}
         model.add(rec["model"], n)
-        aspect.add(config.get("aspect_ratio"), n)
+        # none sent: the model kept the input's shape
+        aspect.add(config.get("aspect_ratio") if config.get("aspect_ratio", "") is not None else INPUT_SHAPE, n)
         size.add(size_of(rec), n)
         p.append(prompts.add(rec["prompt"]))
         pid.append(prompt_ids.add(rec["prompt_id"]))
         c.append(round(rec.get("cost_usd") or 0, 6))
+        rp.append(rec.get("repeat") if isinstance(rec.get("repeat"), int) else None)
+        seed = (rec.get("params") or {}).get("seed")
+        sd.append(seed if isinstance(seed, int) and not isinstance(seed, bool) else None)
         a.append(rec.get("attempts", 1))
         tried = rec.get("retried")
         r.append(retried.add(", ".join(f"{k} ×{v}" for k, v in tried.items())) if tried else -1)
@@ -280,6 +287,9 @@ def _header(title: str, out_dir: Path, summary: Summary, quality: Quality | None
         f"{_kinds(summary.get('retries_by_kind'))} · {int(summary.get('requests', 0)):,} requests"
         f" · cost <strong>{_money(float(summary.get('cost_usd', 0.0)))}</strong> · latency p50 {p50}, p95 {p95}"
     )
+    older = int(summary.get("older_records") or 0)
+    if older:  # the gallery shows what the spec asks for now, like the report
+        stats += f" · {older:,} older item{'' if older == 1 else 's'} no longer in the spec left out (--all-records)"
     lines = [
         f'<h1 dir="auto">{esc(_clean(title))}</h1>',
         f'<p class="outdir"><bdi>{esc(_clean(str(out_dir)))}</bdi></p>',

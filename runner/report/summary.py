@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -100,6 +101,11 @@ class Summary(TypedDict):
     vars: dict[str, dict[str, int]]
     inputs: dict[str, int]
     distinct_inputs: int
+    # which records count: the items of the output dir's spec now (engine/current.py), or every one
+    older_records: NotRequired[int]  # items with records that the spec no longer asks for, left out
+    older_cost_usd: NotRequired[float]  # what their lines cost
+    records_note: NotRequired[str]  # why every record counts (no spec, spec gone, --all-records)
+    sources: NotRequired[list[dict[str, str]]]  # where the images came from: {base_url ("mock"), api_format}
     batches: BatchesSummary
     chains: NotRequired[ChainsSummary]
     # runner.quality.analyze
@@ -173,14 +179,22 @@ class Manifests:
     stepped: set[str] = field(default_factory=set)  # runs whose wall times went backwards, with nothing better
     first: datetime | None = None
     last: datetime | None = None
+    older: set[str] = field(default_factory=set)  # items whose lines were left out (not `wanted`)
+    older_cost: float = 0.0
 
 
-def read_manifests(view: View) -> Manifests:
+def read_manifests(view: View, wanted: Callable[[str], bool] | None = None) -> Manifests:
+    """Every line of the output dir's manifests; with `wanted`, the lines of other items are only
+    counted as older records (their items and cost), not summed up."""
     require_manifest(view)
     m = Manifests(view)
     bad: list[int] = []
     for rec in iter_records(view.path, bad):
         m.lines += 1
+        if wanted is not None and not wanted(rec["item_id"]):
+            m.older.add(rec["item_id"])
+            m.older_cost += float(rec.get("cost_usd") or 0.0)
+            continue
         old = m.latest.get(rec["item_id"])
         if old is None or supersedes(rec["status"], old["status"], functools.partial(view.source.intact, old)):
             m.latest[rec["item_id"]] = rec
@@ -377,6 +391,11 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}s"
 
 
+def _count(n: int, noun: str) -> str:
+    """`1 group`, `2 groups`."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def format_text(summary: Summary) -> str:
     """A compact human-readable table of a summary (every server-made string made printable)."""
     lat = summary.get("latency_s") or {}
@@ -396,6 +415,11 @@ def format_text(summary: Summary) -> str:
     if summary.get("throughput_per_hour") is not None:
         rows.append(("throughput", f"{summary['throughput_per_hour']:,.1f} images/hour in flight"))
     rows.append(("runs", str(summary["runs"])))
+    if summary.get("older_records"):
+        rows.append(("left out", f"{_count(summary['older_records'], 'older item')} whose records the spec no longer "
+                     f"asks for ({usd(summary.get('older_cost_usd') or 0.0)} spent on them); --all-records counts them"))  # fmt: skip
+    elif summary.get("records_note"):
+        rows.append(("records", str(summary["records_note"])))
     batches = summary.get("batches")
     if batches and (batches["open"] or batches["collected"]):
         open_ = batches["open"]
@@ -467,7 +491,7 @@ def format_quality(summary: Summary) -> str:
     text = ["", "quality:"]
     dups = summary.get("duplicates") or []
     text.append(
-        f"  byte-identical images: {len(dups)} groups ({sum(map(len, dups))} items), e.g. {ids(dups[0])}"
+        f"  byte-identical images: {_count(len(dups), 'group')} ({sum(map(len, dups))} items), e.g. {ids(dups[0])}"
         if dups
         else "  byte-identical images: none"
     )
@@ -475,7 +499,7 @@ def format_quality(summary: Summary) -> str:
     if near is None:
         text.append(f"  near duplicates: {summary.get('near_duplicates_note', '')}")
     else:
-        groups = f"{len(near)} groups ({sum(map(len, near))} items)" if near else "none"
+        groups = f"{_count(len(near), 'group')} ({sum(map(len, near))} items), e.g. {ids(near[0])}" if near else "none"
         text.append(f"  near duplicates: {groups} ({summary.get('near_duplicates_note', '')})")
     for found, what in ((summary.get("size_mismatches"), "not the aspect ratio asked for (beyond 2%)"),
                         (summary.get("size_off"), "far from the size asked for (the built-in mock makes them 1/8 size)"),

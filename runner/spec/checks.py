@@ -96,7 +96,9 @@ class Checker:
 
     def configs(self, value: Any, key: str) -> tuple[ImageConfig, ...]:
         if not isinstance(value, list) or not value:
-            raise self.fail(key, "expected a non-empty list of {aspect_ratio, image_size} mappings")
+            raise self.fail(
+                key, "expected a non-empty list of {aspect_ratio, image_size} mappings (either may be left out)"
+            )
         out = []
         for i, raw in enumerate(value):
             k = f"{key}[{i}]"
@@ -106,7 +108,8 @@ class Checker:
                 raise self.fail(
                     f"{k}.aspect_ratio", 'write ratios in quotes, e.g. "16:9" (YAML reads 16:9 as a number)'
                 )
-            ratio = self.string(ratio, f"{k}.aspect_ratio")
+            # left out: none is sent, and an edit keeps its input image's shape
+            ratio = self.string(ratio, f"{k}.aspect_ratio") if "aspect_ratio" in m else None
             size = m.get("image_size")
             if isinstance(size, int) and not isinstance(size, bool):
                 size = str(size)
@@ -123,7 +126,7 @@ class Checker:
         for i, c in enumerate(configs):
             problem = None
             field = "aspect_ratio"
-            if c.aspect_ratio not in info.aspect_ratios:
+            if c.aspect_ratio is not None and c.aspect_ratio not in info.aspect_ratios:
                 problem = f"{model} does not support aspect ratio {c.aspect_ratio!r} (supported: {' '.join(info.aspect_ratios)})"
             elif c.image_size is not None and not info.sizes:
                 problem, field = f"{model} takes no image_size (it always makes ~1K images)", "image_size"

@@ -89,22 +89,47 @@ class Inputs:
         self.base = base
         # How a run reads an image of its own output dir (an edit chain's parent image): set by the run.
         self.reader: Callable[[str], bytes | None] | None = None
-        self._meta: OrderedDict[str, tuple[InputImage, ...]] = OrderedDict()
+        self._meta: OrderedDict[str | tuple[str, str], tuple[InputImage, ...]] = OrderedDict()
+        self._fallbacks: dict[tuple[str, str], bool] = {}
         self._uris: OrderedDict[str, str] = OrderedDict()
         self._uri_bytes = 0
         self._max = max_cached_bytes
         self._lock = threading.Lock()
 
-    def resolve(self, ref: str) -> tuple[InputImage, ...]:
-        """The images a reference names (a glob names several, sorted); InputError if unusable."""
-        found = self._meta.get(ref)
+    def resolve(self, ref: str, base: Path | None = None) -> tuple[InputImage, ...]:
+        """The images a reference names (a glob names several, sorted), a path relative to `base` (the
+        spec's folder unless given); InputError if unusable."""
+        key: str | tuple[str, str] = ref if base is None or base == self.base else (str(base), ref)
+        found = self._meta.get(key)
         if found is None:
-            found = self._meta[ref] = self._resolve(ref)
+            found = self._meta[key] = self._resolve(ref, self.base if base is None else base)
             if len(self._meta) > _MAX_REFS:  # a prompt file naming a million images: forget the oldest
                 self._meta.popitem(last=False)
         return found
 
-    def _resolve(self, ref: str) -> tuple[InputImage, ...]:
+    def resolve_in_file(self, ref: str, folder: Path) -> tuple[tuple[InputImage, ...], bool]:
+        """The images a reference in a prompt file names: relative to the file's `folder`, or, where only
+        that exists, to the spec's (as before paths in prompt files were read so); True then."""
+        key = (str(folder), ref)
+        fallback = self._fallbacks.get(key)
+        if fallback is None:
+            fallback = self._fallbacks[key] = self._only_beside_spec(ref, folder)
+            if len(self._fallbacks) > _MAX_REFS:
+                self._fallbacks.clear()
+        return self.resolve(ref, self.base if fallback else folder), fallback
+
+    def _only_beside_spec(self, ref: str, folder: Path) -> bool:
+        if folder == self.base or not isinstance(ref, str) or "://" in ref or not ref.strip():
+            return False
+
+        def there(base: Path) -> bool:
+            if glob.has_magic(ref):
+                return bool(glob.glob(ref, root_dir=base))
+            return (base / ref).exists()
+
+        return not there(folder) and there(self.base)
+
+    def _resolve(self, ref: str, base: Path) -> tuple[InputImage, ...]:
         if not isinstance(ref, str) or not ref.strip():
             raise InputError("expected a path or an http(s) URL")
         if ref.startswith("@"):
@@ -116,13 +141,13 @@ class Inputs:
             return (InputImage(ref, url=ref),)
         if "://" in ref:
             raise InputError(f"{ref!r}: only local files and http(s) URLs can be sent")
-        full = self.base / ref
+        full = base / ref
         if glob.has_magic(ref):
-            # The pattern is matched inside the spec's folder, whose own name may hold [ or *.
-            paths = sorted(glob.glob(ref, root_dir=self.base))
+            # The pattern is matched inside the base folder, whose own name may hold [ or *.
+            paths = sorted(glob.glob(ref, root_dir=base))
             if not paths:
-                raise InputError(f"{ref!r}: the pattern matches no file (in {self.base})")
-            return tuple(self._file(p, self.base / p) for p in paths)
+                raise InputError(f"{ref!r}: the pattern matches no file (in {base})")
+            return tuple(self._file(p, base / p) for p in paths)
         return (self._file(ref, full),)
 
     def _file(self, ref: str, path: Path) -> InputImage:
@@ -198,7 +223,7 @@ def check_request(model: str, prompt: str | int, images: tuple[InputImage, ...])
     if size > MAX_REQUEST_BYTES:
         biggest = max(images, key=lambda i: i.request_bytes)
         return (
-            f"the request would be {size / 2**20:.1f} MB, over the 20 MB cap "
-            f"(largest image {biggest.ref}: {biggest.size / 2**20:.1f} MB)"
+            f"the request would be {size / 2**20:.1f} MiB, over the 20 MiB cap "
+            f"(largest image {biggest.ref}: {biggest.size / 2**20:.1f} MiB)"
         )
     return None

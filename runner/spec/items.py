@@ -104,7 +104,8 @@ def item_id(
     a URL by its text) and params extend the list only when there are any, so a prompt
     without them keeps the id it had before they existed."""
     size = _quote(config.image_size) if config.image_size is not None else "null"
-    key = f"[{_quote(model)}, {_quote(prompt)}, {_quote(config.aspect_ratio)}, {size}, {repeat}"
+    ratio = _quote(config.aspect_ratio) if config.aspect_ratio is not None else "null"
+    key = f"[{_quote(model)}, {_quote(prompt)}, {ratio}, {size}, {repeat}"
     if inputs or params:
         key += ", " + json.dumps([i.key for i in inputs]) + ", " + json.dumps([list(p) for p in params])
     return hashlib.sha256((key + "]").encode("utf-8", "surrogatepass")).hexdigest()[:20]
@@ -184,13 +185,13 @@ def _iter_inline(spec: JobSpec) -> Iterator[_Prompt]:
 
 
 def _iter_files(spec: JobSpec) -> Iterator[_Prompt]:
-    resolve = spec.inputs.resolve
+    resolve_in_file = spec.inputs.resolve_in_file
     for i, f in enumerate(spec.prompt_files):
         assert spec.model is not None  # the spec checker requires it with prompt_files
         try:
             top = _top_images(spec)
-            for fp in iter_prompts(f.path, f.kind):
-                own = tuple(img for ref in fp.images for img in resolve(ref))
+            for fp in iter_prompts(f.path, f.kind):  # image paths relative to the prompt file (see resolve_in_file)
+                own = tuple(img for ref in fp.images for img in resolve_in_file(ref, f.path.parent)[0])
                 yield (
                     fp.prompt_id,
                     fp.text,

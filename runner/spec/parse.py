@@ -389,6 +389,7 @@ def _prompt_file(ctx: _Context, f: Any, key: str) -> PromptFile:
     path = ctx.base / c.string(f, key)
     kind = file_kind(path, c.file, key)
     count = 0
+    beside_spec: list[str] = []  # image paths found only relative to the spec's folder
     try:
         cols = columns(path, kind)
         if cols is not None and "prompt" not in cols:
@@ -396,9 +397,13 @@ def _prompt_file(ctx: _Context, f: Any, key: str) -> PromptFile:
         # One streaming pass, so a bad line is a spec error now and not a crash mid-run.
         for count, prompt in enumerate(iter_prompts(path, kind), 1):  # noqa: B007
             assert ctx.model is not None  # checked before the files
-            refs = (*ctx.images, *prompt.images)
-            if refs or len(prompt.text) > 1 << 20:  # a plain line of text cannot break the limits
-                images = tuple(img for ref in refs for img in ctx.inputs.resolve(ref))
+            if ctx.images or prompt.images or len(prompt.text) > 1 << 20:  # a plain line cannot break the limits
+                images = tuple(img for ref in ctx.images for img in ctx.inputs.resolve(ref))
+                for ref in prompt.images:  # relative to the prompt file (spec's folder: the old reading)
+                    found, fallback = ctx.inputs.resolve_in_file(ref, path.parent)
+                    images += found
+                    if fallback and len(beside_spec) < 3 and ref not in beside_spec:
+                        beside_spec.append(ref)
                 if ctx.api_format == "gemini" and any(img.url for img in images):
                     raise ValueError(
                         f"prompt {prompt.prompt_id!r}: api_format gemini sends reference images from files, not URLs"
@@ -408,6 +413,12 @@ def _prompt_file(ctx: _Context, f: Any, key: str) -> PromptFile:
                     raise ValueError(f"prompt {prompt.prompt_id!r}: {problem}")
     except (ValueError, OSError) as e:  # InputError is a ValueError
         raise c.fail(key, f"{path}: {e}") from None
+    if beside_spec:
+        ctx.warnings.append(
+            f"{key}: image paths in {path.name} are read relative to it ({path.parent}), but "
+            f"{', '.join(beside_spec)} exist only relative to the spec's folder: read from there for now; "
+            f"write them relative to {path.name}"
+        )
     return PromptFile(path, kind, count)
 
 
@@ -435,7 +446,7 @@ def spec_summary(spec: JobSpec) -> dict[str, Any]:
     """A JSON-able description of the spec, saved in the output dir to explain drift later."""
     return {
         "name": spec.name,
-        "spec_path": str(spec.spec_path),
+        "spec_path": str(spec.spec_path.absolute()),  # report and export read the spec's items from it
         "fingerprint": spec.fingerprint,
         "model": spec.model,
         "image_configs": [c.as_sent() for c in spec.image_configs],

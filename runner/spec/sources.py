@@ -19,7 +19,7 @@ RESERVED = ("id", "prompt", "images")  # columns with a meaning; every other one
 class FilePrompt:
     prompt_id: str
     text: str
-    images: tuple[str, ...]  # references as written (paths relative to the spec file, or URLs)
+    images: tuple[str, ...]  # references as written (paths relative to the prompt file, or URLs)
     labels: dict[str, str] | None
 
 

@@ -11,12 +11,14 @@ DEFAULT_CONFIG = "1:1"  # when image_configs is absent: one square image at the 
 
 @dataclass(frozen=True)
 class ImageConfig:
-    aspect_ratio: str
+    aspect_ratio: str | None  # None: none is sent, and the model keeps its first input image's shape
     image_size: str | None = None
 
     def as_sent(self) -> dict[str, str]:
-        """The `image_config` object exactly as the request carries it."""
-        d = {"aspect_ratio": self.aspect_ratio}
+        """The `image_config` object exactly as the request carries it (only the keys given)."""
+        d: dict[str, str] = {}
+        if self.aspect_ratio is not None:
+            d["aspect_ratio"] = self.aspect_ratio
         if self.image_size is not None:
             d["image_size"] = self.image_size
         return d

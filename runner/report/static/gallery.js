@@ -4,7 +4,7 @@
 (function () {
   "use strict";
   var D = JSON.parse(document.getElementById("gallery-data").textContent);
-  var N = D.id.length, PAGE = 120, FSI = "\u2068", PDI = "\u2069";
+  var N = D.id.length, PAGE = 120, EAGER = 30, FSI = "\u2068", PDI = "\u2069";
   var grid = document.getElementById("grid"), more = document.getElementById("more");
   var bar = document.getElementById("filters"), count = document.getElementById("count");
   var matched = new Int32Array(0), shown = 0, io = null;
@@ -32,7 +32,9 @@
     return e;
   }
   function num(n) { return Number(n).toLocaleString("en-US"); }
-  function money(x) { return x >= 1 ? "$" + x.toFixed(2) : "$" + x.toFixed(3); } // the rule `runner report` uses
+  function money(x) { // the rule `runner report` uses (pricing.usd)
+    return x === 0 ? "$0.00" : x < 0.0005 ? "<$0.001" : x >= 1 ? "$" + x.toFixed(2) : "$" + x.toFixed(3);
+  }
   function value(key, i) { var F = byKey[key]; return F && F.v[i] >= 0 ? F.opts[F.v[i]] : null; }
 
   // --- filtering: one pass over the items counts, for every option, the items it would match
@@ -167,15 +169,18 @@
     if (this.parentNode.classList.contains("out")) card.classList.add("broken");
     else this.parentNode.classList.add("missing");
   }
-  function image(src, cls, alt, title) {
+  // The first screenful loads eagerly: a lazy image is fetched only once laid out in view, which a
+  // plain headless screenshot (taken at the load event) never waits for; the load event does wait
+  // for eager images. The rest stay lazy: 100,000 cards must not fetch 100,000 files.
+  function image(src, cls, alt, title, eager) {
     var a = el("a", cls);
     a.href = src;
     a.target = "_blank";
     a.rel = "noopener noreferrer";
     if (title) a.title = title;
     var img = document.createElement("img");
-    img.loading = "lazy";
-    img.decoding = "async";
+    img.loading = eager ? "eager" : "lazy";
+    img.decoding = eager ? "sync" : "async"; // sync: painted in the first frame after load, not later
     img.alt = alt;
     img.onload = onLoad;
     img.onerror = onError;
@@ -187,11 +192,11 @@
     var p = D.img[i], id = D.id[i];
     return typeof p === "number" ? D.base + "images/" + id.slice(0, 2) + "/" + id + "." + D.exts[p] : p;
   }
-  function inputsBox(refs) {
+  function inputsBox(refs, eager) {
     var box = el("div", "inputs");
     box.title = "reference images (" + refs.length + ")";
     refs.slice(0, 2).forEach(function (r) {
-      if (r[0]) box.appendChild(image(r[0], "in", "reference image", r[1]));
+      if (r[0]) box.appendChild(image(r[0], "in", "reference image", r[1], eager));
       else box.appendChild(el("span", "ref", r[1]));
     });
     if (refs.length > 2) box.appendChild(el("span", "more-in", "+" + (refs.length - 2)));
@@ -205,6 +210,8 @@
       div.appendChild(el("bdi", null, t));
     });
     var tail = [];
+    if (D.rp[i] !== null) tail.push("repeat " + D.rp[i]);
+    if (D.sd[i] !== null) tail.push("seed " + D.sd[i]);
     if (D.w[i] && D.h[i]) tail.push(D.w[i] + "\u00d7" + D.h[i]);
     tail.push(money(D.c[i]));
     if (D.a[i] > 1) tail.push(D.a[i] + " attempts");
@@ -242,14 +249,14 @@
     if (m & 8) div.appendChild(el("span", "flag uniform", "uniform (one colour)"));
     return div.childNodes.length ? div : null;
   }
-  function card(i) {
-    var e = D.e[i];
-    var fig = el("figure", e === 0 ? "card" : "card failed");
+  function card(i, eager) {
+    var e = D.e[i], edit = D["in"][i] >= 0;
+    var fig = el("figure", (e === 0 ? "card" : "card failed") + (edit ? " edit" : ""));
     fig.setAttribute("data-id", D.id[i]);
     var media = el("div", "media");
-    if (D["in"][i] >= 0) media.appendChild(inputsBox(D.inputs[D["in"][i]]));
+    if (edit) media.appendChild(inputsBox(D.inputs[D["in"][i]], eager));
     if (e === 0) {
-      media.appendChild(image(outputSrc(i), "out", "output image"));
+      media.appendChild(image(outputSrc(i), "out", "output image", null, eager));
     } else {
       var box = el("div", "error");
       box.appendChild(el("span", "kind", value("error", i)));
@@ -286,7 +293,7 @@
 
   function renderPage() {
     var frag = document.createDocumentFragment(), end = Math.min(matched.length, shown + PAGE);
-    for (; shown < end; shown++) frag.appendChild(card(matched[shown]));
+    for (; shown < end; shown++) frag.appendChild(card(matched[shown], shown < EAGER));
     grid.appendChild(frag);
     more.hidden = shown >= matched.length;
     count.textContent = "showing " + num(shown) + " of " + num(matched.length) +

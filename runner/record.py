@@ -34,6 +34,7 @@ class ImageConfigRec(TypedDict):
 
 
 class InputRec(TypedDict, total=False):
+    item_id: str  # an edit chain: the item whose image this is (`path` is then its image in the output dir)
     path: str  # a local reference image, as the spec names it
     url: str  # or an http(s) URL, sent as it is
     sha256: str
@@ -154,7 +155,7 @@ def check(obj: Any) -> Record | None:
 def _input_ok(obj: Any) -> bool:
     if not isinstance(obj, dict):
         return False
-    for name in ("path", "url", "sha256", "mime"):
+    for name in ("path", "url", "sha256", "mime", "item_id"):
         if name in obj and not isinstance(obj[name], str):
             return False
     if "bytes" in obj and (not isinstance(obj["bytes"], int) or isinstance(obj["bytes"], bool)):

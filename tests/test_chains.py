@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import signal
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -230,3 +232,38 @@ def test_quality_flags_an_edit_that_gave_its_source_back(tmp_path: Path, gateway
     steps = {s["prompt_id"]: s for s in report["chains"]["steps"]}
     assert steps["e"]["parent"] == "base" and steps["e"]["ok"] == 1 and report["chains"]["stale"] == []
     assert "edits that gave their source image back: 1" in run_cli("report", str(tmp_path / "out")).stdout
+
+
+def test_a_chain_exports_as_pairs_that_load_as_images(tmp_path: Path, gateway: StartGateway) -> None:
+    import glob
+
+    import webdataset as wds
+    from datasets import load_dataset
+
+    gw = gateway()
+    path = chain_spec(tmp_path, gw.base_url, prompts=[BASE, ROOM])
+    out = tmp_path / "out"
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    assert run_cli("export", str(out), "--to", str(tmp_path / "if")).returncode == 0
+    assert run_cli("export", str(out), "--format", "webdataset", "--to", str(tmp_path / "wds")).returncode == 0
+    recs = latest(out)
+    ds = load_dataset("imagefolder", data_dir=str(tmp_path / "if"), split="train")
+    edits = [row for row in ds if row["source_item_id"]]
+    assert len(edits) == 6 and len(ds) == 9
+    for row in edits:
+        parent = recs[row["source_item_id"]]
+        source = row["input_images"][0]  # the parent's image, loaded as an image
+        assert source.size == (parent["width"], parent["height"]) and row["image"].size[0] > 0
+        assert row["product"] == parent["vars"]["product"] and row["prompt"].startswith("put the")
+    shards = sorted(glob.glob(str(tmp_path / "wds" / "shard-*.tar")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the library leaves its shard files to the collector
+        samples = list(wds.WebDataset(shards, shardshuffle=False).decode("pil"))
+        gc.collect()
+    pairs = [s for s in samples if "input0.png" in s]
+    assert len(pairs) == 6
+    for s in pairs:
+        (link,) = s["json"]["inputs"]
+        assert link["item_id"] in recs and s["input0.png"].size[0] > 0
+    card = (tmp_path / "if" / "README.md").read_text()
+    assert "## Edit chain" in card and "| room | base | 6 |" in card

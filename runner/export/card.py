@@ -66,12 +66,16 @@ MEANINGS: dict[str, tuple[str, str | None]] = {
     "input_images": ("the reference images sent with the prompt, in order",
                      "the source image(s): what the model was given to edit, before the edit, in order"),
     "input_urls": ("reference images given by URL (fetched by the gateway; not part of this dataset)", None),
+    "source_item_id": ("an edit chain: the item_id of the row whose image this one edited (null for a first step)",
+                       "an edit chain: the item_id of the row whose result is this row's source image (null when "
+                       "the source is a reference image of the spec, not an image the job made)"),
     "extra_images": ("further images the same answer held", None),
     "__key__": ("the sample's key: its item_id", None),
     "__url__": ("the shard the sample was read from", None),
     "json": ("the request and its record: item_id, prompt_id, prompt, model, image_config, repeat, width, height, "
              "mime, sha256, bytes, image_file (the image's member), vars (the labels), params, inputs (each reference "
-             "image: path or url, sha256, mime, its member `file` and that member's `file_mime`), extra_images, usage "
+             "image: path or url, sha256, mime, its member `file` and that member's `file_mime`, and item_id: the row whose "
+             "result it is, in an edit chain), extra_images, usage "
              "(as the API returned it), cost_usd, latency_s, finished_at, run_id, request_id", None),
 }  # fmt: skip
 
@@ -307,6 +311,7 @@ def render(
         lines.append("Not known: where the images were made was not recorded.")
     if edit:
         lines += ["", "## Edit pairs", "", *_edit_roles(result.format, features)]
+    lines += _chain(chosen)
     lines += ["", "## Fields", ""]
     lines += [f"- {code(f['name'])} ({_kind(f)}): {_meaning(f['name'], chosen, edit)}" for f in features]
     lines += ["", "## Loading", "", "```python", LOADING[result.format].format(dest=result.dest.as_posix()), "```"]
@@ -347,6 +352,36 @@ def _labels(chosen: Selection) -> list[str]:
             lines.append(f"| ... {len(values) - MAX_VALUES:,} more values | |")
         lines.append("")
     return lines[:-1]
+
+
+def _chain(chosen: Selection) -> list[str]:
+    """An edit chain: which step edits which, with how many images each (from the records' inputs)."""
+    step_of = {rec["item_id"]: rec.get("prompt_id", "") for rec in chosen.records}
+    parent_step: dict[str, str] = {}
+    counts: Counter[str] = Counter()
+    for rec in chosen.records:
+        counts[str(rec.get("prompt_id", ""))] += 1
+        for link in rec.get("inputs") or []:
+            source = link.get("item_id")
+            if isinstance(source, str):
+                parent_step[str(rec.get("prompt_id", ""))] = step_of.get(source, "?")
+    if not parent_step:
+        return []
+    lines = [
+        "",
+        "## Edit chain",
+        "",
+        "Some steps edit the images an earlier step of this job made (the source of such a row is another",
+        "row's result: `source_item_id`, or `json.inputs[].item_id` in WebDataset), so a first image and its",
+        "successive edits can be followed from row to row:",
+        "",
+        "| step (prompt_id) | edits the results of | images |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {md(step)} | {md(parent_step.get(step, '')) or '(first step)'} | {n:,} |" for step, n in counts.items()
+    ]
+    return lines
 
 
 def _edit_roles(fmt: str, features: list[dict[str, Any]]) -> list[str]:

@@ -59,7 +59,7 @@ FIXED = (
 )
 # Names the loader gives or takes: a variable must not land on one of them.
 RESERVED = (*FIXED, "image", "params", "input_images", "input_images_file_names", "input_urls", "extra_images",
-            "extra_images_file_names", "label")  # fmt: skip
+            "source_item_id", "extra_images_file_names", "label")  # fmt: skip
 
 
 def var_columns(names: Iterable[str]) -> dict[str, str]:
@@ -106,6 +106,7 @@ def export_imagefolder(
         "input_urls": any(x.get("url") for rec in chosen.records for x in rec.get("inputs") or []),
         "extra_images": any(rec.get("extra_images") for rec in chosen.records),
         "aspect_ratio": any((rec.get("image_config") or {}).get("aspect_ratio") for rec in chosen.records),
+        "chain": any(_source_of(rec) for rec in chosen.records),
     }
     placed: set[str] = set()  # reference images already in dest (many items share one)
     with Staging(dest) as staging:
@@ -168,7 +169,14 @@ def row(rec: Record, columns: dict[str, str], extras: dict[str, bool], source: I
         line["input_urls"] = [x["url"] for x in rec.get("inputs") or [] if x.get("url")]
     if extras["extra_images"]:
         line["extra_images_file_names"] = [x["image_path"] for x in rec.get("extra_images") or []]
+    if extras.get("chain"):
+        line["source_item_id"] = _source_of(rec)
     return line
+
+
+def _source_of(rec: Record) -> str | None:
+    """An edit chain: the item whose image this one was made from."""
+    return next((str(x["item_id"]) for x in rec.get("inputs") or [] if isinstance(x.get("item_id"), str)), None)
 
 
 def features_of(columns: dict[str, str], extras: dict[str, bool]) -> list[dict[str, Any]]:
@@ -189,4 +197,6 @@ def features_of(columns: dict[str, str], extras: dict[str, bool]) -> list[dict[s
         features.append({"name": "input_urls", "list": "string"})
     if extras["extra_images"]:
         features.append({"name": "extra_images", "list": "image"})
+    if extras.get("chain"):
+        features.append({"name": "source_item_id", "dtype": "string"})
     return features

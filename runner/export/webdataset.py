@@ -160,7 +160,9 @@ def document(rec: Record, var_names: list[str], members: Members) -> dict[str, A
     files = {int(role[5:]): role for role, _, _, _ in parts_of(rec) if role.startswith("input")}
     inputs = []
     for i, x in enumerate(rec.get("inputs") or []):
-        entry = {k: x.get(k) for k in ("path", "url", "sha256", "mime", "bytes")}
+        entry = {
+            k: x.get(k) for k in ("path", "url", "sha256", "mime", "bytes", "item_id")
+        }  # item_id: an edit chain's source
         role = files.get(i)
         entry["file"] = members.name(role) if role else None
         entry["file_mime"] = members.mime(role, x.get("mime", "")) if role else None

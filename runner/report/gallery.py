@@ -169,6 +169,8 @@ def _items(records: Iterable[Record], quality: Quality | None, base: str) -> tup
     dup = _Facet("dup", "duplicate group", by_count=False)
     near = _Facet("near", "near-duplicate group", by_count=False)
     var_facets: dict[str, _Facet] = {}
+    step = _Facet("step", "step")  # an edit chain's steps (its prompts), shown when there is a chain
+    chained = False
     prompts, prompt_ids, exts, messages, retried = _Table(), _Table(), _Table(), _Table(), _Table()
     input_sets: dict[Any, int] = {}
     inputs: list[list[tuple[str | None, str]]] = []
@@ -189,6 +191,8 @@ def _items(records: Iterable[Record], quality: Quality | None, base: str) -> tup
         size.add(size_of(rec), n)
         p.append(prompts.add(rec["prompt"]))
         pid.append(prompt_ids.add(rec["prompt_id"]))
+        step.add(rec["prompt_id"], n)
+        chained = chained or any("item_id" in x for x in rec.get("inputs") or [])
         c.append(round(rec.get("cost_usd") or 0, 6))
         rp.append(rec.get("repeat") if isinstance(rec.get("repeat"), int) else None)
         seed = (rec.get("params") or {}).get("seed")
@@ -243,6 +247,8 @@ def _items(records: Iterable[Record], quality: Quality | None, base: str) -> tup
 
     count = len(ids)
     facets = [status.data(count), error.data(count), model.data(count), aspect.data(count), size.data(count)]
+    if chained:  # source -> edits: filter by step; each edit's card shows its source beside it
+        facets.append(step.data(count))
     facets += [var_facets[k].data(count) for k in sorted(var_facets)]
     if quality is not None:
         found = (quality["duplicates"], quality["near_duplicates"], quality["size_mismatches"], quality["uniform"])

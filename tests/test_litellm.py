@@ -400,3 +400,28 @@ def test_rate_limit_retry_delay_through_litellm(proxy: Proxy, tmp_path: Path) ->
     assert (first.status, second.status) == (429, 200)
     # The spec's own backoff is at most 0.05 s: only the retryDelay explains a wait of about 1 s.
     assert 0.95 <= second.at - first.at < 6.0
+
+
+# (d) An edit chain through the real proxy: each edit carries exactly the image its parent got.
+
+
+def test_an_edit_chain_through_litellm(proxy: Proxy, tmp_path: Path) -> None:
+    proxy.fake.clear()
+    prompts = [
+        {"id": "base", "template": "a studio photo of a {product}", "vars": {"product": ["kettle", "vase"]}},
+        {"id": "room", "template": "put the {product} on a {table}", "images": ["@base"], "vars": {"table": ["oak", "glass"]}},
+    ]  # fmt: skip
+    spec = write_spec(tmp_path, base_url=f"{proxy.url}/v1", api_format="openai-compatible", prompts=prompts)
+    result = run_cli("run", str(spec), "--no-progress", key=proxy.key)
+    assert result.returncode == 0, result.stderr
+    records = latest(tmp_path / "out")
+    assert len(records) == 2 + 4
+    made = {call.text: call.image for call in proxy.fake.generations()}
+    for rec in records.values():
+        if rec["prompt_id"] != "room":
+            continue
+        (link,) = rec["inputs"]
+        parent = records[link["item_id"]]
+        (call,) = [c for c in proxy.fake.generations() if c.text == rec["prompt"]]
+        assert call.images == [("image/png", made[parent["prompt"]])]  # the parent's own image reached Gemini
+        assert link["sha256"] == parent["sha256"] == hashlib.sha256(made[parent["prompt"]] or b"").hexdigest()

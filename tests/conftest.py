@@ -22,6 +22,8 @@ from runner import cli
 from runner.mock import MockConfig, MockGateway
 from runner.record import ErrorRec, ImageFile, Record, make_record
 
+from .hostile import HostileServer
+
 ROOT = Path(__file__).resolve().parent.parent
 StartGateway = Callable[..., MockGateway]
 KEY = "sk-test-4f9c2a7e1b"  # a fake key; tests check it never lands in a file
@@ -208,3 +210,11 @@ def manifest_line(
         elapsed_s=None if latency is None else latency + 1, finished_at=at, run_id=run, images=images or None,
         error=err, retried=retried,
     )  # fmt: skip
+
+
+@pytest.fixture
+def hostile() -> Iterator[HostileServer]:
+    server = HostileServer()
+    server.start()
+    yield server
+    server.stop()

@@ -23,14 +23,6 @@ PRICE = 0.134  # nanobanana_pro 1K, per image
 Kind = str | tuple[str, ...] | None  # the failure kind(s) an item may end with; None: ok
 
 
-@pytest.fixture
-def hostile() -> Iterator[HostileServer]:
-    server = HostileServer()
-    server.start()
-    yield server
-    server.stop()
-
-
 def bad_prompt(marker: str) -> str:
     return f"the hostile one [hostile:{marker}]"
 

@@ -33,14 +33,6 @@ from .test_hostile_gateway import GOOD, bad_prompt, run_against, strict_records
 INT64 = (-(2**63), 2**63 - 1)
 
 
-@pytest.fixture
-def hostile() -> Iterator[HostileServer]:
-    server = HostileServer()
-    server.start()
-    yield server
-    server.stop()
-
-
 def numbers(obj: Any) -> Iterator[int | float]:
     if isinstance(obj, bool):
         return

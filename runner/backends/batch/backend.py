@@ -21,52 +21,33 @@ import secrets
 import shutil
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
 
 from ...engine.feed import Feed
-from ...engine.progress import duration, plural
+from ...engine.progress import plural
 from ...engine.session import SAVE_THREADS, Session
-from ...engine.writer import Finished
-from ...errors import OutputError, RunnerError
-from ...gateway.answer import Outcome, Success
+from ...errors import RunnerError
 from ...gateway.gemini import GeminiFormat
 from ...output import Store
 from ...output.ledger import BatchEntry
 from ...policy import POLICY, Action, Failure
 from ...pricing import PriceTable, usd
-from ...record import Record
 from ...safety import clean_message, printable
 from ...spec.inputs import InputError, Inputs
 from ...spec.items import Item
-from .api import WITH_RESULTS, ApiError, BatchInfo, GoogleBatchApi, Unknown
-from .files import ResultsReader, write_requests
+from .api import ApiError, BatchInfo, GoogleBatchApi, Unknown
+from .collect import SUMMARY_EVERY_S, Collecting, OpenBatch, error_text, stamp
+from .files import write_requests
 
-LOOKUP_CHUNK = 10_000  # items of finished batches looked up in one pass over the spec (bounds memory)
-SUMMARY_EVERY_S = 60.0  # a line on all open batches while waiting, at most this often
 REF_REUSE_S = 40 * 3600  # an uploaded reference image is used again for this long (the Files API keeps it 48 h)
 
 
-@dataclass
-class _Batch:
-    """A batch this run is responsible for: its ledger entry (with its items' ids: an open batch
-    holds no Items, so a 100,000-item job waits flat in memory; they are looked up to collect)."""
-
-    entry: BatchEntry
-    submitted: float = field(default_factory=time.monotonic)
-    state: str = ""
-
-    @property
-    def ids(self) -> list[str]:
-        return self.entry.items
-
-
-class BatchBackend:
+class BatchBackend(Collecting):
     """Implements backends.Backend with Google's Batch API."""
 
     def __init__(
@@ -112,7 +93,7 @@ class BatchBackend:
         self.unknown_grace_s = unknown_grace_s
         self.stats = session.stats
         self.log = session.log
-        self.open: dict[str, _Batch] = {}
+        self.open: dict[str, OpenBatch] = {}
         self.requeue: deque[Item] = deque()
         self.tries: Counter[str] = Counter()  # submissions of an item in this run, beyond its first
         self.retried: dict[str, Counter[str]] = {}
@@ -170,7 +151,7 @@ class BatchBackend:
                 entry.name = names[0]
                 self._event("created", entry.id, name=entry.name)
                 await self._cancel_extras(entry, names[1:])
-            self.open[entry.id] = _Batch(entry)
+            self.open[entry.id] = OpenBatch(entry)
         if lost:
             items = await self._items({i for e in lost for i in e.items})
             for entry in lost:
@@ -180,13 +161,6 @@ class BatchBackend:
                 self.session.budget.settle(entry.reserved_usd, 0.0, 0)
                 self.requeue.extend(items[i] for i in entry.items if i in items)  # never sent: not an attempt
                 await self._delete_files(entry.file)
-
-    async def _items(self, ids: set[str]) -> dict[str, Item]:
-        """The Items of these ids: an edit chain's children planned in this run from the feed, the
-        rest in one pass over the spec (in a thread); ids no longer in the spec are left out."""
-        found = {i: self.feed.planned[i] for i in ids if i in self.feed.planned}
-        rest = ids - found.keys()
-        return {**found, **await anyio.to_thread.run_sync(self.lookup, rest)} if rest else found
 
     async def _find(self, display_names: list[str]) -> dict[str, list[str]]:
         """Display name -> the server's names of batches with it (oldest first), by paging through
@@ -199,7 +173,7 @@ class BatchBackend:
                     found.setdefault(info.display_name, []).append((info.created or "", info.name))
         except (Unknown, ApiError) as e:
             raise RunnerError(
-                f"cannot list batches to find the ones an earlier run may have created: {_why(e)}; try again later"
+                f"cannot list batches to find the ones an earlier run may have created: {error_text(e)}; try again later"
             ) from None
         return {name: [n for _, n in sorted(pairs)] for name, pairs in found.items()}
 
@@ -212,7 +186,7 @@ class BatchBackend:
             try:
                 await self.api.cancel(name)
             except (Unknown, ApiError) as e:
-                self.log(f"could not cancel {name}: {_why(e)}; cancel it by hand (runner cancel cannot see it)")
+                self.log(f"could not cancel {name}: {error_text(e)}; cancel it by hand (runner cancel cannot see it)")
 
     # -- submitting -----------------------------------------------------------------------------
     async def _submit(self) -> None:
@@ -250,7 +224,7 @@ class BatchBackend:
         try:
             items = await self._upload_refs(items)
         except (ApiError, Unknown) as e:
-            self.log(f"could not upload reference images ({_why(e)}): {plural(len(items), 'item')} stay to do")
+            self.log(f"could not upload reference images ({error_text(e)}): {plural(len(items), 'item')} stay to do")
             return False
         if not items:
             return True
@@ -264,7 +238,7 @@ class BatchBackend:
         entry = BatchEntry(
             id=local, display_name=f"runner-{self.slug}-{hashlib.sha256(''.join(ids).encode()).hexdigest()[:10]}-{local}",
             model=model, model_id=self.format.model_id(model), items=[i.item_id for i in items], reserved_usd=reserved,
-            prepared_at=_now(), base_url=self.base_url, key_env=self.key_env,
+            prepared_at=stamp(), base_url=self.base_url, key_env=self.key_env,
         )  # fmt: skip
         # Written (and fsynced) before anything leaves this machine: a kill from here on is found again.
         self.store.append_ledger({"event": "prepare", "id": entry.id, "display_name": entry.display_name,
@@ -282,7 +256,7 @@ class BatchBackend:
             self._event("uploaded", entry.id, file=entry.file)
             info = await self._create(entry)
         except (ApiError, Unknown) as e:
-            self._give_back(entry, items, f"could not be submitted: {_why(e)}")
+            self._give_back(entry, items, f"could not be submitted: {error_text(e)}")
             if isinstance(e, ApiError) and e.failure.action is Action.ABORT:
                 self.session.stop(
                     f"{e.failure.kind}: {e.failure.message} ({POLICY[e.failure.kind].what})",
@@ -297,7 +271,7 @@ class BatchBackend:
             self._give_back(entry, items, "not submitted: the batch quota is full")
             return False
         entry.name = info.name
-        self.open[entry.id] = _Batch(entry, state=info.state)
+        self.open[entry.id] = OpenBatch(entry, state=info.state)
         self.log(
             f"submitted {plural(len(items), 'item')} in {entry.name} ({entry.display_name}); {usd(reserved)} committed"
         )
@@ -374,7 +348,7 @@ class BatchBackend:
                     )
                     self.refs[image.sha256] = str(file.get("uri") or file["name"])
                     self.store.append_ledger({"event": "ref", "sha256": image.sha256, "file": file["name"],
-                                              "uri": self.refs[image.sha256], "at": _now()})  # fmt: skip
+                                              "uri": self.refs[image.sha256], "at": stamp()})  # fmt: skip
             except InputError as e:
                 refused.append((item, Failure("bad_request", None, clean_message(str(e), self.api_key), final=True)))
                 continue
@@ -383,255 +357,6 @@ class BatchBackend:
             self.tries[item.item_id] = self.max_attempts  # recorded now: no retry can read it either
             await self._back([item], failure)
         return usable
-
-    # -- waiting and collecting -----------------------------------------------------------------
-    async def _poll_loop(self, scope: anyio.CancelScope) -> None:
-        """Every poll_s: look at each open batch, collect the finished ones (a timer, not a wait for
-        an event: the server tells nothing by itself)."""
-        while True:
-            await self._poll_once()
-            if not self.wait:
-                return
-            with anyio.move_on_after(self.poll_s):
-                await self.session.stopping.wait()
-            if self.session.is_stopping:
-                scope.cancel()
-                return
-
-    async def _poll_once(self) -> None:
-        ended: list[tuple[_Batch, BatchInfo | None]] = []  # None: the server no longer knows it
-        for batch in list(self.open.values()):
-            if self.session.is_stopping:
-                return
-            assert batch.entry.name is not None
-            try:
-                info = await self.api.get(batch.entry.name)
-            except Unknown as e:
-                self.log(f"batch {batch.entry.name}: no answer ({e}); trying again in {self.poll_s:g}s")
-                continue
-            except ApiError as e:
-                if e.failure.status == 404:
-                    ended.append((batch, None))
-                    continue
-                if e.failure.action is Action.ABORT:
-                    self.session.stop(f"{e.failure.kind}: {e.failure.message}", "abort", True, failure=e.failure.kind)
-                    return
-                self.log(f"batch {batch.entry.name}: {e.failure.message}; trying again in {self.poll_s:g}s")
-                continue
-            if info.state != batch.state:  # said once per change, not once per poll
-                batch.state = info.state
-                self._event("state", batch.entry.id, state=info.state, stats=info.stats, results_file=info.results_file)
-                self.log(self._status(batch, info))
-            if info.done:
-                ended.append((batch, info))
-        # The ended batches' Items are looked up a chunk at a time: one pass over the spec per chunk.
-        while ended and not self.session.is_stopping:
-            chunk: list[tuple[_Batch, BatchInfo | None]] = []
-            count = 0
-            while ended and (not chunk or count + len(ended[0][0].ids) <= LOOKUP_CHUNK):
-                chunk.append(ended.pop(0))
-                count += len(chunk[-1][0].ids)
-            items = await self._items({i for batch, _ in chunk for i in batch.ids})
-            for batch, done in chunk:
-                await self._finish(batch, done, items)
-        now = time.monotonic()
-        if self.open and now - self._said >= SUMMARY_EVERY_S:
-            self._said = now
-            states = Counter(b.state or "SUBMITTED" for b in self.open.values())
-            self.log(f"batches: {len(self.open)} open ({', '.join(f'{n} {s}' for s, n in sorted(states.items()))}); "
-                     f"items done {self.stats.done}/{self.stats.total}; {usd(self.stats.spent_usd)} collected, "
-                     f"{usd(self.session.budget.in_flight)} committed")  # fmt: skip
-
-    def _status(self, batch: _Batch, info: BatchInfo) -> str:
-        s = info.stats
-        counts = f"{s.get('successfulRequestCount', 0)} ok, {s.get('failedRequestCount', 0)} failed, {s.get('pendingRequestCount', 0)} pending"
-        return f"batch {info.name}: {info.state} ({counts}) after {duration(time.monotonic() - batch.submitted)}"
-
-    async def _finish(self, batch: _Batch, info: BatchInfo | None, items: dict[str, Item]) -> None:
-        """A batch that ended (`info` None: the server no longer knows it): collected, or its items given back."""
-        mine = [items[i] for i in batch.ids if i in items]
-        if info is None:
-            self.log(
-                f"batch {batch.entry.name}: the server no longer knows it; its {plural(len(mine), 'item')} go back to the to-do list"
-            )
-            self.session.budget.settle(batch.entry.reserved_usd, 0.0, 0)
-            await self._back(mine, Failure("server_error", 404, "its batch is gone from the server"))
-            self._end(batch, "abandoned", why="the server no longer knows it (deleted, or another project's key)")
-            return
-        if info.state in WITH_RESULTS and info.results_file:
-            await self._collect(batch, info, {i.item_id: i for i in mine})
-            return
-        state = info.state
-        why = f"ended {state}" + (f": {info.error}" if info.error else "")
-        self.session.budget.settle(batch.entry.reserved_usd, 0.0, 0)
-        if state == "CANCELLED":  # someone cancelled it: stop spending on these; a later run submits them
-            self.log(
-                f"batch {info.name} was cancelled: its {plural(len(mine), 'item')} go back to the to-do list for a later run"
-            )
-        else:
-            self.log(
-                f"batch {info.name} ended {state}, not the items' fault: its {plural(len(mine), 'item')} go back to the to-do list"
-            )
-            kind = "timeout" if state == "EXPIRED" else "server_error"
-            await self._back(mine, Failure(kind, None, f"its batch {info.name} {why}"))
-        self._end(batch, "abandoned", why=why, state=state)
-
-    async def _collect(self, batch: _Batch, info: BatchInfo, items: dict[str, Item]) -> None:
-        """Download the results to disk as a stream, read them a line at a time, save and record
-        every answer; then mark the batch collected and delete its files from the Files API."""
-        assert info.results_file is not None
-        path = self.work_dir / f"{batch.entry.id}.results.jsonl"
-        try:
-            await self.api.download(info.results_file, path)
-        except (Unknown, ApiError) as e:
-            self.log(f"batch {info.name}: download failed ({_why(e)}); trying again in {self.poll_s:g}s")
-            path.unlink(missing_ok=True)
-            return
-        reader = ResultsReader(path, self.api_key)
-        records: list[Record] = []
-        finished: list[tuple[Item, Record]] = []
-        seen: set[str] = set()
-        retry: list[tuple[Item, Failure]] = []
-        unknown = broken = unsaved = 0
-        latency = time.monotonic() - batch.submitted
-
-        async def record(item: Item, outcome: Outcome) -> None:
-            nonlocal unsaved
-            try:
-                done = await self._record(item, outcome, info.name, latency)
-            except OutputError as e:  # the output dir cannot be written: counted; the results file is kept
-                images = len(outcome.images) if isinstance(outcome, Success) else 0
-                self.session.unsaved(e, self.prices.item(item) * images, images)
-                unsaved += 1
-                return
-            if done is not None:
-                records.append(done)
-                finished.append((item, done))
-            else:
-                assert isinstance(outcome, Failure)
-                retry.append((item, outcome))
-
-        try:
-            # Lines are read one at a time; their images are saved by up to SAVE_THREADS tasks at once
-            # (each holds one line's images), as the interactive pool saves answers side by side.
-            async with anyio.create_task_group() as tg:
-                while (line := await self.session.sink.save(reader.next)) is not None:
-                    key, outcome = line
-                    item = items.get(key or "")
-                    if key is not None and key not in batch.entry.items:
-                        unknown += 1
-                        continue
-                    if outcome is None or item is None or key in seen:
-                        broken += outcome is None
-                        continue  # a cut-off line is not done; a second line for a key is not paid twice
-                    seen.add(item.item_id)
-                    await self._saving.acquire()
-                    tg.start_soon(self._released, record(item, outcome))
-        finally:
-            reader.close()
-            path.unlink(missing_ok=True)
-        missing = [item for i, item in items.items() if i not in seen]
-        await self.session.sink.commit_now(records)  # in the manifest before the ledger says collected
-        if unsaved:  # not collected: the next run downloads the results again and saves what is missing
-            self.log(
-                f"batch {info.name}: {plural(unsaved, 'answer')} could not be saved; its results stay on the server"
-            )
-            return
-        for item, rec in finished:
-            self.feed.finished(item, rec)  # an ok parent's children are planned now
-        spent = sum(r["cost_usd"] for r in records)
-        images = max((1 + len(r.get("extra_images", [])) for r in records if r["status"] == "ok"), default=0)
-        self.session.budget.settle(batch.entry.reserved_usd, spent, images)
-        ok = sum(r["status"] == "ok" for r in records)
-        self._event("collected", batch.entry.id, state=info.state, ok=ok, failed=len(records) - ok,
-                    returned=len(retry) + len(missing))  # fmt: skip
-        if missing or broken or unknown:
-            self.log(f"batch {info.name}: {len(missing)} items had no whole line ({broken} cut off), "
-                     f"{unknown} lines for keys it never held: the missing go back to the to-do list")  # fmt: skip
-        await self._back(
-            missing, Failure("invalid_response", None, f"no whole line for it in the results of {info.name}")
-        )
-        for item, failure in retry:
-            await self._back([item], failure)
-        await self._delete_files(batch.entry.file, info.results_file)
-        self._event("cleaned", batch.entry.id)
-        self._close(batch)  # last: the run may end once nothing is open, so this batch's work is finished first
-
-    async def _released(self, work: Awaitable[None]) -> None:
-        try:
-            await work
-        finally:
-            self._saving.release()
-
-    async def _record(self, item: Item, outcome: Outcome, batch_name: str, latency: float) -> Record | None:
-        """The record of one answer, or None when it is to be tried again in a new batch."""
-        tries = 1 + self.tries[item.item_id]
-        retried = self.retried.setdefault(item.item_id, Counter())
-        if isinstance(outcome, Failure):
-            if (
-                outcome.action is Action.RETRY
-                and self.wait
-                and tries < self.max_attempts
-                and not self.session.is_stopping
-            ):
-                return None  # _back puts it in a new batch
-            if outcome.action is Action.ABORT:
-                self.session.stop(
-                    f"{outcome.kind}: {outcome.message} ({POLICY[outcome.kind].what})",
-                    "abort",
-                    True,
-                    failure=outcome.kind,
-                )
-        images = len(outcome.images) if isinstance(outcome, Success) else 0
-        cost = self.prices.item(item) * images
-        finished = Finished(item, outcome, tries, latency, latency, cost, retried, batch=batch_name)
-        self.stats.requests += 1
-        return await self.session.sink.save(self.session.writer.record, finished)
-
-    async def _back(self, items: Iterable[Item], failure: Failure) -> None:
-        """Items that are not done return to the to-do list: submitted again by this run while it
-        waits and their attempts last; else recorded as failed with `failure` (retryable kinds: the
-        next run submits them again)."""
-        records = []
-        for item in items:
-            self.tries[item.item_id] += 1
-            if self.wait and self.tries[item.item_id] < self.max_attempts and not self.session.is_stopping:
-                self.retried.setdefault(item.item_id, Counter())[failure.kind] += 1
-                self.stats.retries += 1
-                self.stats.retries_by_kind[failure.kind] += 1
-                self.requeue.append(item)
-                continue
-            finished = Finished(item, failure, self.tries[item.item_id], 0.0, 0.0, 0.0,
-                                self.retried.get(item.item_id, Counter()))  # fmt: skip
-            records.append(await self.session.sink.save(self.session.writer.record, finished))
-            self.feed.finished(item, records[-1])
-        if records:
-            await self.session.sink.commit_now(records)
-        self._wake()
-
-    def _end(self, batch: _Batch, how: str, **fields: Any) -> None:
-        self._event(how, batch.entry.id, **fields)
-        self._close(batch)
-
-    def _close(self, batch: _Batch) -> None:
-        self.open.pop(batch.entry.id, None)
-        self._wake()
-
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()  # the next wait waits for the next change
-
-    async def _delete_files(self, *names: str | None) -> None:
-        for name in names:
-            if not name:
-                continue
-            try:
-                await self.api.delete_file(name)
-            except (Unknown, ApiError) as e:
-                self.log(f"could not delete {name} from the Files API ({_why(e)}); it expires in 48 h")
-
-    def _event(self, kind: str, batch_id: str, **fields: Any) -> None:
-        self.store.append_ledger({"event": kind, "id": batch_id, **fields, "at": _now()})
 
     def _say_open(self) -> None:
         self.stats.open_batches = len(self.open)
@@ -643,14 +368,6 @@ class BatchBackend:
                     f"{len(self.open)} batches stay open on the server ({names}{more}): a later run collects them"
                 )
             )
-
-
-def _why(e: Exception) -> str:
-    return e.failure.message if isinstance(e, ApiError) else str(e)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def _epoch(stamp: Any) -> float:

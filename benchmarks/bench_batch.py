@@ -10,8 +10,8 @@ read from the kernel when it exits), against one `runner mock-server --flavor ge
 - interactive: the same job with `mode: interactive` (generateContent at zero latency, 64 in
   flight): what the batch runs are compared with, for memory.
 
-    python benchmarks/bench_batch.py            # 100,000 items (~15 minutes)
-    python benchmarks/bench_batch.py --quick    # 10,000 items (~2 minutes)
+    python benchmarks/bench_batch.py            # 100,000 items (~4 minutes on 2 cores)
+    python benchmarks/bench_batch.py --quick    # 10,000 items (~40 s)
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     n = 10_000 if args.quick else args.items
     d = scratch("batch")
-    print(f"bench_batch: {machine()}; {n:,} items, 100 a batch; {load_average()}")
+    print(f"bench_batch: {machine()}; {n:,} items, 100 a batch")
     mock, base = start_mock(d / "mock-state", latency_s=2.0)
     rows = []
     try:

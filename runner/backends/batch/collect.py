@@ -258,7 +258,6 @@ class Collecting:
     async def _record(self, item: Item, outcome: Outcome, batch_name: str, latency: float) -> Record | None:
         """The record of one answer, or None when it is to be tried again in a new batch."""
         tries = 1 + self.tries[item.item_id]
-        retried = self.retried.setdefault(item.item_id, Counter())
         if isinstance(outcome, Failure):
             if (
                 outcome.action is Action.RETRY
@@ -274,6 +273,9 @@ class Collecting:
                     True,
                     failure=outcome.kind,
                 )
+        # Done with this item: its counts go (a 100,000-item job keeps none of them past its line).
+        self.tries.pop(item.item_id, None)
+        retried = self.retried.pop(item.item_id, Counter())
         images = len(outcome.images) if isinstance(outcome, Success) else 0
         cost = self.prices.item(item) * images
         finished = Finished(item, outcome, tries, latency, latency, cost, retried, batch=batch_name)
@@ -293,8 +295,8 @@ class Collecting:
                 self.stats.retries_by_kind[failure.kind] += 1
                 self.requeue.append(item)
                 continue
-            finished = Finished(item, failure, self.tries[item.item_id], 0.0, 0.0, 0.0,
-                                self.retried.get(item.item_id, Counter()))  # fmt: skip
+            finished = Finished(item, failure, self.tries.pop(item.item_id), 0.0, 0.0, 0.0,
+                                self.retried.pop(item.item_id, Counter()))  # fmt: skip
             records.append(await self.session.sink.save(self.session.writer.record, finished))
             self.feed.finished(item, records[-1])
         if records:

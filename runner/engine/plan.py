@@ -44,6 +44,8 @@ class Plan:
     input_cost: float = 0.0
     lines: dict[tuple[str, str], Line] = field(default_factory=dict)
     on_disk: int = 0  # items with image files on disk but no ok line (a kill between the two); set by the run
+    job_items: int = 0  # items of the whole spec (every shard's): what `report` expects
+    shard_items: list[int] = field(default_factory=list)  # with a shard: the items of each shard K of N
 
     @property
     def remaining(self) -> int:
@@ -61,8 +63,13 @@ def make_plan(
     shard: Shard | None = None,
     retry_failed: bool = False,
 ) -> Plan:
-    plan = Plan()
-    for key, fields in iter_keyed(spec, shard):
+    plan = Plan(shard_items=[0] * shard.count if shard else [])
+    for key, fields in iter_keyed(spec):  # every item, to count the whole job; the shard's are planned
+        plan.job_items += 1
+        if shard is not None:
+            plan.shard_items[key % shard.count] += 1
+            if not shard.owns(key):
+                continue
         model, inputs = fields.model, fields.inputs
         size = effective_size(model, fields.config.image_size)
         line = plan.lines.get((model, size))

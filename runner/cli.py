@@ -182,7 +182,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import report
     from .report.summary import format_quality, format_text
 
-    summary = report(args.out, near_threshold=args.near_threshold, html=args.html)
+    summary = report(args.out, near_threshold=args.near_threshold, html=args.html, images=not args.no_quality)
     if "gallery" in summary:
         _say(f"gallery: {summary['gallery']['path']} ({summary['gallery']['images']} images)")
     if args.json:

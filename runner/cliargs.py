@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--json", action="store_true", help="print one JSON object")
     rep.add_argument("--html", metavar="FILE", help="also write a self-contained HTML gallery to FILE")
     rep.add_argument(
+        "--no-quality",
+        action="store_true",
+        help="counts only: do not read the images (no near duplicates or single-colour check; byte "
+        "duplicates and shapes still come from the manifest). Fast on a big s3:// output dir",
+    )
+    rep.add_argument(
         "--near-threshold",
         type=int,
         default=4,

@@ -14,9 +14,17 @@ from ..quality import DEFAULT_NEAR_THRESHOLD
 from .summary import Summary
 
 
-def report(out: str | Path, *, near_threshold: int = DEFAULT_NEAR_THRESHOLD, html: str | Path | None = None) -> Summary:
+def report(
+    out: str | Path,
+    *,
+    near_threshold: int = DEFAULT_NEAR_THRESHOLD,
+    html: str | Path | None = None,
+    images: bool = True,
+) -> Summary:
     """Summarise an output dir (local or an fsspec URL) from its manifests, with the quality of its
     images; with `html`, also write the gallery there (`gallery`: its path and how many images).
+    `images=False` skips the pass that reads every image (near duplicates, single-colour images):
+    counts, byte duplicates and shapes come from the manifests alone.
     Raises UsageError for a dir that is not an output dir, a bad threshold, or --html on a remote dir."""
     from ..quality import analyze
     from .summary import read_manifests, summarize
@@ -28,7 +36,11 @@ def report(out: str | Path, *, near_threshold: int = DEFAULT_NEAR_THRESHOLD, htm
         summary = summarize(manifests)
         try:
             quality = analyze(
-                manifests.latest.values(), view.source, near_threshold=near_threshold, cache_path=view.quality_cache()
+                manifests.latest.values(),
+                view.source,
+                near_threshold=near_threshold,
+                cache_path=view.quality_cache() if images else None,
+                images=images,
             )
         except ValueError as e:
             raise UsageError(f"--near-threshold: {e}") from None

@@ -12,7 +12,7 @@ from typing import Any, NotRequired, TypedDict
 
 from ..errors import UsageError
 from ..output import View
-from ..output.manifest import iter_records
+from ..output.manifest import manifest_paths, read_records, shard_of
 from ..pricing import money, usd
 from ..record import Record, size_of, supersedes
 from ..safety import printable
@@ -32,6 +32,27 @@ class ModelLine(TypedDict):
     ok: int
     failed: int
     cost_usd: NotRequired[float]
+
+
+class ShardRow(TypedDict):
+    shard: str  # K/N
+    expected: int | None  # the items of this shard in the spec the dir last ran (spec.json)
+    items: int  # items of this shard with a record
+    ok: int
+    failed: int
+    cost_usd: float  # every line of its items (what was paid for them)
+    last_activity: str | None  # its items' latest line
+    running: bool | None  # a live lease (remote) or a held lock (local, this machine); None: cannot tell
+    holder: str
+
+
+class Shards(TypedDict):
+    """The shards of the job's N (the latest sharded run's), one row per K: which array tasks to rerun."""
+
+    count: int
+    rows: list[ShardRow]
+    running: int  # shards of this N running now
+    others_running: list[str]  # runners of another N, or unsharded, running now
 
 
 class Summary(TypedDict):
@@ -66,6 +87,8 @@ class Summary(TypedDict):
     vars: dict[str, dict[str, int]]
     inputs: dict[str, int]
     distinct_inputs: int
+    generated_more_than_once: int  # items with two or more paid images (two runners of one shard, or a redo)
+    shards: Shards | None
     # runner.quality.analyze
     duplicates: NotRequired[list[list[str]]]
     near_duplicates: NotRequired[list[list[str]] | None]
@@ -117,6 +140,12 @@ def _when(value: Any) -> datetime | None:
 
 
 @dataclass
+class ShardAcc:
+    cost: float = 0.0
+    last: datetime | None = None
+
+
+@dataclass
 class Manifests:
     """One pass over every manifest line of an output dir: the record that counts per item
     (record.supersedes), and what every line adds (cost, attempts, retries: each line stands for
@@ -133,13 +162,28 @@ class Manifests:
     runs: dict[str, list[float]] = field(default_factory=dict)  # run_id -> [first start, last end] (epoch s)
     first: datetime | None = None
     last: datetime | None = None
+    shard_count: int | None = None  # the N whose shards the report shows
+    by_shard: dict[int, ShardAcc] = field(default_factory=dict)
+    paid_once: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # item -> its first paid ok line
+    paid_again: set[str] = field(default_factory=set)  # items with another paid ok line
+
+
+def _shard_count(view: View, paths: list[Path]) -> int | None:
+    """The job's N: the one the dir last ran with (spec.json), else the largest its manifests name."""
+    recorded = view.snapshot().get("shards")
+    if isinstance(recorded, int) and recorded > 0:
+        return recorded
+    counts = [found[1] for p in paths if (found := shard_of(p)) is not None]
+    return max(counts, default=None)
 
 
 def read_manifests(view: View) -> Manifests:
     require_manifest(view)
     m = Manifests(view)
     bad: list[int] = []
-    for rec in iter_records(view.path, bad):
+    paths = manifest_paths(view.path)
+    m.shard_count = count = _shard_count(view, paths)
+    for rec in (rec for path in paths for rec in read_records(path, bad)):
         m.lines += 1
         old = m.latest.get(rec["item_id"])
         if old is None or supersedes(rec["status"], old["status"], functools.partial(view.source.intact, old)):
@@ -155,7 +199,17 @@ def read_manifests(view: View) -> Manifests:
         unexplained = attempts - 1 - sum(retried.values())
         if unexplained > 0:  # lines of older versions say how many retries, not why
             m.retries_by_kind["unknown"] += unexplained
+        if rec["status"] == "ok" and attempts:  # an image paid for here (a recovered line bought nothing)
+            line_id = (rec.get("run_id"), rec.get("finished_at"))
+            first = m.paid_once.setdefault(rec["item_id"], line_id)
+            if first != line_id:
+                m.paid_again.add(rec["item_id"])
         stamp = _when(rec.get("finished_at"))
+        if count:
+            acc = m.by_shard.setdefault(int(rec["item_id"], 16) % count, ShardAcc())
+            acc.cost += spent
+            if stamp is not None and (acc.last is None or stamp > acc.last):
+                acc.last = stamp
         if stamp is not None:
             m.first = stamp if m.first is None or stamp < m.first else m.first
             m.last = stamp if m.last is None or stamp > m.last else m.last
@@ -165,6 +219,39 @@ def read_manifests(view: View) -> Manifests:
             span[0], span[1] = min(span[0], start), max(span[1], end)
     m.damaged = len(bad)
     return m
+
+
+def shard_table(m: Manifests) -> Shards | None:
+    """Every shard of the job's N: its items, ok, failed, spend, last activity, and whether it runs now."""
+    count = m.shard_count
+    if not count:
+        return None
+    spec = m.view.snapshot()
+    expected = spec.get("shard_items") if spec.get("shards") == count else None
+    if not (isinstance(expected, list) and len(expected) == count and all(isinstance(n, int) for n in expected)):
+        expected = None
+    ok, failed = [0] * count, [0] * count
+    for item_id, rec in m.latest.items():
+        k = int(item_id, 16) % count
+        (ok if rec["status"] == "ok" else failed)[k] += 1
+    running = m.view.running()
+    rows: list[ShardRow] = []
+    for k in range(count):
+        acc = m.by_shard.get(k, ShardAcc())
+        lease = running.get(f"shard-{k}-of-{count}") or {}
+        rows.append({
+            "shard": f"{k}/{count}", "expected": expected[k] if expected else None, "items": ok[k] + failed[k],
+            "ok": ok[k], "failed": failed[k], "cost_usd": money(acc.cost),
+            "last_activity": acc.last.isoformat() if acc.last else None,
+            "running": lease.get("running") if lease else (False if running or m.view.remote else None),
+            "holder": str(lease.get("holder") or "") if lease.get("running") else "",
+        })  # fmt: skip
+    others = sorted(
+        ("unsharded" if key == "all" else key.removeprefix("shard-").replace("-of-", "/"))
+        for key, lease in running.items()
+        if lease.get("running") and not key.endswith(f"-of-{count}")
+    )
+    return {"count": count, "rows": rows, "running": sum(1 for r in rows if r["running"]), "others_running": others}
 
 
 def _busy_seconds(spans: list[list[float]]) -> float:
@@ -255,6 +342,8 @@ def summarize(m: Manifests) -> Summary:
         "vars": {name: dict(counts.most_common()) for name, counts in sorted(var_counts.items())},
         "inputs": dict(inputs.most_common(MAX_INPUTS_SHOWN)),
         "distinct_inputs": len(inputs),
+        "generated_more_than_once": len(m.paid_again),
+        "shards": shard_table(m),
     }
 
 
@@ -280,6 +369,12 @@ def format_text(summary: Summary) -> str:
         rows.append(("retried", ", ".join(f"{k} {n}" for k, n in summary["retries_by_kind"].items())))
     if summary.get("throughput_per_hour") is not None:
         rows.append(("throughput", f"{summary['throughput_per_hour']:,.1f} images/hour in flight"))
+    if summary.get("generated_more_than_once"):
+        rows.append((
+            "paid twice",
+            f"{summary['generated_more_than_once']} items generated more than once (two runners of one shard at "
+            "once, or an image lost and made again)",
+        ))  # fmt: skip
     rows.append(("runs", str(summary["runs"])))
     if summary.get("bad_lines"):
         rows.append(("bad lines", f"{summary['bad_lines']} unreadable manifest line(s) skipped (damaged or cut off)"))
@@ -288,6 +383,7 @@ def format_text(summary: Summary) -> str:
     title += " (images made by the built-in mock)" if summary.get("made_by_mock") else ""
     text = [title] + [f"  {k.ljust(width)}  {v}" for k, v in rows]
 
+    text += _shard_lines(summary)
     by_model = summary.get("by_model") or []
     if by_model:
         table = [("model", "size", "ok", "failed", "cost")]
@@ -319,6 +415,39 @@ def format_text(summary: Summary) -> str:
     return printable("\n".join(text))
 
 
+def _ago(stamp: str | None, now: datetime) -> str:
+    when = _when(stamp)
+    if when is None:
+        return "-"
+    seconds = max(0.0, (now - when).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return f"{seconds:.0f} s ago"
+
+
+def _shard_lines(summary: Summary) -> list[str]:
+    shards = summary.get("shards")
+    if not shards:
+        return []
+    now = datetime.now().astimezone()
+    head = f"shards: {shards['count']} (--shard K/{shards['count']}), {shards['running']} running now"
+    if shards["others_running"]:
+        head += f"; also running: {', '.join(shards['others_running'])}"
+    table = [("shard", "ok", "of", "failed", "cost", "last activity", "running")]
+    for r in shards["rows"]:
+        running = {True: "yes " + r["holder"], False: "no", None: "?"}[r["running"]].strip()
+        expected = "-" if r["expected"] is None else str(r["expected"])
+        table.append((r["shard"], str(r["ok"]), expected, str(r["failed"]), usd(r["cost_usd"]),
+                      _ago(r["last_activity"], now), running))  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = ["", head]
+    for row in table:
+        cells = [c.ljust(w) if i in (0, 5, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  " + "  ".join(cells).rstrip())
+    return lines
+
+
 def format_quality(summary: Summary) -> str:
     """The quality part of the report (runner.quality.analyze's keys) as text."""
 
@@ -340,7 +469,7 @@ def format_quality(summary: Summary) -> str:
         groups = f"{len(near)} groups ({sum(map(len, near))} items)" if near else "none"
         text.append(f"  near duplicates: {groups} ({summary.get('near_duplicates_note', '')})")
     for found, what in ((summary.get("size_mismatches"), "not the aspect ratio asked for (beyond 2%)"),
-                        (summary.get("size_off"), "far from the size asked for (the built-in mock makes them 1/8 size)"),
+                        (summary.get("size_off"), "far from the size asked for (under half or over twice the model's)"),
                         (summary.get("uniform"), "a single colour"), (summary.get("unreadable"), "unreadable")):  # fmt: skip
         if found:
             text.append(f"  {what}: {len(found)}, e.g. {ids(found)}")

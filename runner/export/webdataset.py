@@ -33,7 +33,7 @@ from ..output.files import atomic_file
 from ..output.source import ImageSource
 from ..record import Record, images_of
 from ..report.summary import Summary
-from .common import ExportResult, Filters, extension, local_inputs, require_records, select, size_of
+from .common import ExportResult, Filters, extension, local_inputs, require_records, select
 from .schema import Shape, leading, present
 
 INFERENCE_SAMPLES = 5  # datasets' WebDataset.NUM_EXAMPLES_FOR_FEATURES_INFERENCE
@@ -79,7 +79,7 @@ def document(rec: Record, var_names: list[str]) -> dict[str, Any]:
         "model": rec.get("model"),
         "image_config": {
             "aspect_ratio": config.get("aspect_ratio"),
-            "image_size": None if size_of(rec) == "?" else size_of(rec),
+            "image_size": config.get("image_size"),  # as sent: null when none was
         },
         "repeat": rec.get("repeat"),
         "width": rec.get("width"),

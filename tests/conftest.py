@@ -62,7 +62,7 @@ class S3Requests:
     seen: list[tuple[str, str]] = field(default_factory=list)
 
     def emit(self, record: logging.LogRecord) -> None:
-        m = re.search(r'"([A-Z]+) (\S+) HTTP', record.getMessage())
+        m = re.search(r'"(?:\x1b\[[\d;]*m)*([A-Z]+) (\S+) HTTP', record.getMessage())
         if m:
             self.seen.append((m.group(1), m.group(2)))
 

@@ -78,7 +78,7 @@ class Clock:
 def test_two_runners_of_one_shard_on_s3_one_refuses(tmp_path: Path, gateway: StartGateway, s3: Any) -> None:
     gw = gateway(latency_s=1.0)
     url = f"s3://{BUCKET}/one"
-    path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(16)], output_dir=url, concurrency=1)
+    path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(24)], output_dir=url, concurrency=1)
     first = start_runner("run", str(path), "--no-progress", "--shard", "1/2")
     wait_for(lambda: gw.stats()["in_flight"] > 0)  # it holds the lease: it is sending
     second = run_cli("run", str(path), "--no-progress", "--shard", "1/2")
@@ -90,7 +90,7 @@ def test_two_runners_of_one_shard_on_s3_one_refuses(tmp_path: Path, gateway: Sta
     assert first.returncode == 130, err
     paid = gw.stats()["generations"]
     # it released its lease when it ended: the same shard goes on at once, and buys each item once
-    assert run_cli("run", str(path), "--no-progress", "--shard", "1/2").returncode == 0
+    assert run_cli("run", str(path), "--no-progress", "--shard", "1/2", "--concurrency", "16").returncode == 0
     shard_items = json.loads(run_cli("estimate", str(path), "--json", "--shard", "1/2").stdout)["items"]
     assert 0 < paid < shard_items and gw.stats()["generations"] == shard_items
     assert set(gw.stats()["by_prompt"].values()) == {1}
@@ -114,7 +114,7 @@ def test_shards_of_two_n_at_once_on_s3_one_refuses(tmp_path: Path, gateway: Star
     assert first.returncode == 130, err
     # once nothing of N=2 runs, another N may go on: what 0/2 bought is not bought again
     for k in range(4):
-        assert run_cli("run", str(path), "--no-progress", "--shard", f"{k}/4").returncode == 0
+        assert run_cli("run", str(path), "--no-progress", "--shard", f"{k}/4", "--concurrency", "8").returncode == 0
     assert gw.stats()["generations"] == 12 and set(gw.stats()["by_prompt"].values()) == {1}
 
 
@@ -167,7 +167,7 @@ def test_a_lease_lapses_unless_renewed_and_a_stalled_holder_stops(s3: Any) -> No
 
 
 def test_the_run_renews_its_lease_while_it_lives(tmp_path: Path, gateway: StartGateway, s3: Any) -> None:
-    gw = gateway(latency_s=0.2)
+    gw = gateway(latency_s=0.5)
     url = f"s3://{BUCKET}/renew"
     path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(4)], output_dir=url, concurrency=1)
     key = f"{BUCKET}/renew/.leases/all.000001.json"
@@ -353,7 +353,9 @@ def test_the_report_shows_every_shard_and_the_jobs_total(tmp_path: Path, mock: M
     n = 12
     path = write_spec(tmp_path, mock.base_url, prompts=[f"p{i}" for i in range(n)], output_dir=url)
     assert run_cli("run", str(path), "--no-progress", "--shard", "0/3").returncode == 0
-    expected = [json.loads(run_cli("estimate", str(path), "--json", "--shard", f"{k}/3").stdout)["items"] for k in range(3)]
+    expected = [
+        json.loads(run_cli("estimate", str(path), "--json", "--shard", f"{k}/3").stdout)["items"] for k in range(3)
+    ]
     running = RemoteStore(url, (2, 3))
     running.open()  # shard 2/3 is running now (it holds its lease)
     try:

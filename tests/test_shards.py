@@ -102,9 +102,14 @@ def test_a_shard_counts_its_own_orphans_says_its_budget_and_the_report_shows_eve
     report = json.loads(run_cli("report", str(out), "--json", "--no-quality").stdout)
     assert report["spec_items"] == 12 and report["shards"]["count"] == 2
     rows = report["shards"]["rows"]
-    assert [(r["shard"], r["expected"], r["ok"]) for r in rows] == [("0/2", len(mine), len(mine)), ("1/2", len(theirs), 0)]
+    assert [(r["shard"], r["expected"], r["ok"]) for r in rows] == [
+        ("0/2", len(mine), len(mine)),
+        ("1/2", len(theirs), 0),
+    ]
     assert [r["running"] for r in rows] == [False, False]
     text = run_cli("report", str(out), "--no-quality").stdout
-    assert f"{len(theirs)} of the 12 in the spec not yet run" in text and "shards: 2 (--shard K/2), 0 running now" in text
+    assert (
+        f"{len(theirs)} of the 12 in the spec not yet run" in text and "shards: 2 (--shard K/2), 0 running now" in text
+    )
     # the size check blames no one in particular (this run used a gateway)
     assert "mock" not in format_quality({"size_off": ["x"]})  # type: ignore[typeddict-item]

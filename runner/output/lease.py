@@ -104,9 +104,7 @@ def gone_here(body: dict[str, Any]) -> bool:
 
 def is_live(body: dict[str, Any], now: float) -> bool:
     expires = body.get("expires")
-    return (
-        not body.get("released") and isinstance(expires, (int, float)) and expires > now and not gone_here(body)
-    )
+    return not body.get("released") and isinstance(expires, (int, float)) and expires > now and not gone_here(body)
 
 
 def when(epoch: Any) -> str:

@@ -61,7 +61,8 @@ class RunParts:
 
     def covered(self) -> list[str]:
         """Objects whose lines a newer merged object holds (left by a merge that was cut short)."""
-        return [n for u, n in self.merged.items() if u < self.upto] + [n for s, n in self.parts.items() if s <= self.upto]
+        older = [name for upto, name in self.merged.items() if upto < self.upto]
+        return older + [name for seq, name in self.parts.items() if seq <= self.upto]
 
     def needs_merge(self) -> bool:
         return len(self.readable()) > 1 or bool(self.covered())

@@ -385,3 +385,26 @@ def test_the_report_counts_items_generated_more_than_once(tmp_path: Path) -> Non
     rep = report(out, images=False)
     assert rep["generated_more_than_once"] == 1  # item 0: two paid ok lines; item 2's second line is the same line
     assert rep["shards"] is not None and rep["shards"]["count"] == 2
+
+
+def test_the_batch_ledgers_parts_are_merged_like_the_manifests(s3: Any) -> None:
+    """The ledger (output/ledger.py) writes an object per event; the run's end merges them, and a
+    reader folds each event once."""
+    from runner.output import open_view
+
+    url = f"s3://{BUCKET}/ledger"
+    items = ["0123456789abcdef0123", "fedcba9876543210fedc"]
+    store = RemoteStore(url, (1, 2))
+    store.open()
+    store.append_ledger({"event": "prepare", "id": "b1", "display_name": "runner-b1", "model": "nanobanana",
+                         "model_id": "gemini-2.5-flash-image", "items": items, "reserved_usd": 0.04, "at": "x"})  # fmt: skip
+    store.append_ledger({"event": "created", "id": "b1", "name": "batches/123"})
+    store.append_ledger({"event": "state", "id": "b1", "state": "JOB_STATE_RUNNING", "stats": {}})
+    assert sum(n.startswith("batches.shard-1-of-2.part-") for n in names(s3, "ledger")) == 3
+    store.close()
+    ledgers = [n for n in names(s3, "ledger") if n.startswith("batches")]
+    assert len(ledgers) == 1 and ".upto-000003." in ledgers[0]
+    with open_view(url) as view:
+        ledger = view.ledger()
+        assert [b.name for b in ledger.open_batches()] == ["batches/123"] and ledger.damaged == 0
+        assert view.scan().in_batch == {int(i, 16) for i in items}

@@ -216,9 +216,9 @@ def test_parts_a_reader_reads_each_line_once_at_every_moment_of_a_merge() -> Non
 def test_a_kill_in_the_middle_of_a_group_commit_loses_nothing_and_pays_nothing_twice(
     tmp_path: Path, gateway: StartGateway, s3: Any
 ) -> None:
-    gw = gateway(latency_s=0.05)
+    gw = gateway(latency_s=0.1)
     url = f"s3://{BUCKET}/kill"
-    n = 24
+    n = 40
     path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(n)], output_dir=url, concurrency=2)
     proc = start_runner("run", str(path), "--no-progress", patch="remote.COMMIT_S = 0.3")
 
@@ -242,12 +242,14 @@ def test_a_kill_in_the_middle_of_a_group_commit_loses_nothing_and_pays_nothing_t
     proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     killed_parts = manifests(s3, "kill")
+    # (a part or an image the server was still taking in at SIGSTOP is counted now)
     committed, saved, paid_before = lines_committed(), images(), gw.stats()["generations"]
-    assert committed < saved < n
+    assert 0 < committed <= saved < n
 
     rerun = run_cli("run", str(path), "--no-progress")  # the same machine: its dead holder's lease is no obstacle
     assert rerun.returncode == 0, rerun.stderr
-    assert f"{saved - committed} with image files on disk but no record" in rerun.stderr
+    if saved > committed:  # all but always: lines waited in the group when the kill came
+        assert f"{saved - committed} with image files on disk but no record" in rerun.stderr
     # every saved image is recorded from the store, not bought again (answers in flight at the kill
     # were never saved: those, and only those, are bought again)
     assert gw.stats()["generations"] - paid_before == n - saved
@@ -303,12 +305,13 @@ def test_a_merge_cut_short_by_a_kill_reads_right_and_is_finished_by_the_next_sta
 
 
 def test_a_finished_sharded_job_leaves_few_objects_and_a_no_op_start_reads_only_those(
-    tmp_path: Path, mock: MockGateway, s3: Any, s3_requests: S3Requests, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, gateway: StartGateway, s3: Any, s3_requests: S3Requests, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(remote_mod, "COMMIT_S", 0.0)  # a part per commit of the sink: many parts to merge
+    mock = gateway(latency_s=0.1)  # one item at a time, each in a commit of its own
     url = f"s3://{BUCKET}/noop"
-    n = 20
-    path = write_spec(tmp_path, mock.base_url, prompts=[f"p{i}" for i in range(n)], output_dir=url, concurrency=2)
+    n = 10
+    path = write_spec(tmp_path, mock.base_url, prompts=[f"p{i}" for i in range(n)], output_dir=url, concurrency=1)
     for k in range(2):
         proc = run_cli("run", str(path), "--no-progress", "--shard", f"{k}/2")
         assert proc.returncode == 0, proc.stderr

@@ -196,9 +196,15 @@ def _size(n: int) -> str:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import report
-    from .report.summary import format_quality, format_text
+    from .report.text import format_quality, format_text
 
-    summary = report(args.out, near_threshold=args.near_threshold, html=args.html, all_records=args.all_records)
+    summary = report(
+        args.out,
+        near_threshold=args.near_threshold,
+        html=args.html,
+        all_records=args.all_records,
+        images=not args.no_quality,
+    )
     if "gallery" in summary:
         _say(f"gallery: {summary['gallery']['path']} ({summary['gallery']['images']} images)")
     if args.json:

@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="count every record, also of items the output dir's spec no longer asks for (default: the spec's items)",
     )
     rep.add_argument(
+        "--no-quality",
+        action="store_true",
+        help="counts only: do not read the images (no near duplicates or single-colour check; byte "
+        "duplicates and shapes still come from the manifest). Fast on a big s3:// output dir",
+    )
+    rep.add_argument(
         "--near-threshold",
         type=int,
         default=4,

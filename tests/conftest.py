@@ -6,12 +6,16 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
+import re
 import struct
 import subprocess
 import sys
+import urllib.request
 import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +52,77 @@ def gateway() -> Iterator[Callable[..., MockGateway]]:
 @pytest.fixture
 def mock(gateway: Callable[..., MockGateway]) -> MockGateway:
     return gateway()
+
+
+BUCKET = "runner-test"
+
+
+@dataclass
+class S3Requests:
+    """The requests a moto server on loopback received (from its werkzeug log), as (method, path?query)."""
+
+    seen: list[tuple[str, str]] = field(default_factory=list)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        m = re.search(r'"(?:\x1b\[[\d;]*m)*([A-Z]+) (\S+) HTTP', record.getMessage())
+        if m:
+            self.seen.append((m.group(1), m.group(2)))
+
+    def gets(self, contains: str = "") -> list[str]:
+        """Object reads (GET of a key, not a listing)."""
+        return [p for method, p in self.seen if method == "GET" and "list-type" not in p and contains in p]
+
+    def lists(self) -> list[str]:
+        return [p for method, p in self.seen if method == "GET" and "list-type" in p]
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A real S3-compatible server (moto) on a loopback port with an empty bucket BUCKET; the
+    environment points the CLI (and its subprocesses) at it. Yields an s3fs filesystem."""
+    pytest.importorskip("s3fs", reason="the s3 extra is not installed")
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    # moto keeps its state per process: an earlier test's bucket would still be there
+    urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+        urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST", data=b""), timeout=10
+    ).close()
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)  # the CLI subprocesses inherit these
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing", use_listings_cache=False)
+    fs.mkdir(BUCKET)
+    try:
+        yield fs
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_requests(s3: Any) -> Iterator[S3Requests]:
+    """What the moto server of `s3` is asked, from now on (its werkzeug request log)."""
+    seen = S3Requests()
+    handler = logging.Handler()
+    handler.emit = seen.emit  # type: ignore[method-assign]
+    logger = logging.getLogger("werkzeug")
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
 
 
 def write_spec(directory: Path, base_url: str = "http://127.0.0.1:9/v1", **fields: Any) -> Path:

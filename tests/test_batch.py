@@ -131,6 +131,29 @@ def test_a_batch_that_ends_without_results_gives_its_items_back(
     assert all(n == 1 for n in google(gw)["paid_keys"].values())
 
 
+def test_images_saved_but_never_recorded_are_recorded_from_disk_not_bought_again(
+    tmp_path: Path, gateway: StartGateway
+) -> None:
+    """A kill between a batch's images and its lines, after the results are gone from the server:
+    the next run records the items from their image files and submits none of them."""
+    gw = gateway(**FAST)
+    path = batch_spec(tmp_path, gw.base_url, max_requests=4)
+    out = tmp_path / "out"
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    first = latest(out)
+    lines = (out / "manifest.jsonl").read_text().splitlines(keepends=True)
+    (out / "manifest.jsonl").write_text("".join(lines[:3]))  # 4 of 7 lines lost; their images stay
+    before = google(gw)
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "4 with image files on disk but no record" in proc.stderr
+    after = google(gw)
+    assert after["batches_created"] == before["batches_created"] and after["uploads"] == before["uploads"]
+    recs = latest(out)
+    assert sorted(recs) == sorted(first) and sum(bool(r.get("recovered")) for r in recs.values()) == 4
+    assert all(recs[i]["sha256"] == first[i]["sha256"] for i in recs)
+
+
 def test_a_full_quota_is_a_rolling_window(tmp_path: Path, gateway: StartGateway) -> None:
     gw = gateway(**FAST, batch_max_open=1)
     path = batch_spec(tmp_path, gw.base_url, prompts=[f"tern {i}" for i in range(8)], max_requests=2)

@@ -117,6 +117,13 @@ def test_a_failed_parent_blocks_its_children_and_a_rerun_that_fixes_it_runs_them
     assert proc.returncode == 1
     recs = latest(tmp_path / "out")
     assert [r["prompt_id"] for r in recs.values()] == ["base"]  # the edits were never sent
+    report = json.loads(run_cli("report", str(tmp_path / "out"), "--json").stdout)
+    assert report["chains"]["failed_parents"] == 1
+    assert [(s["prompt_id"], s["parent"], s["ok"]) for s in report["chains"]["steps"]] == [
+        ("base", None, 0),
+        ("room", "base", 0),
+    ]
+    assert "1 parent failed: their edits are not sent" in run_cli("report", str(tmp_path / "out")).stdout
     est = json.loads(run_cli("estimate", str(path), "--json").stdout)
     assert est["items"] == 3 and any(
         "2 of them are under parents that failed permanently" in w for w in est["warnings"]

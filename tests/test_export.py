@@ -98,7 +98,7 @@ def test_imagefolder_rows_files_and_skips(outdir: OutDir, tmp_path: Path) -> Non
     assert rows[8] == {
         "file_name": f"images/{item_id(9)[:2]}/{item_id(9)}.png",
         "item_id": item_id(9), "prompt_id": "p0", "prompt": "prompt number 9", "model": "nanobanana_pro",
-        "aspect_ratio": "1:1", "image_size": "1K", "repeat": 1, "width": 128, "height": 128,
+        "aspect_ratio": "1:1", "image_size": None, "repeat": 1, "width": 128, "height": 128,
         "var_prompt": "clash", "var_source_file_name_value": "x.png", "style": None, "subject": "cat",
         "params": '{"seed": 1243}', "input_images_file_names": [style], "input_urls": [],
     }  # fmt: skip
@@ -225,7 +225,7 @@ def test_webdataset_shards_samples_and_order(outdir: OutDir, tmp_path: Path) -> 
     assert doc["vars"] == {"prompt": "clash", "source_file_name": "x.png", "style": None, "subject": "cat"}
     assert doc["params"] == {"seed": 1243, "temperature": None}
     assert doc["inputs"][0]["file"] == "input0.png" and doc["inputs"][0]["path"] == "refs/style.png"
-    assert doc["image_config"] == {"aspect_ratio": "1:1", "image_size": "1K"}
+    assert doc["image_config"] == {"aspect_ratio": "1:1", "image_size": None}  # as sent: none was
     assert doc["usage"]["completion_tokens"] == 1120 and doc["cost_usd"] == 0.134
     assert info.size == (outdir.root / outdir.records[8]["image_path"]).stat().st_size and info.mtime > 0
     with pytest.raises(ValueError, match="at least 1"):

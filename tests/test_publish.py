@@ -30,7 +30,7 @@ from runner.mock.images import scaled_size
 from runner.models import nearest_ratio
 from runner.pricing import usd
 from runner.quality import LocalSource
-from runner.report.summary import format_quality
+from runner.report.text import format_quality
 from runner.spec import ImageConfig, load_spec
 from runner.spec.items import item_id, iter_items
 

@@ -7,41 +7,15 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .conftest import MockGateway, run_cli, write_spec
+from .conftest import BUCKET, MockGateway, run_cli, write_spec
 
 pytest.importorskip("s3fs", reason="the s3 extra is not installed")
-moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
-
-BUCKET = "runner-test"
-
-
-@pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)  # the CLI subprocesses inherit these
-    import s3fs
-
-    fs = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], key="testing", secret="testing")
-    fs.mkdir(BUCKET)
-    try:
-        yield fs
-    finally:
-        server.stop()
+pytest.importorskip("moto.server", reason="moto[server] is not installed")
 
 
 def test_a_run_into_s3_resumes_reports_and_exports(tmp_path: Path, mock: MockGateway, s3: Any) -> None:

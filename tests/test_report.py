@@ -11,7 +11,8 @@ import pytest
 from runner.errors import UsageError
 from runner.output import open_view
 from runner.record import Record
-from runner.report.summary import format_text, percentile, read_manifests, summarize
+from runner.report.summary import percentile, read_manifests, summarize
+from runner.report.text import format_text
 
 from .conftest import item_id, manifest_line, run_cli
 

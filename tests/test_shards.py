@@ -68,7 +68,48 @@ def test_an_unsharded_run_is_refused_while_shards_run(tmp_path: Path, gateway: S
         time.sleep(0.02)
     proc = run_cli("run", str(path), "--no-progress")
     assert proc.returncode == 3 and "in use by another runner (or --shard runs)" in proc.stderr
+    shards = json.loads(run_cli("report", str(tmp_path / "out"), "--json", "--no-quality").stdout)["shards"]
+    assert [r["running"] for r in shards["rows"]] == [True, False]  # its lock, as /proc/locks shows it
     other = run_cli("run", str(path), "--no-progress", "--shard", "1/2")
     assert other.returncode == 0, other.stderr
     shard.communicate(timeout=30)
     assert shard.returncode == 0
+
+
+def test_a_shard_counts_its_own_orphans_says_its_budget_and_the_report_shows_every_shard(
+    tmp_path: Path, mock: MockGateway
+) -> None:
+    from runner.report.text import format_quality
+    from runner.spec import load_spec
+    from runner.spec.items import iter_items
+
+    from .conftest import png
+
+    path = write_spec(tmp_path, mock.base_url, prompts=[f"p{i}" for i in range(12)], max_cost_usd=10.0)
+    ids = [item.item_id for item in iter_items(load_spec(path))]
+    mine = [i for i in ids if int(i, 16) % 2 == 0]
+    theirs = [i for i in ids if int(i, 16) % 2 == 1]
+    out = tmp_path / "out"
+    for iid in mine[:2] + theirs[:3]:  # images saved, lines lost (a kill), in both shards
+        (out / "images" / iid[:2]).mkdir(parents=True, exist_ok=True)
+        (out / "images" / iid[:2] / f"{iid}.png").write_bytes(png(64, 64))
+    proc = run_cli("run", str(path), "--no-progress", "--shard", "0/2")
+    assert proc.returncode == 0, proc.stderr
+    assert "2 with image files on disk but no record" in proc.stderr  # its own two, not the other shard's
+    assert "budget per shard: this one may spend $5.00 (1/2 of the $10.00 left of max_cost_usd 10" in proc.stderr
+    assert mock.stats()["generations"] == len(mine) - 2
+
+    report = json.loads(run_cli("report", str(out), "--json", "--no-quality").stdout)
+    assert report["spec_items"] == 12 and report["shards"]["count"] == 2
+    rows = report["shards"]["rows"]
+    assert [(r["shard"], r["expected"], r["ok"]) for r in rows] == [
+        ("0/2", len(mine), len(mine)),
+        ("1/2", len(theirs), 0),
+    ]
+    assert [r["running"] for r in rows] == [False, False]
+    text = run_cli("report", str(out), "--no-quality").stdout
+    assert (
+        f"{len(theirs)} of the 12 in the spec not yet run" in text and "shards: 2 (--shard K/2), 0 running now" in text
+    )
+    # the size check blames no one in particular (this run used a gateway)
+    assert "mock" not in format_quality({"size_off": ["x"]})  # type: ignore[typeddict-item]

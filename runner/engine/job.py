@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -19,7 +20,7 @@ from ..backends import Backend, make_backend
 from ..errors import RunnerError, UsageError, write_details
 from ..gateway.http import check_env
 from ..output import ResumeState, Store, open_store
-from ..pricing import PriceTable
+from ..pricing import PriceTable, usd
 from ..spec.items import Shard
 from ..spec.parse import JobSpec, spec_summary
 from .budget import Budget
@@ -165,9 +166,15 @@ async def _run(spec: JobSpec, options: RunOptions, log: Log, base_url: str, key:
     store = open_store(options.out or spec.output_dir, (shard.index, shard.count) if shard else None, options.durable)
     try:
         await anyio.to_thread.run_sync(store.open)
-        return await _run_open(spec, options, log, base_url, key, store)
-    finally:
-        store.close()
+        result = await _run_open(spec, options, log, base_url, key, store)
+    except BaseException:
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await anyio.to_thread.run_sync(store.close)  # what the run was ending with is what it says
+        raise
+    with anyio.CancelScope(shield=True):
+        # A remote store commits its last lines, merges the run's parts and releases its lease here.
+        await anyio.to_thread.run_sync(store.close)
+    return result
 
 
 async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str, key: str, store: Store) -> RunResult:
@@ -187,12 +194,23 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
     # Image files without records (a kill between an image and its line) matter only when there
     # is something to run; listing a million files to find none would slow every finished resume.
     orphans = await anyio.to_thread.run_sync(store.orphans, state) if plan.to_run else {}
+    if options.shard is not None:  # another shard's images are its own business (and maybe being written now)
+        orphans = {k: paths for k, paths in orphans.items() if options.shard.owns(k)}
     plan.on_disk = len(orphans)
     result.items, result.skipped_done, result.skipped_failed = plan.items, plan.done, plan.skipped_failed
     result.to_run = plan.to_run
     result.spent_before_usd = state.spent_usd
     _drift(spec, options, state, plan, store, log, previous, base_url)
-    log(f"{spec.name}: " + "; ".join(_plan_parts(plan, state)))
+    max_cost = options.max_cost_usd if options.max_cost_usd is not None else spec.max_cost_usd
+    parts = _plan_parts(plan, state)
+    if max_cost is not None and options.shard is not None and plan.to_run:
+        share = budget_share(max_cost, state.spent_usd, options.shard) or 0.0
+        parts.append(
+            f"budget per shard: this one may spend {usd(share - state.spent_usd)} (1/{options.shard.count} of the "
+            f"{usd(max(0.0, max_cost - state.spent_usd))} left of max_cost_usd {max_cost:g}; shards cannot see "
+            "each other's spending while they run)"
+        )
+    log(f"{spec.name}: " + "; ".join(parts))
     for warning in plan.warnings():
         log(f"warning: {warning}")
     if plan.to_run == 0 and not plan.in_batch and plan.expected == plan.blocked:
@@ -206,7 +224,6 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
     concurrency, said = fdlimit.fit(options.concurrency or spec.concurrency, 2 if options.mock else 1)
     if said:
         log(said)
-    max_cost = options.max_cost_usd if options.max_cost_usd is not None else spec.max_cost_usd
     result.max_cost_usd = max_cost
     run_id = uuid.uuid4().hex[:12]
     bar_mode = options.progress and sys.stderr.isatty()
@@ -241,6 +258,8 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
                 tg.start_soon(_watch_signals, backend, options.grace_s, tg.cancel_scope, shown.write)
             if not bar_mode and options.status_every > 0:
                 tg.start_soon(_status_lines, session.stats, options.status_every, shown.write)
+            if store.upkeep_s > 0:
+                tg.start_soon(_upkeep, store, session)
             await backend.run(feed, orphans)
             tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
@@ -263,6 +282,8 @@ def _say_repairs(store: Store, log: Log) -> None:
         )
     if store.removed_temps:
         log(f"removed {store.removed_temps} temporary file(s) left by an earlier run that died")
+    for warning in store.warnings:
+        log(warning)
 
 
 def _drift(
@@ -281,8 +302,13 @@ def _drift(
     where its images came from (for the dataset card)."""
     summary = spec_summary(spec)
     summary["made_by_mock"] = bool((options.mock and plan.to_run) or previous.get("made_by_mock"))
-    summary["items"] = plan.items if options.shard is None else previous.get("items")
+    summary["items"] = plan.job_items  # the whole job's, whichever shard ran: what `report` expects
     summary["sources"] = _sources(previous, "mock" if options.mock else base_url, spec.api_format, plan.to_run > 0)
+    same = previous.get("fingerprint") == summary["fingerprint"]
+    if options.shard is not None:
+        summary["shards"], summary["shard_items"] = options.shard.count, plan.shard_items
+    elif same and isinstance(previous.get("shards"), int):  # an unsharded run finishing a sharded job
+        summary["shards"], summary["shard_items"] = previous["shards"], previous.get("shard_items")
     if options.shard is None:
         summary["items_digest"] = ids_digest(plan.ids_sum)
     elif isinstance(previous.get("items_digest"), str):
@@ -290,7 +316,7 @@ def _drift(
     if options.shard is None and isinstance(previous.get("items_digest"), str):
         changed = previous["items_digest"] != summary["items_digest"]
     else:  # a shard sees only its items; an older spec.json has no digest
-        changed = previous.get("fingerprint") != summary["fingerprint"]
+        changed = not same
     if previous and changed:
         added = plan.items - plan.expected - plan.known_seen  # expected children: not known yet
         gone = state.known_count(options.shard.owns if options.shard else None) - plan.known_seen
@@ -342,6 +368,18 @@ def _runner_error(group: BaseExceptionGroup) -> RunnerError | None:
         if isinstance(found, RunnerError):
             return found
     return None
+
+
+async def _upkeep(store: Store, session: Session) -> None:
+    """While the run lives, a remote store commits lines that waited long enough and renews its lease;
+    a lease lost (this runner stalled past its expiry and another took over) stops the run."""
+    while True:
+        await anyio.sleep(store.upkeep_s)
+        problem = await anyio.to_thread.run_sync(store.upkeep)
+        if problem:
+            session.log(problem)
+            session.stop(problem, "abort", True)
+            return
 
 
 async def _status_lines(stats: RunStats, every: float, write: Log) -> None:

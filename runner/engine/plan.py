@@ -53,6 +53,8 @@ class Plan:
     input_shapes: Counter[str] = field(default_factory=Counter)  # items sending no aspect ratio: ratio they get
     ids_sum: int = 0  # the sum of the item ids (as ints): current.ids_digest tells when the set changed
     on_disk: int = 0  # items with image files on disk but no ok line (a kill between the two); set by the run
+    job_items: int = 0  # the whole job's items (every shard's, expected children too): what `report` expects
+    shard_items: list[int] = field(default_factory=list)  # with a shard: each shard's items (a chain's with its root)
     in_batch: int = 0  # items in batches still open (batch mode collects them; never sent again)
     expected: int = 0  # edit chains: children of parents not yet done, counted as if every parent succeeds
     blocked: int = 0  # ...of them, under parents that failed permanently (not sent unless --retry-failed)
@@ -96,13 +98,22 @@ def make_plan(
     shard: Shard | None = None,
     retry_failed: bool = False,
 ) -> Plan:
-    plan = Plan()
+    plan = Plan(shard_items=[0] * shard.count if shard else [])
     memo: Memo = {}
     parents = {p.link.parent for p in spec.prompts if p.link is not None}
     last_prompt, odd, long = "", False, False
     chained = {p.prompt_id for p in spec.prompts if p.link is not None}
     shapes: dict[str, tuple[int, int] | None] = {}
-    for key, fields in iter_known(spec, state, shard):
+    # Every shard's items, to count the whole job (what `report` expects); only this shard's are planned.
+    for key, fields, root in walk_known(spec, state):
+        job = 1
+        if fields.prompt_id in parents and key not in state.done:  # its children, as if it succeeds
+            job += sum(expected_children(spec, fields.prompt_id, fields.vars, memo).values())
+        plan.job_items += job
+        if shard is not None:
+            plan.shard_items[root % shard.count] += job
+            if not shard.owns(root):
+                continue
         model, inputs = fields.model, fields.inputs
         if fields.config.aspect_ratio is None:
             plan.input_shapes[_kept_shape(model, inputs, shapes)] += 1
@@ -191,24 +202,33 @@ def iter_known(spec: JobSpec, state: ResumeState, shard: Shard | None) -> Iterat
     """Every item whose id can be known now: the spec's items in order and, depth first after each
     done item, the children of an edit chain that its image gives (their ids come from it). A
     shard takes the roots whose ids it owns and all of their descendants."""
+    for key, fields, _ in walk_known(spec, state, shard):
+        yield key, fields
+
+
+def walk_known(spec: JobSpec, state: ResumeState, shard: Shard | None = None) -> Iterator[tuple[int, ItemFields, int]]:
+    """iter_known's items, each with the id of its root (the spec item its edit chain starts from:
+    the one that decides its shard)."""
     if not spec.chained:
-        yield from iter_keyed(spec, shard)
+        for key, fields in iter_keyed(spec, shard):
+            yield key, fields, key
         return
     parents = {p.link.parent for p in spec.prompts if p.link is not None}
     seen: set[int] = set()  # a child two identical parents give: once
-    stack: list[Iterator[tuple[int, ItemFields]]] = [iter_keyed(spec, shard)]
-    while stack:
-        nxt = next(stack[-1], None)
-        if nxt is None:
-            stack.pop()
-            continue
-        key, fields = nxt
-        yield key, fields
-        image = state.images.get(key) if fields.prompt_id in parents and key in state.done else None
-        if image is not None:
-            sha, rel, size = image
-            made = parent_image(fields.item_id, rel, sha, MIME_TYPES.get(rel.rsplit(".", 1)[-1], ""), size)
-            stack.append(_unseen(iter_children(spec, Item(*fields), made), seen))
+    for root, root_fields in iter_keyed(spec, shard):
+        stack: list[Iterator[tuple[int, ItemFields]]] = [iter(((root, root_fields),))]
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                stack.pop()
+                continue
+            key, fields = nxt
+            yield key, fields, root
+            image = state.images.get(key) if fields.prompt_id in parents and key in state.done else None
+            if image is not None:
+                sha, rel, size = image
+                made = parent_image(fields.item_id, rel, sha, MIME_TYPES.get(rel.rsplit(".", 1)[-1], ""), size)
+                stack.append(_unseen(iter_children(spec, Item(*fields), made), seen))
 
 
 def _unseen(children: Iterator[ItemFields], seen: set[int]) -> Iterator[tuple[int, ItemFields]]:

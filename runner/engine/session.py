@@ -141,7 +141,7 @@ class Sink:
     async def commit_now(self, records: list[Record]) -> list[Record]:
         """Append these lines at once (fsynced when durable) and count them: when this returns
         they are in the manifest, whatever happens next (a batch is marked collected only after)."""
-        records = await self.in_thread(self._committer, self.writer.commit, records)
+        records = await self.in_thread(self._committer, self.writer.commit, records, True)
         for rec in records:
             self.stats.count(rec)
         if self.progress:

@@ -49,7 +49,7 @@ class Writer:
         self._stored_inputs: set[str] = set()
         self._inputs_lock = threading.Lock()
 
-    def commit(self, records: list[Record]) -> list[Record]:
+    def commit(self, records: list[Record], now: bool = False) -> list[Record]:
         """Append a batch's lines in one write (their images are already durable). A record that
         cannot be encoded becomes an `internal` failure of its item alone, never the batch's."""
         lines = []
@@ -60,7 +60,7 @@ class Writer:
                 fields = {k: rec.get(k) for k in _ITEM_FIELDS}
                 records[i] = rec = self.bug_record(fields, e, rec.get("attempts", 0))
                 lines.append(encode(rec))
-        self.store.append(records, lines)
+        self.store.append(records, lines, now)
         return records
 
     def record(self, f: Finished) -> Record:

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from ..output.files import atomic_file
-from ..report.summary import Summary
+from ..report.shapes import Summary
 from .common import ExportResult, Selection
 
 CARD = "README.md"
@@ -58,7 +58,8 @@ MEANINGS: dict[str, tuple[str, str | None]] = {
     "model": ("runner's model name: " + ", ".join(f"{k} = {v}" for k, v in MODEL_NAMES.items()), None),
     "aspect_ratio": ("the aspect ratio asked for; null: none was sent, and the model kept the shape of the first "
                      "reference image (a square without one)", None),
-    "image_size": ("the size the image was made at (512, 1K, 2K, 4K: the model's default when none was sent)", None),
+    "image_size": ("the image size asked for (512, 1K, 2K, 4K); null: none was sent, and the model made its "
+                   "default", None),
     "repeat": ("which of the prompt's repeats this is, from 0; an integer seed is sent as seed + repeat", None),
     "width": ("the image's width in pixels, read from the file", None),
     "height": ("the image's height in pixels, read from the file", None),

@@ -10,7 +10,7 @@ images), and every other key becomes a plain column:
     ds[0]["image"], ds[0]["prompt"], ds[0]["subject"], ds[0]["input_images"]
 
 One line per exported item. Columns: file_name, item_id, prompt_id, prompt, model, aspect_ratio,
-image_size (the size produced: the model's default when none was sent), repeat, width, height;
+image_size (as sent, null when none was: the manifest's value), repeat, width, height;
 one column per template variable, present on every line (null where an item has none, since
 Arrow needs one schema), its values as strings; `params` (the request parameters as a JSON
 string) when any item has some; `input_images_file_names` (the stored copies of local reference
@@ -31,18 +31,8 @@ from typing import Any
 from ..output.files import atomic_file
 from ..output.source import ImageSource, read_dimensions
 from ..record import Record
-from ..report.summary import Summary
-from .common import (
-    ExportResult,
-    Filters,
-    Staging,
-    all_files,
-    local_inputs,
-    place,
-    require_records,
-    select,
-    size_of,
-)
+from ..report.shapes import Summary
+from .common import ExportResult, Filters, Staging, all_files, local_inputs, place, require_records, select
 
 METADATA = "metadata.jsonl"
 FIXED = (
@@ -106,6 +96,7 @@ def export_imagefolder(
         "input_urls": any(x.get("url") for rec in chosen.records for x in rec.get("inputs") or []),
         "extra_images": any(rec.get("extra_images") for rec in chosen.records),
         "aspect_ratio": any((rec.get("image_config") or {}).get("aspect_ratio") for rec in chosen.records),
+        "image_size": any((rec.get("image_config") or {}).get("image_size") for rec in chosen.records),
         "chain": any(_source_of(rec) for rec in chosen.records),
     }
     placed: set[str] = set()  # reference images already in dest (many items share one)
@@ -153,7 +144,7 @@ def row(rec: Record, columns: dict[str, str], extras: dict[str, bool], source: I
         "prompt": rec.get("prompt"),
         "model": rec.get("model"),
         "aspect_ratio": config.get("aspect_ratio"),
-        "image_size": None if size_of(rec) == "?" else size_of(rec),
+        "image_size": config.get("image_size"),  # as sent, as the manifest has it: null when none was
         "repeat": rec.get("repeat"),
         "width": width,
         "height": height,
@@ -183,8 +174,8 @@ def features_of(columns: dict[str, str], extras: dict[str, bool]) -> list[dict[s
     """The columns as `datasets` loads them, in the dataset card's YAML form."""
     features: list[dict[str, Any]] = [{"name": "image", "dtype": "image"}]
     features += [
-        # aspect_ratio: null in every row when none was sent (the edits kept their inputs' shapes)
-        {"name": name, "dtype": "string" if name != "aspect_ratio" or extras.get("aspect_ratio", True) else "null"}
+        # aspect_ratio, image_size: null in every row when none was sent (`datasets` loads them as null)
+        {"name": name, "dtype": "string" if extras.get(name, True) else "null"}
         for name in ("item_id", "prompt_id", "prompt", "model", "aspect_ratio", "image_size")
     ]
     features += [{"name": name, "dtype": "int64"} for name in ("repeat", "width", "height")]

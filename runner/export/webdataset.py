@@ -41,8 +41,8 @@ from typing import IO, Any, BinaryIO
 from ..output.files import atomic_file
 from ..output.source import ImageSource
 from ..record import Record, images_of
-from ..report.summary import Summary
-from .common import ExportResult, Filters, Staging, extension, local_inputs, require_records, select, size_of
+from ..report.shapes import Summary
+from .common import ExportResult, Filters, Staging, extension, local_inputs, require_records, select
 from .schema import Shape, leading, present
 
 INFERENCE_SAMPLES = 5  # datasets' WebDataset.NUM_EXAMPLES_FOR_FEATURES_INFERENCE
@@ -182,7 +182,7 @@ def document(rec: Record, var_names: list[str], members: Members) -> dict[str, A
         "model": rec.get("model"),
         "image_config": {
             "aspect_ratio": config.get("aspect_ratio"),
-            "image_size": None if size_of(rec) == "?" else size_of(rec),
+            "image_size": config.get("image_size"),  # as sent: null when none was
         },
         "repeat": rec.get("repeat"),
         "width": rec.get("width"),

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from ..record import Record
+from .lease import is_live
 from .ledger import Ledger, ledger_paths, read_ledger
-from .local import LocalStore
+from .local import LocalStore, local_holders
 from .manifest import ResumeState, manifest_paths, read_snapshot, scan
 from .remote import RemoteStore, is_remote, remote_view
 from .source import ImageSource, LocalSource
@@ -30,9 +32,12 @@ class Store(Protocol):
     repaired_bytes: int
     damaged_lines: int
     removed_temps: int
+    warnings: list[str]  # said loudly at start (a store that cannot keep runners apart, say)
+    upkeep_s: float  # > 0: the run calls upkeep() this often while it lives
 
     def open(self) -> None: ...
     def close(self) -> None: ...
+    def upkeep(self) -> str | None: ...
     def scan(self, verify: bool, images: bool = False) -> ResumeState: ...
     def ledger(self) -> Ledger: ...
     def scratch_dir(self) -> Path: ...
@@ -41,7 +46,7 @@ class Store(Protocol):
     def read_image(self, rel: str) -> bytes | None: ...
     def save_image(self, rel: str, data: bytes) -> tuple[str, int | None]: ...
     def save_input(self, rel: str, source: str, size: int) -> None: ...
-    def append(self, records: list[Record], lines: list[bytes]) -> None: ...
+    def append(self, records: list[Record], lines: list[bytes], now: bool = False) -> None: ...
     def read_snapshot(self) -> dict[str, Any]: ...
     def write_snapshot(self, summary: dict[str, Any]) -> None: ...
 
@@ -68,6 +73,9 @@ class View:
     source: ImageSource
     display: str  # how messages name the dir
     remote: bool
+    leases: Callable[[], dict[str, dict[str, Any]]] = field(default=dict, repr=False)  # remote: key -> newest lease
+    fetch: Callable[[str], None] | None = field(default=None, repr=False)  # remote: copy a cache here first
+    clock: Callable[[], float] = time.time
 
     def has_manifests(self) -> bool:
         return self.path.is_dir() and bool(manifest_paths(self.path))
@@ -88,16 +96,32 @@ class View:
         return read_snapshot(self.path) if self.path.is_dir() else {}
 
     def quality_cache(self) -> Path | None:
-        """Where the report keeps its image hashes between runs (None: nowhere, for now, on a remote dir)."""
-        return None if self.remote else self.path / QUALITY_CACHE
+        """Where the report keeps its image hashes between runs: beside the manifests (for a remote dir,
+        a copy that goes back into the bucket when the report added to it)."""
+        if self.fetch is not None:
+            self.fetch(QUALITY_CACHE)
+        return self.path / QUALITY_CACHE
+
+    def running(self) -> dict[str, dict[str, Any]]:
+        """Who runs in the dir now, by lease key (`shard-3-of-8`, or `all` for an unsharded run):
+        {running: bool, renewed: epoch seconds or None, holder: str}. A remote dir's leases say it;
+        a local dir's locks (as this machine sees them)."""
+        if not self.remote:
+            return local_holders(self.path)
+        now = self.clock()
+        return {
+            key: {"running": is_live(body, now), "renewed": body.get("renewed"),
+                  "holder": f"{body.get('host', '?')} pid {body.get('pid', '?')}"}
+            for key, body in self.leases().items()
+        }  # fmt: skip
 
 
 @contextmanager
 def open_view(target: str | Path) -> Iterator[View]:
     """Read-only access for report, estimate and export."""
     if is_remote(target):
-        with remote_view(str(target)) as (path, source):
-            yield View(path, source, str(target), True)
+        with remote_view(str(target)) as remote:
+            yield View(remote.path, remote.source, str(target), True, remote.leases, remote.fetch)
     else:
         yield View(Path(target), LocalSource(Path(target)), str(target), False)
 

@@ -49,6 +49,7 @@ class LocalStore:
     cut may. Nothing is ever written through a symlink (see files.Jail)."""
 
     remote = False
+    upkeep_s = 0.0  # flock needs no upkeep
 
     def __init__(self, path: Path, shard: tuple[int, int] | None = None, durable: bool = True) -> None:
         self.path = path
@@ -67,6 +68,7 @@ class LocalStore:
         self.repaired_bytes = 0
         self.damaged_lines = 0
         self.removed_temps = 0
+        self.warnings: list[str] = []
 
     # -- life cycle -------------------------------------------------------------------------
     def open(self) -> None:
@@ -97,6 +99,9 @@ class LocalStore:
         while self._lock_fds:
             os.close(self._lock_fds.pop())
         self.jail.close()
+
+    def upkeep(self) -> str | None:
+        return None
 
     def _lock(self) -> None:
         """One writer per manifest. flock is released by the kernel when the process dies, so a
@@ -275,7 +280,7 @@ class LocalStore:
             raise OutputError(f"cannot read reference image {source}: {e.strerror or e}") from None
         self.save_image(rel, data)
 
-    def append(self, records: list[Record], lines: list[bytes]) -> None:
+    def append(self, records: list[Record], lines: list[bytes], now: bool = False) -> None:
         """Append manifest lines as one write, then fsync: a batch commit.
 
         The resume index follows, unsynced: it is a cache that a crash can leave behind,
@@ -302,6 +307,36 @@ class LocalStore:
             self.jail.write_atomic(SPEC_SNAPSHOT, json.dumps(summary, indent=2).encode(), self.durable)
         except OSError as e:
             raise output_error(e, self.display) from None
+
+
+def local_holders(out: Path) -> dict[str, dict[str, Any]]:
+    """Which runners hold the dir's locks, as this machine's /proc/locks says (without taking a lock,
+    which could refuse a runner starting at that moment): {lease key: {running, renewed, holder}}."""
+    try:
+        text = Path("/proc/locks").read_text()
+        entries = list(os.scandir(out))
+    except OSError:
+        return {}
+    held: dict[tuple[int, int, int], str] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and "->" not in fields:
+            with contextlib.suppress(ValueError):
+                major, minor, inode = fields[5].split(":")
+                held[(int(major, 16), int(minor, 16), int(inode))] = fields[3]
+    found: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        m = re.fullmatch(r"\.lock(?:\.shard-(\d+-of-\d+))?", entry.name)
+        if m is None:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        mode = held.get((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
+        running = mode is not None if m.group(1) else mode == "WRITE"  # shards hold `.lock` shared
+        found[f"shard-{m.group(1)}" if m.group(1) else "all"] = {"running": running, "renewed": None, "holder": ""}
+    return found
 
 
 def _alive(pid: int) -> bool:

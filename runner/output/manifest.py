@@ -73,6 +73,17 @@ def iter_records(out: Path, bad: list[int] | None = None) -> Iterator[Record]:
         yield from _records(path, bad)
 
 
+def shard_of(path: Path) -> tuple[int, int] | None:
+    """(K, N) of a shard's manifest (or of a remote part of one), None for an unsharded run's."""
+    m = re.match(r"manifest\.shard-(\d+)-of-(\d+)[.]", path.name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def read_records(path: Path, bad: list[int] | None = None) -> Iterator[Record]:
+    """The valid lines of one manifest file; damaged ones are counted in `bad`."""
+    return _records(path, bad)
+
+
 def _records(path: Path, bad: list[int] | None = None) -> Iterator[Record]:
     for line in _lines(path):
         rec = parse_line(line)

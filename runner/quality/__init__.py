@@ -264,6 +264,7 @@ def analyze(
     *,
     near_threshold: int = DEFAULT_NEAR_THRESHOLD,
     cache_path: Path | None = None,
+    images: bool = True,
 ) -> Quality:
     """The quality of a run's images, over the latest record of each item (ok and failed given; the
     failed ones have no image and are passed over). Keys, all JSON-ready:
@@ -282,21 +283,22 @@ def analyze(
       cache, not hashable (and cache_error when the cache could not be written); None without Pillow
 
     `cache_path` keeps the perceptual hashes by sha256 (beside the manifest), so a second report
-    decodes only new images. Raises ValueError for a threshold outside 0..MAX_THRESHOLD.
+    decodes only new images. `images=False` skips decoding (near duplicates, uniform and hashes are
+    then None). Raises ValueError for a threshold outside 0..MAX_THRESHOLD.
     """
     if not 0 <= near_threshold <= MAX_THRESHOLD:
         raise ValueError(f"near threshold must be 0..{MAX_THRESHOLD} bits, got {near_threshold}")
     ok = [rec for rec in latest(records, source.intact).values() if rec["status"] == "ok"]
     duplicates = duplicate_groups(ok)
     shapes = shape_checks(ok, source)
-    missing = pillow_missing()
-    if missing is None:
+    missing = pillow_missing() if images else None
+    if images and missing is None:
         near = near_duplicates(ok, source, near_threshold, cache_path)
         note = f"64-bit dHash of each distinct image, Hamming distance <= {near_threshold} bits"
     else:
         near = {"near_duplicates": None, "uniform": None, "hashes": None, "unreadable": [],
                 "unchanged_edits": _unchanged(ok, lambda a, b: False)}  # fmt: skip
-        note = NEAR_NOTE_MISSING.format(why=missing)
+        note = NEAR_NOTE_MISSING.format(why=missing) if images else "not checked (--no-quality: no image was read)"
     unreadable = set(shapes["unreadable"]) | set(near["unreadable"])
     return Quality(
         duplicates=duplicates,

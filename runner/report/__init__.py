@@ -15,7 +15,8 @@ from ..errors import UsageError
 from ..output import View, is_remote, open_view
 from ..pricing import money
 from ..quality import DEFAULT_NEAR_THRESHOLD
-from .summary import Manifests, Summary
+from .shapes import Summary
+from .summary import Manifests
 
 
 def read_scoped(view: View, all_records: bool = False) -> tuple[Manifests, Summary]:
@@ -48,10 +49,13 @@ def report(
     near_threshold: int = DEFAULT_NEAR_THRESHOLD,
     html: str | Path | None = None,
     all_records: bool = False,
+    images: bool = True,
 ) -> Summary:
     """Summarise an output dir (local or an fsspec URL) from its manifests, with the quality of its
     images; with `html`, also write the gallery there (`gallery`: its path and how many images).
     Only the items the dir's spec asks for now count, unless `all_records` (see read_scoped).
+    `images=False` skips the pass that reads every image (near duplicates, single-colour images):
+    counts, byte duplicates and shapes come from the manifests alone.
     Raises UsageError for a dir that is not an output dir, a bad threshold, or --html on a remote dir."""
     from ..quality import analyze
 
@@ -61,7 +65,11 @@ def report(
         manifests, summary = read_scoped(view, all_records)
         try:
             quality = analyze(
-                manifests.latest.values(), view.source, near_threshold=near_threshold, cache_path=view.quality_cache()
+                manifests.latest.values(),
+                view.source,
+                near_threshold=near_threshold,
+                cache_path=view.quality_cache() if images else None,
+                images=images,
             )
         except ValueError as e:
             raise UsageError(f"--near-threshold: {e}") from None

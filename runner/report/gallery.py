@@ -20,7 +20,7 @@ from ..output.files import atomic_file
 from ..pricing import usd
 from ..quality import Quality
 from ..record import Record, safe_relpath, size_of
-from .summary import Summary
+from .shapes import Summary
 
 MAX_OPTIONS = 1000  # values a filter offers (the most frequent); the page says when there are more
 FLAGS = ("duplicate", "near-duplicate", "wrong shape", "uniform")  # bits 1, 2, 4, 8 of an item's flags

@@ -9,120 +9,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NotRequired, TypedDict
+from typing import Any
 
 from ..errors import UsageError
 from ..output import View
 from ..output.ledger import BatchEntry
-from ..output.manifest import iter_records
-from ..pricing import money, usd
+from ..output.manifest import manifest_paths, read_records, shard_of
+from ..pricing import money
 from ..record import Record, size_of, supersedes
-from ..safety import printable
+from .shapes import BatchesSummary, ChainsSummary, ModelLine, OpenBatch, ShardRow, Shards, StepSummary, Summary
 
 MAX_EXAMPLES = 3  # distinct messages kept per failure kind
-
-
-class Latency(TypedDict):
-    p50: float | None
-    p95: float | None
-    max: float | None
-
-
-class ModelLine(TypedDict):
-    model: str
-    image_size: str
-    ok: int
-    failed: int
-    cost_usd: NotRequired[float]
-
-
-class OpenBatch(TypedDict):
-    name: str | None  # batches/... (None: prepared by a run that stopped before the server answered)
-    display_name: str
-    state: str | None  # as last seen by a run
-    items: int
-    submitted_at: str
-    stats: dict[str, Any]
-
-
-class BatchesSummary(TypedDict):
-    """Google Batch Mode: what the ledger (output/ledger.py) says is submitted and not yet collected."""
-
-    open: list[OpenBatch]
-    committed_usd: float  # what the open batches may still cost
-    collected: int  # batches collected into the manifest
-    abandoned: int  # batches that never ran or ended without results (their items went back)
-
-
-class StepSummary(TypedDict):
-    prompt_id: str
-    parent: str | None  # the step it edits the images of (None: a first step)
-    ok: int
-    failed: int
-
-
-class ChainsSummary(TypedDict):
-    """Edit chains: counts per step, and edits made from a parent image that is no longer the parent's."""
-
-    steps: list[StepSummary]
-    failed_parents: int  # parents whose failure keeps their edits from being sent
-    stale: list[str]  # item_ids of edits whose source image was made again since (their parent's image changed)
-
-
-class Summary(TypedDict):
-    """What `runner report --json` prints: `summarize`'s keys, then the quality's (runner.quality.analyze)
-    and, with --html, the gallery's. Gallery, card and text all read this one shape."""
-
-    output_dir: str
-    name: str | None
-    spec_items: int | None
-    made_by_mock: bool
-    items: int
-    ok: int
-    failed: int
-    interrupted: int
-    recovered: int
-    failures_by_kind: dict[str, int]
-    failure_examples: dict[str, list[str]]
-    cost_usd: float
-    latency_s: Latency
-    percentiles: str
-    requests: int
-    retries: int
-    retries_by_kind: dict[str, int]
-    throughput_per_hour: float | None
-    busy_s: float
-    by_model: list[ModelLine]
-    runs: int
-    first_finished_at: str | None
-    last_finished_at: str | None
-    lines: int
-    bad_lines: int
-    vars: dict[str, dict[str, int]]
-    inputs: dict[str, int]
-    distinct_inputs: int
-    # which records count: the items of the output dir's spec now (engine/current.py), or every one
-    older_records: NotRequired[int]  # items with records that the spec no longer asks for, left out
-    older_cost_usd: NotRequired[float]  # what their lines cost
-    records_note: NotRequired[str]  # why every record counts (no spec, spec gone, --all-records)
-    sources: NotRequired[list[dict[str, str]]]  # where the images came from: {base_url ("mock"), api_format}
-    batches: BatchesSummary
-    chains: NotRequired[ChainsSummary]
-    # runner.quality.analyze
-    duplicates: NotRequired[list[list[str]]]
-    near_duplicates: NotRequired[list[list[str]] | None]
-    near_duplicates_note: NotRequired[str]
-    near_threshold: NotRequired[int]
-    size_mismatches: NotRequired[list[str]]
-    size_off: NotRequired[list[str]]
-    pixel_sizes: NotRequired[list[dict[str, Any]]]
-    uniform: NotRequired[list[str] | None]
-    unreadable: NotRequired[list[str]]
-    hashes: NotRequired[dict[str, Any] | None]
-    unchanged_edits: NotRequired[list[str]]
-    gallery: NotRequired[dict[str, Any]]
-
-
 MAX_INPUTS_SHOWN = 50
 
 
@@ -149,7 +46,7 @@ def percentile(values: list[float], p: float) -> float | None:
     return ordered[min(rank, len(ordered)) - 1]
 
 
-def _when(value: Any) -> datetime | None:
+def when(value: Any) -> datetime | None:
     if not isinstance(value, str):
         return None
     try:
@@ -157,6 +54,12 @@ def _when(value: Any) -> datetime | None:
     except ValueError:
         return None
     return stamp if stamp.tzinfo is not None else None  # naive and aware stamps cannot be compared
+
+
+@dataclass
+class ShardAcc:
+    cost: float = 0.0
+    last: datetime | None = None
 
 
 @dataclass
@@ -181,6 +84,19 @@ class Manifests:
     last: datetime | None = None
     older: set[str] = field(default_factory=set)  # items whose lines were left out (not `wanted`)
     older_cost: float = 0.0
+    shard_count: int | None = None  # the N whose shards the report shows
+    by_shard: dict[int, ShardAcc] = field(default_factory=dict)
+    paid_once: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # item -> its first paid ok line
+    paid_again: set[str] = field(default_factory=set)  # items with another paid ok line
+
+
+def _shard_count(view: View, paths: list[Path]) -> int | None:
+    """The job's N: the one the dir last ran with (spec.json), else the largest its manifests name."""
+    recorded = view.snapshot().get("shards")
+    if isinstance(recorded, int) and recorded > 0:
+        return recorded
+    counts = [found[1] for p in paths if (found := shard_of(p)) is not None]
+    return max(counts, default=None)
 
 
 def read_manifests(view: View, wanted: Callable[[str], bool] | None = None) -> Manifests:
@@ -189,7 +105,9 @@ def read_manifests(view: View, wanted: Callable[[str], bool] | None = None) -> M
     require_manifest(view)
     m = Manifests(view)
     bad: list[int] = []
-    for rec in iter_records(view.path, bad):
+    paths = manifest_paths(view.path)
+    m.shard_count = count = _shard_count(view, paths)
+    for rec in (rec for path in paths for rec in read_records(path, bad)):
         m.lines += 1
         if wanted is not None and not wanted(rec["item_id"]):
             m.older.add(rec["item_id"])
@@ -209,13 +127,56 @@ def read_manifests(view: View, wanted: Callable[[str], bool] | None = None) -> M
         unexplained = attempts - 1 - sum(retried.values())
         if unexplained > 0:  # lines of older versions say how many retries, not why
             m.retries_by_kind["unknown"] += unexplained
-        stamp = _when(rec.get("finished_at"))
+        if rec["status"] == "ok" and attempts:  # an image paid for here (a recovered line bought nothing)
+            line_id = (rec.get("run_id"), rec.get("finished_at"))
+            first = m.paid_once.setdefault(rec["item_id"], line_id)
+            if first != line_id:
+                m.paid_again.add(rec["item_id"])
+        stamp = when(rec.get("finished_at"))
+        if count:
+            acc = m.by_shard.setdefault(int(rec["item_id"], 16) % count, ShardAcc())
+            acc.cost += spent
+            if stamp is not None and (acc.last is None or stamp > acc.last):
+                acc.last = stamp
         if stamp is not None:
             m.first = stamp if m.first is None or stamp < m.first else m.first
             m.last = stamp if m.last is None or stamp > m.last else m.last
             _span(m, rec, stamp.timestamp())
     m.damaged = len(bad)
     return m
+
+
+def shard_table(m: Manifests) -> Shards | None:
+    """Every shard of the job's N: its items, ok, failed, spend, last activity, and whether it runs now."""
+    count = m.shard_count
+    if not count:
+        return None
+    spec = m.view.snapshot()
+    expected = spec.get("shard_items") if spec.get("shards") == count else None
+    if not (isinstance(expected, list) and len(expected) == count and all(isinstance(n, int) for n in expected)):
+        expected = None
+    ok, failed = [0] * count, [0] * count
+    for item_id, rec in m.latest.items():
+        k = int(item_id, 16) % count
+        (ok if rec["status"] == "ok" else failed)[k] += 1
+    running = m.view.running()
+    rows: list[ShardRow] = []
+    for k in range(count):
+        acc = m.by_shard.get(k, ShardAcc())
+        lease = running.get(f"shard-{k}-of-{count}") or {}
+        rows.append({
+            "shard": f"{k}/{count}", "expected": expected[k] if expected else None, "items": ok[k] + failed[k],
+            "ok": ok[k], "failed": failed[k], "cost_usd": money(acc.cost),
+            "last_activity": acc.last.isoformat() if acc.last else None,
+            "running": lease.get("running") if lease else (False if running or m.view.remote else None),
+            "holder": str(lease.get("holder") or "") if lease.get("running") else "",
+        })  # fmt: skip
+    others = sorted(
+        ("unsharded" if key == "all" else key.removeprefix("shard-").replace("-of-", "/"))
+        for key, lease in running.items()
+        if lease.get("running") and not key.endswith(f"-of-{count}")
+    )
+    return {"count": count, "rows": rows, "running": sum(1 for r in rows if r["running"]), "others_running": others}
 
 
 STEP_TOLERANCE_S = 5.0  # lines are written in about the order their items finished; more out of order is the clock
@@ -333,34 +294,42 @@ def summarize(m: Manifests) -> Summary:
         "inputs": dict(inputs.most_common(MAX_INPUTS_SHOWN)),
         "distinct_inputs": len(inputs),
         "batches": _batches(m.view),
+        "generated_more_than_once": len(m.paid_again),
+        "shards": shard_table(m),
     }
-    chains = _chains(m.latest)
+    chains = _chains(m.latest, m.view.snapshot())
     if chains is not None:
         summary["chains"] = chains
     return summary
 
 
-def _chains(latest: dict[str, Record]) -> ChainsSummary | None:
-    """From the records alone: an edit's parent is the `item_id` in its inputs."""
-    parents: dict[str, str | None] = {}
+def _chains(latest: dict[str, Record], snapshot: dict[str, Any]) -> ChainsSummary | None:
+    """Which step edits which: from the spec the dir last ran (spec.json's `chain`), else from the
+    records alone (an edit's parent is the `item_id` in its inputs)."""
+    chain = snapshot.get("chain")
+    parents: dict[str, str | None] = (
+        {str(k): str(v) for k, v in chain.items()} if isinstance(chain, dict) and chain else {}
+    )
     stale: list[str] = []
     counts: dict[str, list[int]] = {}
     for rec in latest.values():
         links = [i for i in rec.get("inputs", []) if isinstance(i.get("item_id"), str)]
         for link in links:
             parent = latest.get(str(link.get("item_id")))
-            parents[rec["prompt_id"]] = parent["prompt_id"] if parent else parents.get(rec["prompt_id"])
+            if rec["prompt_id"] not in parents or parent is not None:
+                parents[rec["prompt_id"]] = parent["prompt_id"] if parent else parents.get(rec["prompt_id"])
             if parent is None or parent["status"] != "ok" or parent.get("sha256") != link.get("sha256"):
                 stale.append(rec["item_id"])
         counts.setdefault(rec["prompt_id"], [0, 0])[rec["status"] != "ok"] += 1
     if not parents:
         return None
     roots = {p for p in parents.values() if p is not None}
+    order = [*dict.fromkeys([*(p for p in parents.values() if p is not None and p not in parents), *parents])]
     steps: list[StepSummary] = [
-        {"prompt_id": pid, "parent": parents.get(pid), "ok": counts[pid][0], "failed": counts[pid][1]}
-        for pid in counts
-        if pid in parents or pid in roots
-    ]
+        {"prompt_id": pid, "parent": parents.get(pid), "ok": counts.get(pid, [0, 0])[0],
+         "failed": counts.get(pid, [0, 0])[1]}
+        for pid in order
+    ]  # fmt: skip
     failed_parents = sum(1 for r in latest.values() if r["prompt_id"] in roots and r["status"] != "ok")
     return {"steps": steps, "failed_parents": failed_parents, "stale": stale}
 
@@ -385,129 +354,3 @@ def _open_batch(b: BatchEntry) -> OpenBatch:
         "submitted_at": b.prepared_at,
         "stats": b.stats,
     }
-
-
-def _seconds(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}s"
-
-
-def _count(n: int, noun: str) -> str:
-    """`1 group`, `2 groups`."""
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
-
-
-def format_text(summary: Summary) -> str:
-    """A compact human-readable table of a summary (every server-made string made printable)."""
-    lat = summary.get("latency_s") or {}
-    items = f"{summary['items']}  (ok {summary['ok']}, failed {summary['failed']}"
-    items += f", of which {summary['interrupted']} interrupted" if summary.get("interrupted") else ""
-    items += f"; {summary['recovered']} recovered from disk" if summary.get("recovered") else ""
-    left = (summary.get("spec_items") or 0) - summary["items"]
-    items += f"; {left} of the {summary['spec_items']} in the spec not yet run" if left > 0 else ""
-    rows: list[tuple[str, str]] = [
-        ("items", items + ")"),
-        ("cost", usd(summary["cost_usd"])),
-        ("requests", f"{summary['requests']}  ({summary['retries']} retries)"),
-        ("latency", f"p50 {_seconds(lat.get('p50'))}  p95 {_seconds(lat.get('p95'))}  max {_seconds(lat.get('max'))}"),
-    ]
-    if summary.get("retries_by_kind"):
-        rows.append(("retried", ", ".join(f"{k} {n}" for k, n in summary["retries_by_kind"].items())))
-    if summary.get("throughput_per_hour") is not None:
-        rows.append(("throughput", f"{summary['throughput_per_hour']:,.1f} images/hour in flight"))
-    rows.append(("runs", str(summary["runs"])))
-    if summary.get("older_records"):
-        rows.append(("left out", f"{_count(summary['older_records'], 'older item')} whose records the spec no longer "
-                     f"asks for ({usd(summary.get('older_cost_usd') or 0.0)} spent on them); --all-records counts them"))  # fmt: skip
-    elif summary.get("records_note"):
-        rows.append(("records", str(summary["records_note"])))
-    batches = summary.get("batches")
-    if batches and (batches["open"] or batches["collected"]):
-        open_ = batches["open"]
-        said = f"{batches['collected']} collected, {len(open_)} open"
-        if open_:
-            waiting = sum(b["items"] for b in open_)
-            said += f" ({waiting} items, {usd(batches['committed_usd'])} committed, not yet collected)"
-        rows.append(("batches", said))
-    if summary.get("bad_lines"):
-        rows.append(("bad lines", f"{summary['bad_lines']} unreadable manifest line(s) skipped (damaged or cut off)"))
-    width = max(len(k) for k, _ in rows)
-    title = f"report: {summary.get('name') or ''} {summary.get('output_dir', '')}".replace("  ", " ")
-    title += " (images made by the built-in mock)" if summary.get("made_by_mock") else ""
-    text = [title] + [f"  {k.ljust(width)}  {v}" for k, v in rows]
-
-    by_model = summary.get("by_model") or []
-    if by_model:
-        table = [("model", "size", "ok", "failed", "cost")]
-        table += [(m["model"], m["image_size"], str(m["ok"]), str(m["failed"]), usd(m["cost_usd"])) for m in by_model]
-        widths = [max(len(r[i]) for r in table) for i in range(5)]
-        text.append("")
-        for r in table:
-            cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1])] + [
-                c.rjust(w) for c, w in zip(r[2:], widths[2:], strict=True)
-            ]
-            text.append("  " + "  ".join(cells).rstrip())
-
-    open_batches = summary["batches"]["open"] if summary.get("batches") else []
-    if open_batches:
-        text += ["", "open batches (runner run collects them; runner cancel OUT cancels them):"]
-        for b in open_batches[:20]:
-            seen = b["stats"]
-            progress = (
-                f" {seen.get('successfulRequestCount', 0)} ok, {seen.get('pendingRequestCount', '?')} pending,"
-                if seen
-                else ""
-            )
-            text.append(f"  {b['name'] or b['display_name'] + ' (not yet known to be created)'}: {b['state'] or 'submitted'},"
-                        f" {b['items']} items,{progress} submitted {b['submitted_at'][:19].replace('T', ' ')} UTC")  # fmt: skip
-        if len(open_batches) > 20:
-            text.append(f"  ... {len(open_batches) - 20} more")
-
-    if summary.get("failures_by_kind"):
-        text += ["", "failures:"]
-        for kind, count in summary["failures_by_kind"].items():
-            text.append(f"  {kind}: {count}")
-            for message in summary.get("failure_examples", {}).get(kind, []):
-                text.append(f"    e.g. {' '.join(str(message).split())[:160]}")
-
-    if summary.get("vars"):
-        text += ["", "vars:"]
-    for name, counts in (summary.get("vars") or {}).items():
-        shown = ", ".join(f"{v} ({n})" for v, n in list(counts.items())[:8])
-        more = f", … {len(counts) - 8} more" if len(counts) > 8 else ""
-        text.append(f"  {name}: {shown}{more}")
-    if summary.get("inputs"):
-        text += ["", f"reference images ({summary['distinct_inputs']} distinct):"]
-        text += [f"  {ref}: {n} items" for ref, n in list(summary["inputs"].items())[:8]]
-    return printable("\n".join(text))
-
-
-def format_quality(summary: Summary) -> str:
-    """The quality part of the report (runner.quality.analyze's keys) as text."""
-
-    def ids(items: list[str]) -> str:
-        shown = ", ".join(items[:3])
-        return shown + (f", … {len(items) - 3} more" if len(items) > 3 else "")
-
-    text = ["", "quality:"]
-    dups = summary.get("duplicates") or []
-    text.append(
-        f"  byte-identical images: {_count(len(dups), 'group')} ({sum(map(len, dups))} items), e.g. {ids(dups[0])}"
-        if dups
-        else "  byte-identical images: none"
-    )
-    near = summary.get("near_duplicates")
-    if near is None:
-        text.append(f"  near duplicates: {summary.get('near_duplicates_note', '')}")
-    else:
-        groups = f"{_count(len(near), 'group')} ({sum(map(len, near))} items), e.g. {ids(near[0])}" if near else "none"
-        text.append(f"  near duplicates: {groups} ({summary.get('near_duplicates_note', '')})")
-    for found, what in ((summary.get("size_mismatches"), "not the aspect ratio asked for (beyond 2%)"),
-                        (summary.get("size_off"), "far from the size asked for (the built-in mock makes them 1/8 size)"),
-                        (summary.get("uniform"), "a single colour"), (summary.get("unreadable"), "unreadable"),
-                        (summary.get("unchanged_edits"), "edits that gave their source image back")):  # fmt: skip
-        if found:
-            text.append(f"  {what}: {len(found)}, e.g. {ids(found)}")
-    for row in summary.get("pixel_sizes") or []:
-        sizes = ", ".join(f"{wh} ({n})" for wh, n in list(row["sizes"].items())[:4])
-        text.append(f"  {row['model']} {row['aspect_ratio']} {row['image_size']}: {sizes}")
-    return printable("\n".join(text))

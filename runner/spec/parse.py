@@ -455,4 +455,6 @@ def spec_summary(spec: JobSpec) -> dict[str, Any]:
         "prompt_files": {str(f.path): f.count for f in spec.prompt_files},
         "api_format": spec.api_format,
         "mode": spec.mode,
+        # edit chains: which prompt edits which one's images (the report's steps, before any edit is made)
+        "chain": {p.prompt_id: p.link.parent for p in spec.prompts if p.link is not None},
     }

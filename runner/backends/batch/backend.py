@@ -80,6 +80,7 @@ class BatchBackend(Collecting):
         self.inputs = inputs
         self.lookup = lookup
         self.feed = Feed(iter(()))
+        self.on_disk: dict[int, list[str]] = {}
         self.slug = re.sub(r"[^a-z0-9]+", "-", job_name.lower()).strip("-")[:40] or "job"
         self.api_key = api_key
         self.base_url = base_url
@@ -112,8 +113,11 @@ class BatchBackend(Collecting):
         self._wake()
 
     async def run(self, feed: Feed, on_disk: dict[int, list[str]] | None = None) -> None:
-        """Collect what earlier runs submitted, submit what is left, and (unless --no-wait) wait for it."""
+        """Collect what earlier runs submitted, submit what is left, and (unless --no-wait) wait for it.
+        `on_disk`: image files of items without an ok record (a kill between the two): recorded from
+        them, not bought again."""
         self.feed = feed
+        self.on_disk = on_disk or {}
         self.session.on_stop.append(feed.stop)
         self.session.sink.open()
         try:
@@ -196,6 +200,8 @@ class BatchBackend(Collecting):
         buffers: dict[str, list[Item]] = {}
         while not self.session.is_stopping:
             item = self._next()
+            if item is not None and await self._adopted(item):
+                continue
             if item is None:
                 for model in list(buffers):
                     if buffers[model] and not await self._send(model, buffers.pop(model)):
@@ -209,6 +215,19 @@ class BatchBackend(Collecting):
             group.append(item)
             if len(group) >= self.max_requests and not await self._send(item.model, buffers.pop(item.model)):
                 return
+
+    async def _adopted(self, item: Item) -> bool:
+        """An item whose whole image an earlier run saved but did not record: recorded from it."""
+        files = self.on_disk.pop(int(item.item_id, 16), None)
+        if files is None:
+            return False
+        found = await self.session.sink.save(self.session.writer.recovered, item, files)
+        if found is None:
+            return False
+        await self.session.sink.commit_now([found])
+        self.session.budget.settle(0.0, found["cost_usd"], 0)  # paid for before the crash
+        self.feed.finished(item, found)
+        return True
 
     def _next(self) -> Item | None:
         if self.requeue:

@@ -154,6 +154,36 @@ def test_a_parent_made_again_gives_its_children_new_ids(tmp_path: Path, gateway:
     assert report["chains"]["stale"] == [old["e"]["item_id"]]
 
 
+def test_shards_of_a_chain_each_run_whole_chains_and_the_report_counts_them_by_shard(
+    tmp_path: Path, gateway: StartGateway
+) -> None:
+    """A chain's children go with their root's shard: two shards make the whole job once, and the
+    report's shard table and expected total count each item where it was made."""
+    gw = gateway()
+    path = chain_spec(tmp_path, gw.base_url, prompts=[BASE, ROOM])  # 3 roots, 6 edits
+    out = tmp_path / "out"
+    homes: dict[str, int] = {}
+    for k in (0, 1):
+        proc = run_cli("run", str(path), "--no-progress", "--shard", f"{k}/2")
+        assert proc.returncode == 0, proc.stderr
+        for line in (out / f"manifest.shard-{k}-of-2.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            assert rec["item_id"] not in homes, "an item made by both shards"
+            homes[rec["item_id"]] = k
+    recs = check_parents(out, gw)
+    assert len(recs) == 9 and gw.stats()["requests"] == 9
+    for rec in recs.values():  # each edit was made by the shard that made its parent
+        for link in rec.get("inputs", []):
+            assert homes[rec["item_id"]] == homes[link["item_id"]]
+    report = json.loads(run_cli("report", str(out), "--json").stdout)
+    assert report["spec_items"] == 9 and report["items"] == 9
+    rows = report["shards"]["rows"]
+    made = Counter(homes.values())
+    assert [(r["ok"], r["expected"]) for r in rows] == [(made[0], made[0]), (made[1], made[1])]
+    assert run_cli("run", str(path), "--no-progress", "--shard", "1/2").returncode == 0
+    assert gw.stats()["requests"] == 9  # a finished shard's rerun sends nothing
+
+
 def test_spec_errors_name_the_chain(tmp_path: Path) -> None:
     cases = [
         ([BASE, {"id": "e", "prompt": "x", "images": ["@nope"]}], "prompts[1].images[0]: @nope names no prompt"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -88,6 +88,8 @@ class Manifests:
     by_shard: dict[int, ShardAcc] = field(default_factory=dict)
     paid_once: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # item -> its first paid ok line
     paid_again: set[str] = field(default_factory=set)  # items with another paid ok line
+    # items whose record counts from a shard other than id % N: an edit chain's children go with their root's shard
+    homes: dict[str, int] = field(default_factory=dict)
 
 
 def _shard_count(view: View, paths: list[Path]) -> int | None:
@@ -99,6 +101,15 @@ def _shard_count(view: View, paths: list[Path]) -> int | None:
     return max(counts, default=None)
 
 
+def _lines_by_shard(paths: list[Path], count: int | None, bad: list[int]) -> Iterator[tuple[int | None, Record]]:
+    """Every valid line, with the K of the shard-K-of-`count` manifest it is in (None: another N's, or unsharded)."""
+    for path in paths:
+        found = shard_of(path)
+        home = found[0] if count and found is not None and found[1] == count else None
+        for rec in read_records(path, bad):
+            yield home, rec
+
+
 def read_manifests(view: View, wanted: Callable[[str], bool] | None = None) -> Manifests:
     """Every line of the output dir's manifests; with `wanted`, the lines of other items are only
     counted as older records (their items and cost), not summed up."""
@@ -107,7 +118,7 @@ def read_manifests(view: View, wanted: Callable[[str], bool] | None = None) -> M
     bad: list[int] = []
     paths = manifest_paths(view.path)
     m.shard_count = count = _shard_count(view, paths)
-    for rec in (rec for path in paths for rec in read_records(path, bad)):
+    for home, rec in _lines_by_shard(paths, count, bad):
         m.lines += 1
         if wanted is not None and not wanted(rec["item_id"]):
             m.older.add(rec["item_id"])
@@ -116,6 +127,10 @@ def read_manifests(view: View, wanted: Callable[[str], bool] | None = None) -> M
         old = m.latest.get(rec["item_id"])
         if old is None or supersedes(rec["status"], old["status"], functools.partial(view.source.intact, old)):
             m.latest[rec["item_id"]] = rec
+            if home is not None and home != int(rec["item_id"], 16) % (count or 1):
+                m.homes[rec["item_id"]] = home
+            else:
+                m.homes.pop(rec["item_id"], None)
         spent = float(rec.get("cost_usd") or 0.0)
         m.cost += spent
         key = (str(rec.get("model")), size_of(rec))
@@ -134,7 +149,7 @@ def read_manifests(view: View, wanted: Callable[[str], bool] | None = None) -> M
                 m.paid_again.add(rec["item_id"])
         stamp = when(rec.get("finished_at"))
         if count:
-            acc = m.by_shard.setdefault(int(rec["item_id"], 16) % count, ShardAcc())
+            acc = m.by_shard.setdefault(home if home is not None else int(rec["item_id"], 16) % count, ShardAcc())
             acc.cost += spent
             if stamp is not None and (acc.last is None or stamp > acc.last):
                 acc.last = stamp
@@ -157,7 +172,7 @@ def shard_table(m: Manifests) -> Shards | None:
         expected = None
     ok, failed = [0] * count, [0] * count
     for item_id, rec in m.latest.items():
-        k = int(item_id, 16) % count
+        k = m.homes.get(item_id, int(item_id, 16) % count)
         (ok if rec["status"] == "ok" else failed)[k] += 1
     running = m.view.running()
     rows: list[ShardRow] = []

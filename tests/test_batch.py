@@ -313,3 +313,21 @@ def test_an_interrupt_while_waiting_leaves_the_batches_open(tmp_path: Path, gate
     assert proc.returncode == 0, err
     assert_all_ok_and_intact(out, 2)
     assert google(gw)["batches_created"] == 2
+
+
+def test_the_ledger_folds_events_in_any_order_of_its_files(tmp_path: Path) -> None:
+    """Remote ledger parts of two runs can sort out of order (clocks of two machines): a batch
+    collected by the second run stays collected even when its events are read before its prepare."""
+    from runner.output.ledger import encode_event, read_ledger
+
+    prepare = {"event": "prepare", "id": "b1", "display_name": "runner-x-1", "model": "m", "model_id": "g",
+               "items": ["aa", "bb"], "reserved_usd": 0.5, "at": "2026-12-07T10:00:00.000+00:00"}  # fmt: skip
+    first, second = tmp_path / "batches.part-2-a.upto-000002.jsonl", tmp_path / "batches.part-1-b.upto-000002.jsonl"
+    first.write_bytes(encode_event(prepare) + encode_event({"event": "created", "id": "b1", "name": "batches/1"}))
+    second.write_bytes(encode_event({"event": "state", "id": "b1", "state": "SUCCEEDED"})
+                       + encode_event({"event": "collected", "id": "b1", "state": "SUCCEEDED"})
+                       + encode_event({"event": "collected", "id": "ghost"}))  # fmt: skip
+    for order in ([first, second], [second, first]):
+        ledger = read_ledger(order)
+        assert ledger.open_batches() == [] and ledger.committed_usd() == 0 and ledger.in_batch() == set()
+        assert ledger.batches["b1"].name == "batches/1" and ledger.damaged == 1  # the ghost's prepare never came

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import BUCKET, MockGateway, run_cli, write_spec
+from .conftest import BUCKET, MockGateway, StartGateway, run_cli, write_spec
 
 pytest.importorskip("s3fs", reason="the s3 extra is not installed")
 pytest.importorskip("moto.server", reason="moto[server] is not installed")
@@ -79,3 +79,53 @@ def test_verify_on_s3_reads_every_image(tmp_path: Path, mock: MockGateway, s3: A
     assert proc.returncode == 0 and "1 recorded ok but image missing or corrupt" in proc.stderr
     assert mock.stats()["requests"] == before + 1
     assert hashlib.sha256(s3.cat_file(key)).hexdigest() != hashlib.sha256(data[:-5] + b"XXXXX").hexdigest()
+
+
+def test_a_batch_edit_chain_into_s3_resumes_after_no_wait_and_buys_nothing_twice(
+    tmp_path: Path, gateway: StartGateway, s3: Any
+) -> None:
+    """Batch mode and an edit chain on an s3:// output dir: the ledger and the manifests are parts
+    in the bucket; a --no-wait run, then a run that collects, make every item once."""
+    gw = gateway(flavor="gemini", batch_latency_s=0.15)
+    url = f"s3://{BUCKET}/jobs/b"
+    prompts = [{"id": "base", "template": "a {thing} on white", "vars": {"thing": ["cup", "vase"]}},
+               {"id": "edit", "prompt": "put it on a beach", "images": ["@base"]}]  # fmt: skip
+    path = write_spec(tmp_path, gw.base_url, prompts=prompts, output_dir=url, api_format="gemini", mode="batch",
+                      batch={"max_requests": 2, "poll_s": 0.05})  # fmt: skip
+    proc = run_cli("run", str(path), "--no-progress", "--no-wait")
+    assert proc.returncode == 0, proc.stderr
+    assert "stay open on the server" in proc.stderr
+    assert not any(n.rsplit("/", 1)[-1].startswith("manifest") for n in s3.find(f"{BUCKET}/jobs/b"))
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(run_cli("report", url, "--json").stdout)
+    assert (rep["ok"], rep["failed"], rep["spec_items"]) == (4, 0, 4)
+    assert rep["batches"]["open"] == [] and rep["batches"]["collected"] == 2
+    assert [(s["prompt_id"], s["ok"]) for s in rep["chains"]["steps"]] == [("base", 2), ("edit", 2)]
+    stats = gw.stats()["google"]
+    assert stats["double_submits"] == 0 and set(stats["paid_keys"].values()) == {1}
+    before = stats["batches_created"]
+    assert run_cli("run", str(path), "--no-progress").returncode == 0  # done: nothing more is submitted
+    assert gw.stats()["google"]["batches_created"] == before
+    assert not list(tmp_path.glob("out*")), "nothing is written locally"
+
+
+def test_an_edit_chain_into_s3_sends_each_parent_image_made_in_the_run(
+    tmp_path: Path, gateway: StartGateway, s3: Any
+) -> None:
+    gw = gateway()
+    url = f"s3://{BUCKET}/jobs/c"
+    prompts = [{"id": "base", "prompt": "a teapot on white"}, {"id": "edit", "prompt": "in snow", "images": ["@base"]}]
+    path = write_spec(tmp_path, gw.base_url, prompts=prompts, output_dir=url)
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(run_cli("report", url, "--json").stdout)
+    assert (rep["ok"], rep["failed"], rep["requests"]) == (2, 0, 2)
+    sent = [e["inputs"] for e in gw.stats()["requests_log"] if e["prompt"] == "in snow"]
+    base = next(json.loads(x) for x in _manifest_lines(s3, f"{BUCKET}/jobs/c") if "teapot" in x)
+    assert sent == [[base["sha256"]]]  # the child carried the image its parent made minutes before, from the bucket
+
+
+def _manifest_lines(s3: Any, root: str) -> list[str]:
+    names = [n for n in s3.find(root) if n.rsplit("/", 1)[-1].startswith("manifest")]
+    return [line for n in names for line in s3.cat_file(n).decode().splitlines() if line.strip()]

@@ -67,6 +67,9 @@ class Ledger:
     batches: dict[str, BatchEntry] = field(default_factory=dict)
     refs: dict[str, dict[str, Any]] = field(default_factory=dict)  # sha256 -> {file, uri, at}
     damaged: int = 0
+    # Events read before their batch's `prepare` (remote parts of two runs whose clocks disagree sort
+    # out of order): applied when it comes, so a batch collected in one run never reopens.
+    early: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def open_batches(self) -> list[BatchEntry]:
         return [b for b in self.batches.values() if b.open]
@@ -99,10 +102,15 @@ class Ledger:
                 reserved_usd=float(event.get("reserved_usd") or 0.0), prepared_at=str(event.get("at", "")),
                 base_url=str(event.get("base_url", "")), key_env=str(event.get("key_env", "")),
             )  # fmt: skip
+            for later in self.early.pop(bid, []):
+                self.apply(later)
             return
-        entry = self.batches.get(bid) if isinstance(bid, str) else None
-        if entry is None:
+        if not isinstance(bid, str):
             self.damaged += 1
+            return
+        entry = self.batches.get(bid)
+        if entry is None:
+            self.early.setdefault(bid, []).append(event)
             return
         if kind == "uploaded":
             entry.file = event.get("file")
@@ -130,6 +138,8 @@ def read_ledger(paths: Iterable[Path]) -> Ledger:
                 ledger.damaged += 1
             else:
                 ledger.apply(event)
+    ledger.damaged += sum(len(events) for events in ledger.early.values())  # their `prepare` never came
+    ledger.early.clear()
     return ledger
 
 

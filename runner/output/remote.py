@@ -304,7 +304,10 @@ class RemoteStore:
         self.manifest_name = manifest_name(label)
         self.ledger_name = ledger_name(label)
         # Parts sort by name in time order: later runs' lines come later (see record.supersedes).
-        self.run = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+        # To the microsecond: two runs of one shard in one second still sort in the order they ran.
+        now = time.time()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now % 1 * 1e6):06d}Z"
+        self.run = f"{stamp}-{uuid.uuid4().hex[:8]}"
         self._manifest = _Parts(self, self.manifest_name.removesuffix(".jsonl"))
         self._ledger = _Parts(self, self.ledger_name.removesuffix(".jsonl"))
         self.lease = Lease(Leases(self.fs, self.root, clock), shard, self.run, url, sleep=sleep)
@@ -421,6 +424,7 @@ class RemoteStore:
 
     def save_image(self, rel: str, data: bytes) -> tuple[str, int | None]:
         self._put(rel, data)
+        self.source.sizes[rel] = len(data)  # readable at once: an edit chain's child sends it
         return hashlib.sha256(data).hexdigest(), None
 
     def save_input(self, rel: str, source: str, size: int) -> None:

@@ -372,9 +372,8 @@ class BatchBackend(Collecting):
                 refused.append((item, Failure("bad_request", None, clean_message(str(e), self.api_key), final=True)))
                 continue
             usable.append(item)
-        for item, failure in refused:
-            self.tries[item.item_id] = self.max_attempts  # recorded now: no retry can read it either
-            await self._back([item], failure)
+        for item, failure in refused:  # recorded now: no retry can read it either
+            await self._back([item], failure, sent=False)
         return usable
 
     def _say_open(self) -> None:

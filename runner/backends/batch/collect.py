@@ -282,20 +282,20 @@ class Collecting:
         self.stats.requests += 1
         return await self.session.sink.save(self.session.writer.record, finished)
 
-    async def _back(self, items: Iterable[Item], failure: Failure) -> None:
+    async def _back(self, items: Iterable[Item], failure: Failure, sent: bool = True) -> None:
         """Items that are not done return to the to-do list: submitted again by this run while it
         waits and their attempts last; else recorded as failed with `failure` (retryable kinds: the
-        next run submits them again)."""
+        next run submits them again). `sent=False`: never submitted (recorded now, no attempt counted)."""
         records = []
         for item in items:
-            self.tries[item.item_id] += 1
-            if self.wait and self.tries[item.item_id] < self.max_attempts and not self.session.is_stopping:
+            self.tries[item.item_id] += sent
+            if sent and self.wait and self.tries[item.item_id] < self.max_attempts and not self.session.is_stopping:
                 self.retried.setdefault(item.item_id, Counter())[failure.kind] += 1
                 self.stats.retries += 1
                 self.stats.retries_by_kind[failure.kind] += 1
                 self.requeue.append(item)
                 continue
-            finished = Finished(item, failure, self.tries.pop(item.item_id), 0.0, 0.0, 0.0,
+            finished = Finished(item, failure, self.tries.pop(item.item_id, 0), 0.0, 0.0, 0.0,
                                 self.retried.pop(item.item_id, Counter()))  # fmt: skip
             records.append(await self.session.sink.save(self.session.writer.record, finished))
             self.feed.finished(item, records[-1])

@@ -174,7 +174,9 @@ def _estimate_text(est: dict[str, Any]) -> str:
         )
     latency = ", ".join(f"~{s:g}s an image for {m}" for m, s in est.get("assumed_latency_s", {}).items())
     rows.append(
-        f"time: about {duration(est['estimated_time_s'])} at concurrency {est['concurrency']}"
+        f"time: up to {duration(est['estimated_time_s'])} ({est['time_basis']}; often much sooner)"
+        if est["mode"] == "batch"
+        else f"time: about {duration(est['estimated_time_s'])} at concurrency {est['concurrency']}"
         + (f", {est['requests_per_minute']:g} requests/minute" if est["requests_per_minute"] else "")
         + f" (bound by {est['time_basis']}; assuming {latency}, the typical latency)"
     )
@@ -182,6 +184,8 @@ def _estimate_text(est: dict[str, Any]) -> str:
         rows.append(
             "to finish sooner: raise requests_per_minute if your key allows more"
             if est["time_basis"] == "requests_per_minute"
+            else "to finish sooner: run it interactively (without `mode: batch`), at twice the price"
+            if est["mode"] == "batch"
             else "to finish sooner: raise concurrency (or --concurrency), within your key's rate limit"
         )
     if est["spent_usd"]:

@@ -229,11 +229,17 @@ def test_a_chain_in_batch_mode_submits_each_step_as_its_parents_are_collected(
     path = chain_spec(
         tmp_path, gw.base_url, api_format="gemini", mode="batch", batch={"max_requests": 4, "poll_s": 0.05},
     )  # fmt: skip
+    # three steps, each submitted once its parents are collected: up to three turnarounds of 24 h
+    est = json.loads(run_cli("estimate", str(path), "--json").stdout)
+    assert est["estimated_time_s"] == 3 * 24 * 3600 and "3 chain steps one after another" in est["time_basis"]
+    said = run_cli("estimate", str(path)).stdout
+    assert "time: up to 72.0 h" in said and "run it interactively (without `mode: batch`)" in said
     proc = run_cli("run", str(path), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "out"
     recs = latest(out)
     assert Counter(r["prompt_id"] for r in recs.values()) == {"base": 3, "room": 6, "season": 12}
+    assert json.loads(run_cli("estimate", str(path), "--json").stdout)["estimated_time_s"] == 0
     for rec in recs.values():
         for link in rec.get("inputs", []):
             assert recs[link["item_id"]]["sha256"] == link["sha256"]

@@ -273,6 +273,21 @@ def budget_share(max_cost: float | None, spent: float, shard: Shard | None) -> f
     return spent + shard.share(max(0.0, max_cost - spent))
 
 
+def _batch_rounds(spec: JobSpec, plan: Plan) -> int:
+    """Batches one after another still to come: a chain step is submitted only once its parents are
+    collected, so each depth of an edit chain with items left waits its own turnaround."""
+    if not plan.remaining:
+        return 0
+    if not spec.chained:
+        return 1
+    parent = {p.prompt_id: p.link.parent for p in spec.prompts if p.link is not None}
+
+    def depth(prompt_id: str) -> int:
+        return 1 + depth(parent[prompt_id]) if prompt_id in parent else 0
+
+    return len({depth(pid) for pid, step in plan.steps.items() if step.remaining}) or 1
+
+
 def estimate(
     spec: JobSpec, out: str | Path | None = None, shard: Shard | None = None, concurrency: int | None = None
 ) -> dict[str, Any]:
@@ -287,8 +302,9 @@ def estimate(
     busy_s = sum(line.remaining * MODELS[line.model].latency_s for line in plan.lines.values()) / conc
     time_s = max(busy_s, plan.remaining * 60.0 / rpm) if rpm else busy_s
     batch = spec.mode == "batch"
-    if batch:  # Google's target turnaround, whatever the size: a day
-        busy_s = time_s = BATCH_TURNAROUND_S if plan.remaining else 0.0
+    rounds = _batch_rounds(spec, plan) if batch else 0
+    if batch:  # Google's target turnaround, whatever the size: a day, a day more per chain step still to come
+        busy_s = time_s = BATCH_TURNAROUND_S * rounds
         rpm = 0.0
     cost = plan.cost
     result: dict[str, Any] = {
@@ -304,7 +320,11 @@ def estimate(
         "estimated_input_cost_usd": money(plan.input_cost),
         "spent_usd": money(state.spent_usd),
         "estimated_time_s": round(time_s, 1),
-        "time_basis": "batch turnaround (results within 24 h)"
+        "time_basis": (
+            f"batch turnaround: {rounds} chain steps one after another, each within 24 h"
+            if rounds > 1
+            else "batch turnaround: results within 24 h"
+        )
         if batch
         else "requests_per_minute"
         if rpm and plan.remaining * 60.0 / rpm >= busy_s

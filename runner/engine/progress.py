@@ -33,7 +33,7 @@ def status_line(stats: RunStats, now: float | None = None) -> str:
 
 def plural(n: int, word: str, many: str | None = None) -> str:
     """`1 item`, `2 items` (`many` where adding an s is wrong)."""
-    return f"{n} {word if n == 1 else many or word + 's'}"
+    return f"{n:,} {word if n == 1 else many or word + 's'}"
 
 
 def duration(seconds: float) -> str:

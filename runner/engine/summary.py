@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ..policy import PERMANENT
 from ..pricing import usd
 from ..safety import printable
-from .progress import duration
+from .progress import duration, plural
 
 if TYPE_CHECKING:
     from .job import RunResult
@@ -32,10 +32,6 @@ def summary_dict(result: RunResult) -> dict[str, Any]:
 def absolute(out_dir: str) -> str:
     """The output dir as an absolute path (a URL as it is): a webhook's reader is elsewhere."""
     return out_dir if "://" in out_dir else os.path.abspath(out_dir)
-
-
-def _items(n: int) -> str:
-    return f"{n} item{'' if n == 1 else 's'}"
 
 
 def describe(result: RunResult, command: str = "runner run JOB.yaml", *, absolute_path: bool = False) -> list[str]:
@@ -115,12 +111,12 @@ def _next_steps(result: RunResult, command: str) -> list[str]:
     permanent = sum(kinds.values()) + result.skipped_failed
     retryable = s.failed - sum(kinds.values()) + s.interrupted
     if retryable:
-        hints.append(f"{_items(retryable)} failed with errors a retry may cure: `{command}` tries them again")
+        hints.append(f"{plural(retryable, 'item')} failed with errors a retry may cure: `{command}` tries them again")
     if permanent:
         why = [f"{k} {n}" for k, n in kinds.items()]
         why += [f"{result.skipped_failed} before, skipped"] if result.skipped_failed else []
         hints.append(
-            f"{_items(permanent)} failed permanently ({', '.join(why)}): `{command} --retry-failed` tries them again"
+            f"{plural(permanent, 'item')} failed permanently ({', '.join(why)}): `{command} --retry-failed` tries them again"
             + (
                 " (a bad_request is the request itself: a retry alone will not cure it)"
                 if "bad_request" in kinds

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeGuard
 from urllib.parse import quote, urlsplit
 
+from ..engine.progress import plural
 from ..output.files import atomic_file
 from ..pricing import usd
 from ..quality import Quality
@@ -295,7 +296,7 @@ def _header(title: str, out_dir: Path, summary: Summary, quality: Quality | None
     )
     older = int(summary.get("older_records") or 0)
     if older:  # the gallery shows what the spec asks for now, like the report
-        stats += f" · {older:,} older item{'' if older == 1 else 's'} no longer in the spec left out (--all-records)"
+        stats += f" · {plural(older, 'older item')} no longer in the spec left out (--all-records)"
     lines = [
         f'<h1 dir="auto">{esc(_clean(title))}</h1>',
         f'<p class="outdir"><bdi>{esc(_clean(str(out_dir)))}</bdi></p>',
@@ -315,7 +316,7 @@ def _header(title: str, out_dir: Path, summary: Summary, quality: Quality | None
 
 def _groups(groups: list[list[str]]) -> str:
     n = len(groups)
-    return f"{n:,} group{'' if n == 1 else 's'} ({sum(len(g) for g in groups):,} items)"
+    return f"{plural(n, 'group')} ({sum(len(g) for g in groups):,} items)"
 
 
 def write_html(

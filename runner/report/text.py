@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from ..engine.progress import plural
 from ..pricing import usd
 from ..safety import printable
 from .shapes import Summary
@@ -12,11 +13,6 @@ from .summary import when
 
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}s"
-
-
-def _count(n: int, noun: str) -> str:
-    """`1 group`, `2 groups`."""
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def format_text(summary: Summary) -> str:
@@ -45,7 +41,7 @@ def format_text(summary: Summary) -> str:
         ))  # fmt: skip
     rows.append(("runs", str(summary["runs"])))
     if summary.get("older_records"):
-        rows.append(("left out", f"{_count(summary['older_records'], 'older item')} whose records the spec no longer "
+        rows.append(("left out", f"{plural(summary['older_records'], 'older item')} whose records the spec no longer "
                      f"asks for ({usd(summary.get('older_cost_usd') or 0.0)} spent on them); --all-records counts them"))  # fmt: skip
     elif summary.get("records_note"):
         rows.append(("records", str(summary["records_note"])))
@@ -55,7 +51,7 @@ def format_text(summary: Summary) -> str:
         said = f"{batches['collected']} collected, {len(open_)} open"
         if open_:
             waiting = sum(b["items"] for b in open_)
-            said += f" ({waiting} items, {usd(batches['committed_usd'])} committed, not yet collected)"
+            said += f" ({plural(waiting, 'item')}, {usd(batches['committed_usd'])} committed, not yet collected)"
         rows.append(("batches", said))
     if summary.get("bad_lines"):
         rows.append(("bad lines", f"{summary['bad_lines']} unreadable manifest line(s) skipped (damaged or cut off)"))
@@ -88,7 +84,7 @@ def format_text(summary: Summary) -> str:
                 else ""
             )
             text.append(f"  {b['name'] or b['display_name'] + ' (not yet known to be created)'}: {b['state'] or 'submitted'},"
-                        f" {b['items']} items,{progress} submitted {b['submitted_at'][:19].replace('T', ' ')} UTC")  # fmt: skip
+                        f" {plural(b['items'], 'item')},{progress} submitted {b['submitted_at'][:19].replace('T', ' ')} UTC")  # fmt: skip
         if len(open_batches) > 20:
             text.append(f"  ... {len(open_batches) - 20} more")
 
@@ -121,10 +117,10 @@ def _chain_lines(summary: Summary) -> list[str]:
         edits = f" edits {step['parent']}" if step["parent"] else ""
         lines.append(f"  {step['prompt_id']}{edits}: {step['ok']} ok, {step['failed']} failed")
     if chains["failed_parents"]:
-        lines.append(f"  {_count(chains['failed_parents'], 'parent')} failed: their edits are not sent "
+        lines.append(f"  {plural(chains['failed_parents'], 'parent')} failed: their edits are not sent "
                      "(a rerun retries retryable failures; --retry-failed the rest)")  # fmt: skip
     if chains["stale"]:
-        lines.append(f"  {_count(len(chains['stale']), 'edit')} made from a parent image that was made again "
+        lines.append(f"  {plural(len(chains['stale']), 'edit')} made from a parent image that was made again "
                      f"since, e.g. {', '.join(chains['stale'][:3])}")  # fmt: skip
     return lines
 
@@ -172,7 +168,7 @@ def format_quality(summary: Summary) -> str:
     text = ["", "quality:"]
     dups = summary.get("duplicates") or []
     text.append(
-        f"  byte-identical images: {_count(len(dups), 'group')} ({sum(map(len, dups))} items), e.g. {ids(dups[0])}"
+        f"  byte-identical images: {plural(len(dups), 'group')} ({sum(map(len, dups))} items), e.g. {ids(dups[0])}"
         if dups
         else "  byte-identical images: none"
     )
@@ -180,7 +176,7 @@ def format_quality(summary: Summary) -> str:
     if near is None:
         text.append(f"  near duplicates: {summary.get('near_duplicates_note', '')}")
     else:
-        groups = f"{_count(len(near), 'group')} ({sum(map(len, near))} items), e.g. {ids(near[0])}" if near else "none"
+        groups = f"{plural(len(near), 'group')} ({sum(map(len, near))} items), e.g. {ids(near[0])}" if near else "none"
         text.append(f"  near duplicates: {groups} ({summary.get('near_duplicates_note', '')})")
     for found, what in ((summary.get("size_mismatches"), "not the aspect ratio asked for (beyond 2%)"),
                         (summary.get("size_off"), "far from the size asked for (under half or over twice the model's)"),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import anyio
 
+from ...engine.progress import plural
 from ...errors import UsageError
 from ...output import is_remote, open_view
 from ...safety import printable
@@ -65,5 +66,5 @@ async def _cancel(out: str | Path, mock: bool, base_url: str | None) -> list[str
                 why = e.failure.message if isinstance(e, ApiError) else str(e)
                 lines.append(f"{name}: could not cancel it: {why}")
                 continue
-            lines.append(f"{name}: cancelled ({len(entry.items)} items go back to the to-do list)")
+            lines.append(f"{name}: cancelled ({plural(len(entry.items), 'item')} go back to the to-do list)")
         return [printable(line) for line in lines]

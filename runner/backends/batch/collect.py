@@ -238,7 +238,7 @@ class Collecting:
         self._event("collected", batch.entry.id, state=info.state, ok=ok, failed=len(records) - ok,
                     returned=len(retry) + len(missing))  # fmt: skip
         if missing or broken or unknown:
-            self.log(f"batch {info.name}: {len(missing)} items had no whole line ({broken} cut off), "
+            self.log(f"batch {info.name}: {plural(len(missing), 'item')} had no whole line ({broken} cut off), "
                      f"{unknown} lines for keys it never held: the missing go back to the to-do list")  # fmt: skip
         await self._back(
             missing, Failure("invalid_response", None, f"no whole line for it in the results of {info.name}")

@@ -237,9 +237,11 @@ class Collecting:
         ok = sum(r["status"] == "ok" for r in records)
         self._event("collected", batch.entry.id, state=info.state, ok=ok, failed=len(records) - ok,
                     returned=len(retry) + len(missing))  # fmt: skip
-        if missing or broken or unknown:
-            self.log(f"batch {info.name}: {plural(len(missing), 'item')} had no whole line ({broken} cut off), "
-                     f"{unknown} lines for keys it never held: the missing go back to the to-do list")  # fmt: skip
+        if missing:
+            self.log(f"batch {info.name}: {plural(len(missing), 'item')} had no whole line"
+                     + (f" ({broken} cut off)" if broken else "") + ": they go back to the to-do list")  # fmt: skip
+        if unknown:
+            self.log(f"batch {info.name}: {plural(unknown, 'line')} for keys it never held, left aside")
         await self._back(
             missing, Failure("invalid_response", None, f"no whole line for it in the results of {info.name}")
         )

@@ -159,7 +159,7 @@ def listing_seconds(endpoint: str) -> float:
     """The image listing alone, as the code after issue 24 does it (folder by folder, in parallel)."""
     import s3fs
 
-    from runner.output.remote import _tree
+    from runner.output.bucket import _tree
 
     fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="bench", secret="bench")
     t0 = time.perf_counter()

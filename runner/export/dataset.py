@@ -7,8 +7,8 @@ import tempfile
 from pathlib import Path
 
 from ..output import open_view
+from ..output.bucket import upload_dir
 from ..output.files import Jail, output_error
-from ..output.remote import upload_dir
 from .common import ExportResult, Filters
 from .imagefolder import export_imagefolder
 from .webdataset import DEFAULT_SHARD_SIZE, export_webdataset

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..record import Record
+from .bucket import is_remote, remote_view
 from .lease import is_live
 from .ledger import Ledger, ledger_paths, read_ledger
 from .local import LocalStore, local_holders
 from .manifest import ResumeState, manifest_paths, read_snapshot, scan
-from .remote import RemoteStore, is_remote, remote_view
+from .remote import RemoteStore
 from .source import ImageSource, LocalSource
 
 QUALITY_CACHE = ".quality-cache.tsv"

@@ -349,7 +349,7 @@ class BatchBackend(Collecting):
     def _give_back(self, entry: BatchEntry, items: list[Item], why: str) -> None:
         self._event("abandoned", entry.id, why=why)
         self.session.budget.settle(entry.reserved_usd, 0.0, 0)
-        self.log(f"batch {entry.display_name}: {why}; its {plural(len(items), 'item')} stay to do")
+        self.log(f"batch {entry.display_name}: {why.rstrip('. ')}; its {plural(len(items), 'item')} stay to do")
 
     async def _upload_refs(self, items: list[Item]) -> list[Item]:
         """Reference images (an edit chain's parent images too) go to the Files API once each, and

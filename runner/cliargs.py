@@ -36,10 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run every item of JOB that is not yet done in the output dir. Rerunning resumes: done "
         "items are skipped and never paid for twice. Ctrl+C stops new items and lets those in flight finish.",
         epilog="examples:\n  runner run jobs/demo.yaml --mock          # try it: built-in gateway, no key\n"
-        "  NANOBANANA_API_KEY=sk-... runner run jobs/demo.yaml --out out/demo\n"
+        "  NANOBANANA_API_KEY=sk-... runner run jobs/demo.yaml --out out/demo-real   # not the --mock run's dir\n"
         "  runner run big.yaml --shard 2/8         # the third of 8 machines (K counts from 0)\n"
         "  runner run jobs/demo.yaml --mock --mock-latency 0.5 --mock-fault 429=0.1 --no-progress --status-every 5\n"
-        "  runner run big.yaml --no-progress --notify-url https://hooks.slack.com/services/...\n\n" + EXIT_HELP,
+        "  runner run big.yaml --no-progress --notify-url https://hooks.slack.com/services/...\n"
+        "  runner run batch.yaml --no-wait         # mode: batch: submit, exit; the same command later collects\n\n"
+        + EXIT_HELP,
     )
     run.add_argument("job", metavar="JOB.yaml")
     _common(run)
@@ -145,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         "`webdataset` (tar shards of KEY.<ext> + KEY.json). Labels, params and reference images are columns.",
         epilog="examples:\n  runner export out/demo\n"
         "  runner export out/demo --format webdataset --to dist/demo --shard-size 5000\n"
-        "  runner export out/demo --exclude-duplicates --exclude-mismatched --where style=ink",
+        "  runner export out/labelled-animals --exclude-duplicates --exclude-mismatched --where 'style=ink drawing' "
+        "--to dist/ink",
     )
     exp.add_argument("out", metavar="OUT_DIR")
     exp.add_argument("--format", choices=["imagefolder", "webdataset"], default="imagefolder")
@@ -186,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         "prompt force a fault: [fault:429], [fault:503x2] (first 2 tries), [fault:content_filter], ...",
         epilog="examples:\n  runner mock-server --port 8765\n"
         "  runner mock-server --latency 0.2 --fault 429=0.1 --fault drop=0.02 --rpm 60\n"
-        "  NANOBANANA_API_KEY=any runner run jobs/demo.yaml --base-url http://127.0.0.1:8765/v1",
+        "  NANOBANANA_API_KEY=any runner run jobs/demo.yaml --base-url http://127.0.0.1:8765/v1 --out out/demo-server",
     )
     mock.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     mock.add_argument("--port", type=int, default=8765, help="port to listen on (default: 8765; 0: a free one)")

@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_formatter,
         description="Cancel every batch of OUT_DIR that is still open on Google's Batch API (the ledger in "
         "OUT_DIR/batches*.jsonl says which). Their items go back to the to-do list: a later `runner run` submits "
-        "them again. The key is read from the variable the job's api_key_env named.",
+        "them again. A batch that already ended is left for `runner run` to collect. The key is read from the variable "
+        "the job's api_key_env named. Exit 1 if a batch could not be cancelled.",
         epilog="examples:\n  runner cancel out/big\n  runner cancel out/big --mock   # batches of a --mock run",
     )
     cancel.add_argument("out", metavar="OUT_DIR")

@@ -227,6 +227,49 @@ def test_cancel_gives_the_items_back(tmp_path: Path, gateway: StartGateway) -> N
     assert_all_ok_and_intact(out, 4)
 
 
+def test_a_run_after_a_cancel_submits_the_cancelled_items_again(tmp_path: Path, gateway: StartGateway) -> None:
+    # the mock keeps its batches in a state dir: the same Google, first slow, then fast
+    state = tmp_path / "google"
+    slow = gateway(flavor="gemini", batch_latency_s=60, state_dir=state)
+    path = batch_spec(tmp_path, slow.base_url, prompts=[f"wren {i}" for i in range(4)], max_requests=2)
+    out = tmp_path / "out"
+    assert run_cli("run", str(path), "--no-progress", "--no-wait").returncode == 0
+    assert run_cli("cancel", str(out)).returncode == 0
+    slow.stop()
+    fast = gateway(state_dir=state, **FAST)
+    proc = run_cli("run", str(path), "--no-progress", "--base-url", fast.base_url)
+    # the user cancelled, then asked for the job again: this run submits the items, not the next one
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("was cancelled before this run: its 2 items are submitted again") == 2, proc.stderr
+    assert_all_ok_and_intact(out, 4)
+    assert google(fast)["batches_created"] == 2 and google(fast)["double_submits"] == 0
+
+
+def test_cancel_leaves_an_ended_batch_to_be_collected(tmp_path: Path, gateway: StartGateway) -> None:
+    gw = gateway(**FAST)
+    path = batch_spec(tmp_path, gw.base_url, prompts=[f"tern {i}" for i in range(2)], max_requests=2)
+    out = tmp_path / "out"
+    assert run_cli("run", str(path), "--no-progress", "--no-wait").returncode == 0
+    wait_for(lambda: all(s == "SUCCEEDED" for s in _states(gw)), timeout=30)
+    proc = run_cli("cancel", str(out))
+    # its results are paid for: cancel leaves it alone, and the next run collects it
+    assert proc.returncode == 0 and "already ended SUCCEEDED; nothing to cancel" in proc.stderr, proc.stderr
+    assert google(gw)["cancels"] == 0
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    assert_all_ok_and_intact(out, 2)
+    assert google(gw)["batches_created"] == 1
+
+
+def test_cancel_that_cannot_reach_the_server_exits_1(tmp_path: Path, gateway: StartGateway) -> None:
+    gw = gateway(flavor="gemini", batch_latency_s=60)
+    path = batch_spec(tmp_path, gw.base_url, prompts=["a heron"], max_requests=2)
+    out = tmp_path / "out"
+    assert run_cli("run", str(path), "--no-progress", "--no-wait").returncode == 0
+    gw.stop()
+    proc = run_cli("cancel", str(out))
+    assert proc.returncode == 1 and "could not cancel it" in proc.stderr, proc.stderr
+
+
 def test_the_budget_counts_a_batch_when_it_is_submitted(tmp_path: Path, gateway: StartGateway) -> None:
     gw = gateway(**FAST)
     # 0.067 a batch-priced 1K Pro image: 3 items a batch is 0.201; 0.25 leaves room for one batch only

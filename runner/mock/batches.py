@@ -373,7 +373,10 @@ class BatchService:
             self._finish(batch)
             state = batch.state(now)
         n = len(batch.keys)
-        done = n if state not in ("PENDING", "RUNNING") else int(n * max(0.0, (now - batch.created) / batch.latency_s))
+        # A cancelled batch stops where it was: its counts (and its end) are those of the moment of the cancel.
+        until = batch.cancelled if batch.cancelled is not None else now
+        progress = int(n * min(1.0, max(0.0, (until - batch.created) / batch.latency_s))) if batch.latency_s else n
+        done = progress if state in ("PENDING", "RUNNING", "CANCELLED") else n
         failed = sum(1 for o in batch.lines or [] if o.startswith("error:"))
         stats = {"requestCount": str(n), "successfulRequestCount": str(max(0, done - failed)),
                  "failedRequestCount": str(failed if done == n else 0), "pendingRequestCount": str(n - done)}  # fmt: skip
@@ -386,7 +389,9 @@ class BatchService:
         op: dict[str, Any] = {"name": f"batches/{batch.id}", "metadata": meta}
         if state not in ("PENDING", "RUNNING"):
             op["done"] = True
-            meta["endTime"] = now_iso(batch.created + batch.latency_s)
+            meta["endTime"] = now_iso(
+                batch.cancelled if batch.cancelled is not None else batch.created + batch.latency_s
+            )
             if batch.results_file is not None:
                 output = {"@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatchOutput",
                           "responsesFile": batch.results_file}  # fmt: skip

@@ -234,3 +234,8 @@ def _json(resp: httpx.Response) -> dict[str, Any]:
 def _path(url: str) -> str:
     """A URL for a message: its path only (never a query, where some put keys)."""
     return httpx.URL(url).path
+
+
+def error_text(e: Exception) -> str:
+    """What a failed call said: the server's message, else the exception's."""
+    return e.failure.message if isinstance(e, ApiError) else str(e)

@@ -40,8 +40,8 @@ from ...pricing import PriceTable, usd
 from ...safety import clean_message, printable
 from ...spec.inputs import InputError, Inputs
 from ...spec.items import Item
-from .api import ApiError, BatchInfo, GoogleBatchApi, Unknown
-from .collect import SUMMARY_EVERY_S, Collecting, OpenBatch, error_text, stamp
+from .api import ApiError, BatchInfo, GoogleBatchApi, Unknown, error_text
+from .collect import SUMMARY_EVERY_S, Collecting, OpenBatch, stamp
 from .files import write_requests
 
 REF_REUSE_S = 40 * 3600  # an uploaded reference image is used again for this long (the Files API keeps it 48 h)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -17,19 +18,27 @@ from ...engine.progress import plural
 from ...errors import UsageError
 from ...output import is_remote, open_view
 from ...safety import printable
-from .api import ApiError, GoogleBatchApi, Unknown
+from .api import ApiError, GoogleBatchApi, Unknown, error_text
 
 
-def cancel_batches(out: str | Path, *, mock: bool = False, base_url: str | None = None) -> list[str]:
-    """Cancel the open batches of `out`; returns what happened, a line each."""
+@dataclass
+class Cancelled:
+    """What `runner cancel` did: a line a batch, and how many it could not cancel (exit 1 if any)."""
+
+    lines: list[str] = field(default_factory=list)
+    failed: int = 0
+
+
+def cancel_batches(out: str | Path, *, mock: bool = False, base_url: str | None = None) -> Cancelled:
+    """Cancel the open batches of `out` (a batch that already ended is left for `runner run` to collect)."""
     return anyio.run(_cancel, out, mock, base_url)
 
 
-async def _cancel(out: str | Path, mock: bool, base_url: str | None) -> list[str]:
+async def _cancel(out: str | Path, mock: bool, base_url: str | None) -> Cancelled:
     with open_view(out) as view:
         entries = view.ledger().open_batches()
     if not entries:
-        return [f"no open batches in {out}"]
+        return Cancelled([f"no open batches in {out}"])
     async with AsyncExitStack() as stack:
         if mock:
             from ...mock import MockConfig, MockGateway
@@ -48,7 +57,7 @@ async def _cancel(out: str | Path, mock: bool, base_url: str | None) -> list[str
                 raise UsageError("the open batches were created at several base URLs: give --base-url")
         api = GoogleBatchApi(base, key)
         stack.push_async_callback(api.aclose)
-        lines = []
+        done = Cancelled()
         unnamed = {e.display_name: e for e in entries if e.name is None}
         found: dict[str, str] = {}
         if unnamed:  # prepared by a run that stopped before it heard back: look them up by display name
@@ -58,13 +67,20 @@ async def _cancel(out: str | Path, mock: bool, base_url: str | None) -> list[str
         for entry in entries:
             name = entry.name or found.get(entry.display_name)
             if name is None:
-                lines.append(f"{entry.display_name}: not on the server (never created); nothing to cancel")
+                done.lines.append(f"{entry.display_name}: not on the server (never created); nothing to cancel")
                 continue
             try:
+                info = await api.get(name)  # an ended batch has results paid for: collect them, never drop them
+                if info.done:
+                    done.lines.append(
+                        f"{name}: already ended {info.state}; nothing to cancel (`runner run` collects it)"
+                    )
+                    continue
                 await api.cancel(name)
             except (ApiError, Unknown) as e:
-                why = e.failure.message if isinstance(e, ApiError) else str(e)
-                lines.append(f"{name}: could not cancel it: {why}")
+                done.failed += 1
+                done.lines.append(f"{name}: could not cancel it: {error_text(e)}")
                 continue
-            lines.append(f"{name}: cancelled ({plural(len(entry.items), 'item')} go back to the to-do list)")
-        return [printable(line) for line in lines]
+            done.lines.append(f"{name}: cancelled ({plural(len(entry.items), 'item')} go back to the to-do list)")
+        done.lines = [printable(line) for line in done.lines]
+        return done

@@ -25,7 +25,7 @@ from ...policy import POLICY, Action, Failure
 from ...pricing import PriceTable, usd
 from ...record import Record
 from ...spec.items import Item
-from .api import WITH_RESULTS, ApiError, BatchInfo, GoogleBatchApi, Unknown
+from .api import WITH_RESULTS, ApiError, BatchInfo, GoogleBatchApi, Unknown, error_text
 from .files import ResultsReader
 
 LOOKUP_CHUNK = 10_000  # items of finished batches looked up in one pass over the spec (bounds memory)
@@ -39,7 +39,8 @@ class OpenBatch:
 
     entry: BatchEntry
     submitted: float = field(default_factory=time.monotonic)
-    state: str = ""
+    state: str = ""  # as this run last saw it ("": adopted from an earlier run, not yet looked at)
+    cancelled_before: bool = False  # found cancelled (`runner cancel`) before this run first looked
 
     @property
     def ids(self) -> list[str]:
@@ -110,6 +111,8 @@ class Collecting:
                     return
                 self.log(f"batch {batch.entry.name}: {e.failure.message}; trying again in {self.poll_s:g}s")
                 continue
+            if not batch.state and info.state == "CANCELLED":  # before this run first looked: see _finish
+                batch.cancelled_before = True
             if info.state != batch.state:  # said once per change, not once per poll
                 batch.state = info.state
                 self._event("state", batch.entry.id, state=info.state, stats=info.stats, results_file=info.results_file)
@@ -156,7 +159,13 @@ class Collecting:
         state = info.state
         why = f"ended {state}" + (f": {info.error}" if info.error else "")
         self.session.budget.settle(batch.entry.reserved_usd, 0.0, 0)
-        if state == "CANCELLED":  # someone cancelled it: stop spending on these; a later run submits them
+        if state == "CANCELLED" and batch.cancelled_before:  # a run started after the cancel: it wants them done
+            self.log(
+                f"batch {info.name} was cancelled before this run: its {plural(len(mine), 'item')} are submitted again"
+            )
+            self.requeue.extend(mine)  # not an attempt: the cancel was the user's
+            self._wake()
+        elif state == "CANCELLED":  # cancelled while this run waited: stop spending on these; a later run submits them
             self.log(
                 f"batch {info.name} was cancelled: its {plural(len(mine), 'item')} go back to the to-do list for a later run"
             )
@@ -328,10 +337,6 @@ class Collecting:
 
     def _event(self, kind: str, batch_id: str, **fields: Any) -> None:
         self.store.append_ledger({"event": kind, "id": batch_id, **fields, "at": stamp()})
-
-
-def error_text(e: Exception) -> str:
-    return e.failure.message if isinstance(e, ApiError) else str(e)
 
 
 def stamp() -> str:

@@ -101,8 +101,13 @@ def _rerun_command(args: argparse.Namespace) -> str:
         parts += ["--out", args.out]
     if args.shard:
         parts += ["--shard", f"{args.shard.index}/{args.shard.count}"]
-    if args.mock:
+    if args.base_url:  # without it the resumed run would go to the spec's gateway, perhaps a paid one
+        parts += ["--base-url", args.base_url]
+    if args.mock:  # a rehearsal resumes as the same rehearsal
         parts.append("--mock")
+        parts += ["--mock-latency", str(args.mock_latency)] if args.mock_latency else []
+        parts += [a for kv in args.mock_fault or [] for a in ("--mock-fault", kv)]
+        parts += ["--mock-rpm", str(args.mock_rpm)] if args.mock_rpm else []
     return shlex.join(parts)
 
 

@@ -334,6 +334,9 @@ def test_mock_no_wait_and_a_rerun_on_the_mock(tmp_path: Path) -> None:
     path = batch_spec(tmp_path, "http://127.0.0.1:9/v1beta", prompts=["a wren", "a finch", "a lark"], max_requests=2)
     proc = run_cli("run", str(path), "--mock", "--no-progress", "--no-wait")
     assert proc.returncode == 0 and "2 batches stay open" in proc.stderr, proc.stderr
+    # the commands it suggests are the ones that reach this mock's batches
+    assert f"`runner run {path} --mock` collects them" in proc.stderr, proc.stderr
+    assert f"`runner cancel {tmp_path / 'out'} --mock` cancels them" in proc.stderr, proc.stderr
     proc = run_cli("run", str(path), "--mock", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert "3 in batches still open" in proc.stderr and not re.search(

@@ -30,6 +30,17 @@ def test_every_retry_says_why_on_its_line_in_the_report_and_the_summary(tmp_path
     assert "retried" in run_cli("report", str(tmp_path / "out")).stdout
 
 
+def test_the_resume_hint_keeps_the_gateway_it_was_given(tmp_path: Path, gateway: StartGateway) -> None:
+    gw = gateway()
+    # the spec names another gateway (a paid one, say): the hint must not send the rerun there
+    path = write_spec(tmp_path, "http://127.0.0.1:9/v1", prompts=["a", "b [fault:content_filter]"])
+    proc = run_cli("run", str(path), "--no-progress", "--base-url", gw.base_url)
+    assert proc.returncode == 1, proc.stderr
+    assert f"`runner run {path} --base-url {gw.base_url} --retry-failed` tries them again" in proc.stderr
+    proc = run_cli("run", str(path), "--no-progress", "--mock", "--mock-fault", "503=0.5", "--out", str(tmp_path / "m"))
+    assert re.search(r"`runner run \S+ --out \S+ --mock --mock-fault 503=0.5", proc.stderr), proc.stderr
+
+
 def test_the_limiter_says_what_it_decided(tmp_path: Path, gateway: StartGateway) -> None:
     gw = gateway(fault_retry_after_s=1.0)
     prompts = [f"p{i} [fault:429x1]" for i in range(6)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -76,10 +77,12 @@ def describe(result: RunResult, command: str = "runner run JOB.yaml", *, absolut
 def _next_steps(result: RunResult, command: str) -> list[str]:
     s = result.stats
     if s.open_batches:
-        out = result.out_dir
+        out = shlex.quote(result.out_dir)
+        cancel = f"runner cancel {out}" + (" --mock" if result.mock else "")
         return [
-            f"{s.open_batches} batches stay open on Google's Batch API (results within 24 h): `{command}` collects "
-            f"them and submits what is left; `runner report {out}` shows them; `runner cancel {out}` cancels them"
+            f"{plural(s.open_batches, 'batch', 'batches')} {'stays' if s.open_batches == 1 else 'stay'} open on Google's Batch API (results within 24 h): "
+            f"`{command}` collects them and submits what is left; `runner report {out}` shows them; `{cancel}` "
+            "cancels them"
         ]
     if s.signalled:
         if s.done >= s.total and not s.failed and not s.interrupted:
@@ -124,5 +127,5 @@ def _next_steps(result: RunResult, command: str) -> list[str]:
             )
         )
     if retryable or permanent:
-        hints.append(f"which items failed and why: `runner report {result.out_dir}`")
+        hints.append(f"which items failed and why: `runner report {shlex.quote(result.out_dir)}`")
     return hints

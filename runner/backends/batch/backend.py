@@ -383,7 +383,8 @@ class BatchBackend(Collecting):
             more = f" and {len(self.open) - 3} more" if len(self.open) > 3 else ""
             self.log(
                 printable(
-                    f"{len(self.open)} batches stay open on the server ({names}{more}): a later run collects them"
+                    f"{plural(len(self.open), 'batch', 'batches')} {'stays' if len(self.open) == 1 else 'stay'} open on the "
+                    f"server ({names}{more}): a later run collects them"
                 )
             )
 

@@ -55,7 +55,18 @@ def test_the_circuit_breaker_stops_a_run_that_cannot_succeed(tmp_path: Path, moc
     proc = run_cli("run", str(path), "--no-progress")
     assert proc.returncode == 3
     assert "circuit breaker: 3 items in a row failed with server_error" in proc.stderr
+    assert "next: the service kept failing: wait a while" in proc.stderr
     assert mock.stats()["requests"] == 3 * 2
+
+
+def test_a_breaker_on_refused_requests_does_not_say_wait(tmp_path: Path, mock: MockGateway) -> None:
+    path = write_spec(
+        tmp_path, mock.base_url, prompts=[f"p{i} [fault:400]" for i in range(10)],
+        concurrency=1, max_consecutive_failures=3,
+    )  # fmt: skip
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 3 and "3 items in a row failed with bad_request" in proc.stderr, proc.stderr
+    assert "waiting will not change that: check api_format" in proc.stderr and "wait a while" not in proc.stderr
 
 
 def test_per_prompt_failures_do_not_trip_the_breaker(tmp_path: Path, mock: MockGateway) -> None:

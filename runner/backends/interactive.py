@@ -309,6 +309,7 @@ class Pool:
                 f"(last: {outcome.message}); max_consecutive_failures is {self.breaker.limit}",
                 "breaker",
                 True,
+                failure=outcome.kind,
             )
 
 

@@ -107,8 +107,13 @@ def _next_steps(result: RunResult, command: str) -> list[str]:
             "REQUESTS_CA_BUNDLE), never by turning verification off",
         }.get(s.stop_failure or "", "see the reason above")
         return [f"{hint}; then `{command}` resumes"]
-    if s.stop_kind == "breaker":
-        return [f"the service kept failing: wait a while, then `{command}` resumes"]
+    if s.stop_kind == "breaker":  # what failed says whether waiting can cure it
+        hint = {
+            "bad_request": "the gateway refused the requests themselves, and waiting will not change that: check "
+            "api_format (this gateway may speak another one, e.g. openai-compatible), params and the model",
+            "invalid_response": "the gateway's answers could not be read: check base_url and api_format",
+        }.get(s.stop_failure or "", "the service kept failing: wait a while")
+        return [f"{hint}, then `{command}` resumes"]
     hints = []
     kinds = {k: n for k, n in sorted(s.failures_by_kind.items()) if k in PERMANENT}
     permanent = sum(kinds.values()) + result.skipped_failed

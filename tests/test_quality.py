@@ -302,6 +302,10 @@ def test_without_pillow_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert result["duplicates"] == [[n["A"], n["B"]], [n["D"], n["E"]]]  # no decoder needed
     assert result["size_mismatches"] == [n["F"], n["H"]]
     assert result["unreadable"] == []  # nothing had to be read but the headers of G and H
+    from runner.report.text import format_quality
+
+    said = format_quality(result)  # type: ignore[arg-type]
+    assert "near duplicates, single-colour images: not checked" in said, said  # both need Pillow: both said
 
 
 def test_duplicate_groups_merge_and_order() -> None:

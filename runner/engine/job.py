@@ -139,8 +139,8 @@ async def _run_with_key(spec: JobSpec, options: RunOptions, log: Log) -> RunResu
     key = (options.api_key or os.environ.get(spec.api_key_env) or "").strip()
     if not key:
         raise UsageError(
-            f"no API key: set the environment variable {spec.api_key_env} (named by api_key_env in {spec.spec_path}), "
-            "or try the job on the built-in mock gateway with --mock"
+            f"no API key: set the environment variable {spec.api_key_env} (api_key_env in {spec.spec_path} names the "
+            "variable), or try the job on the built-in mock gateway with --mock"
         )
     if not key.isprintable() or " " in key:
         # A key pasted with a stray newline or quote would fail every request, or not be sendable at all.

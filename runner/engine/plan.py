@@ -16,6 +16,7 @@ from ..pricing import PriceTable, money, usd
 from ..spec.inputs import InputImage
 from ..spec.items import Item, ItemFields, Memo, Shard, expected_children, iter_children, iter_keyed, parent_image
 from ..spec.parse import JobSpec
+from .progress import plural
 
 LONG_PROMPT = 100_000  # characters: ~25,000 tokens, past what Nano Banana reads with room to spare
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tabs and line breaks are text
@@ -362,7 +363,7 @@ def estimate(
         result["expected_children"] = plan.expected
         if plan.expected:
             result["warnings"].append(
-                f"edit chains: {plan.expected} items are edits of images not made yet, counted and priced as if "
+                f"edit chains: {plural(plan.expected, 'item')} {'is an edit' if plan.expected == 1 else 'are edits'} of images not made yet, counted and priced as if "
                 "every parent succeeds (their ids come from those images)"
                 + (f"; {plan.blocked} of them are under parents that failed permanently" if plan.blocked else "")
             )

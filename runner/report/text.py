@@ -104,7 +104,7 @@ def format_text(summary: Summary) -> str:
         text.append(f"  {name}: {shown}{more}")
     if summary.get("inputs"):
         text += ["", f"reference images ({summary['distinct_inputs']} distinct):"]
-        text += [f"  {ref}: {n} items" for ref, n in list(summary["inputs"].items())[:8]]
+        text += [f"  {ref}: {plural(n, 'item')}" for ref, n in list(summary["inputs"].items())[:8]]
     return printable("\n".join(text))
 
 
@@ -173,8 +173,9 @@ def format_quality(summary: Summary) -> str:
         else "  byte-identical images: none"
     )
     near = summary.get("near_duplicates")
-    if near is None:
-        text.append(f"  near duplicates: {summary.get('near_duplicates_note', '')}")
+    if near is None:  # no Pillow (or --no-quality): the pixel checks are not made either
+        what = "near duplicates, single-colour images" if summary.get("uniform") is None else "near duplicates"
+        text.append(f"  {what}: {summary.get('near_duplicates_note', '')}")
     else:
         groups = f"{plural(len(near), 'group')} ({sum(map(len, near))} items), e.g. {ids(near[0])}" if near else "none"
         text.append(f"  near duplicates: {groups} ({summary.get('near_duplicates_note', '')})")

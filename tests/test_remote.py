@@ -94,7 +94,7 @@ def test_a_batch_edit_chain_into_s3_resumes_after_no_wait_and_buys_nothing_twice
                       batch={"max_requests": 2, "poll_s": 0.05})  # fmt: skip
     proc = run_cli("run", str(path), "--no-progress", "--no-wait")
     assert proc.returncode == 0, proc.stderr
-    assert "stay open on the server" in proc.stderr
+    assert "1 batch stays open on the server" in proc.stderr, proc.stderr
     assert not any(n.rsplit("/", 1)[-1].startswith("manifest") for n in s3.find(f"{BUCKET}/jobs/b"))
     proc = run_cli("run", str(path), "--no-progress")
     assert proc.returncode == 0, proc.stderr

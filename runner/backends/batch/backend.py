@@ -168,18 +168,19 @@ class BatchBackend(Collecting):
 
     async def _find(self, display_names: list[str]) -> dict[str, list[str]]:
         """Display name -> the server's names of batches with it (oldest first), by paging through
-        every batch (the Developer API's list has no filter)."""
+        every batch (the Developer API's list has no filter). A batch on two pages (the pages shift
+        as batches are created meanwhile) is one batch, not a second create to cancel."""
         wanted = set(display_names)
-        found: dict[str, list[tuple[str, str]]] = {}
+        found: dict[str, dict[str, str]] = {}
         try:
             async for info in self.api.list():
                 if info.display_name in wanted:
-                    found.setdefault(info.display_name, []).append((info.created or "", info.name))
+                    found.setdefault(info.display_name, {})[info.name] = info.created or ""
         except (Unknown, ApiError) as e:
             raise RunnerError(
                 f"cannot list batches to find the ones an earlier run may have created: {error_text(e)}; try again later"
             ) from None
-        return {name: [n for _, n in sorted(pairs)] for name, pairs in found.items()}
+        return {name: sorted(names, key=lambda n: (names[n], n)) for name, names in found.items()}
 
     async def _cancel_extras(self, entry: BatchEntry, names: list[str]) -> None:
         """Two batches of one display name: a create that was sent twice. Keep the oldest, cancel the rest."""

@@ -1,0 +1,44 @@
+"""Batch mode against a Google that misbehaves: answers rewritten by a proxy in front of the mock."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from runner.mock import MockGateway
+
+from .conftest import StartGateway, run_cli
+from .tamper import Tamper, TamperProxy
+from .test_batch import FAST, batch_spec, google
+from .test_resume import assert_all_ok_and_intact
+
+StartTamper = Callable[[MockGateway, Tamper], TamperProxy]
+
+
+def listing(path: str) -> bool:
+    return path.startswith("/v1beta/batches?")
+
+
+def test_a_batch_listed_twice_is_one_batch_never_cancelled(
+    tmp_path: Path, gateway: StartGateway, tamper: StartTamper
+) -> None:
+    """A listing whose pages shift (a batch created meanwhile) shows a batch twice: it is one batch,
+    and the one kept is never cancelled as its own duplicate."""
+    gw = gateway(**FAST, batch_faults=(("create_503", 1.0),))
+
+    def twice(method: str, path: str, status: int, body: bytes) -> tuple[int, bytes] | None:
+        if method != "GET" or not listing(path):
+            return None
+        page = json.loads(body)
+        page["operations"] = [op for op in page.get("operations", []) for _ in range(2)]
+        return status, json.dumps(page).encode()
+
+    proxy = tamper(gw, twice)
+    path = batch_spec(tmp_path, proxy.base_url, prompts=[f"stork {i}" for i in range(4)], max_requests=2)
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    stats = google(gw)
+    assert stats["cancels"] == 0 and "created twice" not in proc.stderr
+    assert stats["batches_created"] == 2 and stats["double_submits"] == 0
+    assert_all_ok_and_intact(tmp_path / "out", 4)

@@ -42,3 +42,21 @@ def test_a_batch_listed_twice_is_one_batch_never_cancelled(
     assert stats["cancels"] == 0 and "created twice" not in proc.stderr
     assert stats["batches_created"] == 2 and stats["double_submits"] == 0
     assert_all_ok_and_intact(tmp_path / "out", 4)
+
+
+def test_a_list_that_fails_after_an_unknown_create_aborts_the_run_with_exit_3(
+    tmp_path: Path, gateway: StartGateway, tamper: StartTamper
+) -> None:
+    """Exit 1 is "some items failed"; a run that cannot look for the batch it may have created is aborted (3)."""
+    gw = gateway(**FAST, batch_faults=(("create_503", 1.0),))
+    broken = (500, b'{"error": {"code": 500, "message": "boom", "status": "INTERNAL"}}')
+    proxy = tamper(gw, lambda method, path, status, body: broken if listing(path) else None)
+    path = batch_spec(tmp_path, proxy.base_url, prompts=["egret"], max_requests=2)
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 3, proc.stderr
+    assert "cannot list batches" in proc.stderr and "boom" in proc.stderr
+    assert google(gw)["batches_created"] == 1
+    proc = run_cli("run", str(path), "--no-progress", "--base-url", gw.base_url)
+    assert proc.returncode == 0, proc.stderr
+    assert google(gw)["batches_created"] == 1
+    assert_all_ok_and_intact(tmp_path / "out", 1)

@@ -31,7 +31,7 @@ import anyio
 from ...engine.feed import Feed
 from ...engine.progress import plural
 from ...engine.session import SAVE_THREADS, Session
-from ...errors import RunnerError
+from ...errors import RunAborted, RunnerError
 from ...gateway.gemini import GeminiFormat
 from ...output import Store
 from ...output.ledger import BatchEntry
@@ -177,7 +177,7 @@ class BatchBackend(Collecting):
                 if info.display_name in wanted:
                     found.setdefault(info.display_name, {})[info.name] = info.created or ""
         except (Unknown, ApiError) as e:
-            raise RunnerError(
+            raise RunAborted(
                 f"cannot list batches to find the ones an earlier run may have created: {error_text(e)}; try again later"
             ) from None
         return {name: sorted(names, key=lambda n: (names[n], n)) for name, names in found.items()}

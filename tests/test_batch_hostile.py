@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from runner.mock import MockGateway
 
 from .conftest import StartGateway, run_cli
 from .tamper import Tamper, TamperProxy
-from .test_batch import FAST, batch_spec, google
+from .test_batch import FAST, batch_spec, google, ledger
 from .test_resume import assert_all_ok_and_intact
 
 StartTamper = Callable[[MockGateway, Tamper], TamperProxy]
@@ -59,4 +60,34 @@ def test_a_list_that_fails_after_an_unknown_create_aborts_the_run_with_exit_3(
     proc = run_cli("run", str(path), "--no-progress", "--base-url", gw.base_url)
     assert proc.returncode == 0, proc.stderr
     assert google(gw)["batches_created"] == 1
+    assert_all_ok_and_intact(tmp_path / "out", 1)
+
+
+def test_a_list_that_pages_in_a_loop_stops_the_run_and_buys_nothing_twice(
+    tmp_path: Path, gateway: StartGateway, tamper: StartTamper
+) -> None:
+    """A create with no answer is looked up by listing; a list whose next page is always the same
+    page ends with a clear error at once (not after thousands of requests), the batch left to find."""
+    gw = gateway(**FAST, batch_faults=(("create_503", 1.0),))
+    pages = Counter[str]()
+
+    def loop(method: str, path: str, status: int, body: bytes) -> tuple[int, bytes] | None:
+        if method != "GET" or not listing(path):
+            return None
+        pages["listed"] += 1
+        return status, json.dumps({**json.loads(body), "nextPageToken": "again"}).encode()
+
+    proxy = tamper(gw, loop)
+    path = batch_spec(tmp_path, proxy.base_url, prompts=["egret"], max_requests=2)
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 3, proc.stderr
+    assert "cannot list batches" in proc.stderr and "page token" in proc.stderr
+    assert pages["listed"] <= 3
+    assert google(gw)["batches_created"] == 1 and google(gw)["cancels"] == 0
+    [entry] = [e for e in ledger(tmp_path / "out") if e["event"] == "prepare"]
+    assert not any(e["event"] == "abandoned" for e in ledger(tmp_path / "out"))  # the next run looks for it again
+    # the next run, with a list that works, finds and collects it
+    proc = run_cli("run", str(path), "--no-progress", "--base-url", gw.base_url)
+    assert proc.returncode == 0, proc.stderr
+    assert google(gw)["batches_created"] == 1 and entry["items"]
     assert_all_ok_and_intact(tmp_path / "out", 1)

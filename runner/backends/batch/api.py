@@ -194,14 +194,20 @@ class GoogleBatchApi:
     async def list(self) -> AsyncIterator[BatchInfo]:
         """Every batch of the project, page by page (the Developer API has no filter: match client-side)."""
         token: str | None = None
-        for _ in range(10_000):  # a bound, not a limit anyone meets: a server looping on one token stops here
+        seen: set[str] = set()
+        for _ in range(10_000):  # a bound, not a limit anyone meets
             params = {"pageSize": "100", **({"pageToken": token} if token else {})}
-            body = _json(await self._send("GET", f"{self.base}/batches", params=params))
+            resp = await self._send("GET", f"{self.base}/batches", params=params)
+            body = _json(resp)
             for op in body.get("operations") or []:
                 yield BatchInfo.parse(op)
             token = body.get("nextPageToken") if isinstance(body.get("nextPageToken"), str) else None
             if not token:
                 return
+            if token in seen:  # a server paging in a loop: stop now, not after 10,000 requests
+                raise ApiError(Failure("invalid_response", resp.status_code, "the list of batches pages in a loop "
+                                       "(a page token came back twice)"))  # fmt: skip
+            seen.add(token)
 
     async def cancel(self, name: str) -> None:
         await self._send("POST", f"{self.base}/{name}:cancel", ok=(200, 204))

@@ -7,6 +7,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from runner.mock import MockGateway
 
 from .conftest import StartGateway, run_cli
@@ -91,3 +93,28 @@ def test_a_list_that_pages_in_a_loop_stops_the_run_and_buys_nothing_twice(
     assert proc.returncode == 0, proc.stderr
     assert google(gw)["batches_created"] == 1 and entry["items"]
     assert_all_ok_and_intact(tmp_path / "out", 1)
+
+
+@pytest.mark.parametrize("answer", ["nameless", "html"])
+def test_a_create_answered_without_a_batch_name_is_looked_up_never_bought_again(
+    tmp_path: Path, gateway: StartGateway, tamper: StartTamper, answer: str
+) -> None:
+    """A create that went through but whose answer names no batch (no `name`, not JSON) is an unknown
+    outcome: looked up by listing. Before, the batch was polled as "" (404: gone) and bought again."""
+    gw = gateway(**FAST)
+
+    def nameless(method: str, path: str, status: int, body: bytes) -> tuple[int, bytes] | None:
+        if method != "POST" or ":batchGenerateContent" not in path or status != 200:
+            return None
+        if answer == "html":
+            return status, b"<html><body>Batch created.</body></html>"
+        return status, json.dumps({k: v for k, v in json.loads(body).items() if k != "name"}).encode()
+
+    proxy = tamper(gw, nameless)
+    path = batch_spec(tmp_path, proxy.base_url, prompts=[f"plover {i}" for i in range(5)], max_requests=3)
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    stats = google(gw)
+    assert stats["batches_created"] == 2 and stats["double_submits"] == 0
+    assert all(e["name"].startswith("batches/") for e in ledger(tmp_path / "out") if e["event"] == "created")
+    assert_all_ok_and_intact(tmp_path / "out", 5)

@@ -186,7 +186,13 @@ class GoogleBatchApi:
         resp = await self._send(
             "POST", f"{self.base}/models/{model_id}:batchGenerateContent", json=body, unknown_5xx=True
         )
-        return BatchInfo.parse(_json(resp))
+        try:
+            info = BatchInfo.parse(_json(resp))
+        except ApiError:  # a 200 that is not JSON: the batch may well exist
+            info = None
+        if info is None or not info.name.startswith("batches/"):  # it cannot be polled by that name: look it up
+            raise Unknown(f"POST {_path(str(resp.url))}: the answer names no batch")
+        return info
 
     async def get(self, name: str) -> BatchInfo:
         return BatchInfo.parse(_json(await self._send("GET", f"{self.base}/{name}")))

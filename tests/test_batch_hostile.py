@@ -118,3 +118,42 @@ def test_a_create_answered_without_a_batch_name_is_looked_up_never_bought_again(
     assert stats["batches_created"] == 2 and stats["double_submits"] == 0
     assert all(e["name"].startswith("batches/") for e in ledger(tmp_path / "out") if e["event"] == "created")
     assert_all_ok_and_intact(tmp_path / "out", 5)
+
+
+def test_a_404_for_a_batch_the_list_still_shows_is_not_taken_for_gone(
+    tmp_path: Path, gateway: StartGateway, tamper: StartTamper
+) -> None:
+    """A get answered 404 (a flaky front end) for a batch that is alive: it is checked against the
+    list before its items are given back, so nothing is bought twice."""
+    gw = gateway(**FAST)
+    gets = Counter[str]()
+    missing = (404, b'{"error": {"code": 404, "message": "Not found", "status": "NOT_FOUND"}}')
+
+    def flaky(method: str, path: str, status: int, body: bytes) -> tuple[int, bytes] | None:
+        if method != "GET" or not path.startswith("/v1beta/batches/"):
+            return None
+        gets[path] += 1
+        return missing if gets[path] <= 2 else None
+
+    proxy = tamper(gw, flaky)
+    path = batch_spec(tmp_path, proxy.base_url, prompts=[f"avocet {i}" for i in range(5)], max_requests=3)
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "no longer knows" not in proc.stderr
+    stats = google(gw)
+    assert stats["batches_created"] == 2 and stats["double_submits"] == 0
+    assert_all_ok_and_intact(tmp_path / "out", 5)
+
+
+def test_a_404_for_every_batch_at_a_wrong_base_url_leaves_them_open(tmp_path: Path, gateway: StartGateway) -> None:
+    """`--base-url` with a typo: every get and the list are 404. The batches stay open (the run aborts,
+    exit 3), never given up while they run on the server."""
+    gw = gateway(flavor="gemini", batch_latency_s=60)
+    path = batch_spec(tmp_path, gw.base_url, prompts=[f"avocet {i}" for i in range(4)], max_requests=2)
+    assert run_cli("run", str(path), "--no-progress", "--no-wait").returncode == 0
+    wrong = gw.base_url.replace("/v1beta", "/v1betta")
+    proc = run_cli("run", str(path), "--no-progress", "--base-url", wrong)
+    assert proc.returncode == 3, proc.stderr
+    assert "no longer knows" not in proc.stderr
+    assert not any(e["event"] == "abandoned" for e in ledger(tmp_path / "out"))
+    assert google(gw)["batches_created"] == 2

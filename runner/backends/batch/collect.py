@@ -92,6 +92,7 @@ class Collecting:
 
     async def _poll_once(self) -> None:
         ended: list[tuple[OpenBatch, BatchInfo | None]] = []  # None: the server no longer knows it
+        unknown: list[OpenBatch] = []  # a get answered 404: gone only if the list says so too
         for batch in list(self.open.values()):
             if self.session.is_stopping:
                 return
@@ -103,7 +104,7 @@ class Collecting:
                 continue
             except ApiError as e:
                 if e.failure.status == 404:
-                    ended.append((batch, None))
+                    unknown.append(batch)
                     continue
                 if e.failure.action is Action.ABORT:
                     self.session.stop(f"{e.failure.kind}: {e.failure.message}", "abort", True, failure=e.failure.kind)
@@ -116,6 +117,8 @@ class Collecting:
                 self.log(self._status(batch, info))
             if info.done:
                 ended.append((batch, info))
+        if unknown and not await self._gone(unknown, ended):
+            return
         # The ended batches' Items are looked up a chunk at a time: one pass over the spec per chunk.
         while ended and not self.session.is_stopping:
             chunk: list[tuple[OpenBatch, BatchInfo | None]] = []
@@ -133,6 +136,27 @@ class Collecting:
             self.log(f"batches: {len(self.open)} open ({', '.join(f'{n} {s}' for s, n in sorted(states.items()))}); "
                      f"items done {self.stats.done}/{self.stats.total}; {usd(self.stats.spent_usd)} collected, "
                      f"{usd(self.session.budget.in_flight)} committed")  # fmt: skip
+
+    async def _gone(self, unknown: list[OpenBatch], ended: list[tuple[OpenBatch, BatchInfo | None]]) -> bool:
+        """Batches a get answered 404 for go to `ended` as gone only if the list of batches works and
+        does not show them either: a flaky 404, or a wrong base URL (where the list is 404 too), must
+        not give the items of a batch that runs on the server back to be bought again. False: stop."""
+        try:
+            listed = {info.name async for info in self.api.list()}
+        except (Unknown, ApiError) as e:
+            if isinstance(e, ApiError) and e.failure.action is Action.ABORT:
+                self.session.stop(f"{e.failure.kind}: {e.failure.message} (batches not found: "
+                                  f"{POLICY[e.failure.kind].what})", "abort", True, failure=e.failure.kind)  # fmt: skip
+                return False
+            self.log(f"{plural(len(unknown), 'batch', 'batches')} not found, and the list of batches failed ({error_text(e)}); "
+                     f"trying again in {self.poll_s:g}s")  # fmt: skip
+            return True
+        for batch in unknown:
+            if batch.entry.name in listed:
+                self.log(f"batch {batch.entry.name}: not found, yet listed; trying again in {self.poll_s:g}s")
+            else:
+                ended.append((batch, None))
+        return True
 
     def _status(self, batch: OpenBatch, info: BatchInfo) -> str:
         s = info.stats

@@ -157,3 +157,24 @@ def test_a_404_for_every_batch_at_a_wrong_base_url_leaves_them_open(tmp_path: Pa
     assert "no longer knows" not in proc.stderr
     assert not any(e["event"] == "abandoned" for e in ledger(tmp_path / "out"))
     assert google(gw)["batches_created"] == 2
+
+
+def test_cancel_with_a_list_that_fails_says_so_per_batch_and_cancels_the_rest(
+    tmp_path: Path, gateway: StartGateway, tamper: StartTamper
+) -> None:
+    """A batch whose create went unanswered is looked up by listing to be cancelled; a list that fails
+    is said for that batch, the named ones are cancelled, and nothing ends as an internal error (70)."""
+    gw = gateway(flavor="gemini", batch_latency_s=60)
+    path = batch_spec(tmp_path, gw.base_url, prompts=[f"godwit {i}" for i in range(4)], max_requests=2)
+    assert run_cli("run", str(path), "--no-progress", "--no-wait").returncode == 0
+    out = tmp_path / "out"
+    first = next(e for e in ledger(out) if e["event"] == "prepare")
+    lines = [json.loads(x) for x in (out / "batches.jsonl").read_text().splitlines()]
+    kept = [e for e in lines if not (e["event"] == "created" and e["id"] == first["id"])]  # a kill before it was named
+    (out / "batches.jsonl").write_text("".join(json.dumps(e) + "\n" for e in kept))
+    broken = (503, b'{"error": {"code": 503, "message": "list is down", "status": "UNAVAILABLE"}}')
+    proxy = tamper(gw, lambda method, path, status, body: broken if listing(path) else None)
+    proc = run_cli("cancel", str(out), "--base-url", proxy.base_url)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{first['display_name']}: could not look it up on the server: " in proc.stderr
+    assert proc.stderr.count(": cancelled (2 items") == 1 and google(gw)["cancels"] == 1

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -178,3 +181,51 @@ def test_cancel_with_a_list_that_fails_says_so_per_batch_and_cancels_the_rest(
     assert proc.returncode == 0, proc.stderr
     assert f"{first['display_name']}: could not look it up on the server: " in proc.stderr
     assert proc.stderr.count(": cancelled (2 items") == 1 and google(gw)["cancels"] == 1
+
+
+def test_a_disk_that_fills_while_results_download_stops_the_run_and_keeps_the_batch(
+    tmp_path: Path, gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The results file goes to the output dir's disk; a full disk there is the run's "cannot write
+    to output dir" (exit 3), not a bug (70), and the batch stays open: the next run collects it."""
+    from runner.backends.batch import api
+
+    gw = gateway(**FAST)
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(api, "os", SimpleNamespace(fsync=full))
+    path = batch_spec(tmp_path, gw.base_url, prompts=[f"curlew {i}" for i in range(3)], max_requests=3)
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 3, proc.stderr
+    assert "cannot write to output dir" in proc.stderr and "disk is full" in proc.stderr
+    assert not any(e["event"] in ("collected", "abandoned") for e in ledger(tmp_path / "out"))
+    monkeypatch.undo()
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert google(gw)["batches_created"] == 1
+    assert_all_ok_and_intact(tmp_path / "out", 3)
+
+
+def test_a_disk_that_fills_while_a_requests_file_is_written_stops_the_run_sending_nothing(
+    tmp_path: Path, gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runner.backends.batch import backend
+
+    gw = gateway(**FAST)
+
+    def full(*args: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "x.requests.jsonl")
+
+    monkeypatch.setattr(backend, "write_requests", full)
+    path = batch_spec(tmp_path, gw.base_url, prompts=[f"curlew {i}" for i in range(3)], max_requests=3)
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 3, proc.stderr
+    assert "cannot write to output dir" in proc.stderr and "disk is full" in proc.stderr
+    assert [e["event"] for e in ledger(tmp_path / "out")] == ["prepare", "abandoned"]
+    assert google(gw)["uploads"] == 0
+    monkeypatch.undo()
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert_all_ok_and_intact(tmp_path / "out", 3)

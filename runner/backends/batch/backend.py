@@ -34,6 +34,7 @@ from ...engine.session import SAVE_THREADS, Session
 from ...errors import RunAborted, RunnerError
 from ...gateway.gemini import GeminiFormat
 from ...output import Store
+from ...output.files import output_error
 from ...output.ledger import BatchEntry
 from ...policy import POLICY, Action, Failure
 from ...pricing import PriceTable, usd
@@ -267,7 +268,13 @@ class BatchBackend(Collecting):
                                   "at": entry.prepared_at, "run_id": self.run_id})  # fmt: skip
         try:
             path = self.work_dir / f"{entry.id}.requests.jsonl"
-            await self.session.sink.save(write_requests, path, items, self.format, self.inputs, self.refs)
+            try:
+                await self.session.sink.save(write_requests, path, items, self.format, self.inputs, self.refs)
+            except OSError as e:  # the output dir's disk (full): nothing was sent
+                path.unlink(missing_ok=True)
+                self._give_back(entry, items, "its requests file could not be written")
+                self.session.output_failed(output_error(e, self.store.display))
+                return False
             try:
                 uploaded = await self.api.upload(path, entry.display_name)
             finally:

@@ -20,6 +20,7 @@ from ...engine.writer import Finished
 from ...errors import OutputError
 from ...gateway.answer import Outcome, Success
 from ...output import Store
+from ...output.files import output_error
 from ...output.ledger import BatchEntry
 from ...policy import POLICY, Action, Failure
 from ...pricing import PriceTable, usd
@@ -202,6 +203,10 @@ class Collecting:
         except (Unknown, ApiError) as e:
             self.log(f"batch {info.name}: download failed ({error_text(e)}); trying again in {self.poll_s:g}s")
             path.unlink(missing_ok=True)
+            return
+        except OSError as e:  # the output dir's disk (full): the results stay on the server for the next run
+            path.unlink(missing_ok=True)
+            self.session.output_failed(output_error(e, self.store.display))
             return
         reader = ResultsReader(path, self.api_key)
         records: list[Record] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from runner.mock import MockGateway
 
 from .conftest import StartGateway, run_cli
+from .hostile import HostileServer
 from .tamper import Tamper, TamperProxy
 from .test_batch import FAST, batch_spec, google, ledger
 from .test_resume import assert_all_ok_and_intact
@@ -229,3 +231,22 @@ def test_a_disk_that_fills_while_a_requests_file_is_written_stops_the_run_sendin
     proc = run_cli("run", str(path), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert_all_ok_and_intact(tmp_path / "out", 3)
+
+
+@pytest.mark.parametrize("scenario", ["endless", "trickle"])
+def test_a_batch_api_answer_that_never_ends_is_cut_off_not_held(
+    tmp_path: Path, gateway: StartGateway, hostile: HostileServer, scenario: str
+) -> None:
+    """The batch calls (get, list, create) read whole answers: an endless one filled memory (11 GB in
+    40 s) and a trickled one held the run far past timeout_s. Both are cut: a capped body, and
+    timeout_s for the whole request. The batch stays open."""
+    gw = gateway(flavor="gemini", batch_latency_s=60)
+    path = batch_spec(tmp_path, gw.base_url, prompts=["dunlin"], max_requests=2, timeout_s=1)
+    assert run_cli("run", str(path), "--no-progress", "--no-wait").returncode == 0
+    hostile.every = scenario
+    base = hostile.base_url.removesuffix("/v1") + "/v1beta"
+    started = time.monotonic()
+    proc = run_cli("run", str(path), "--no-progress", "--no-wait", "--base-url", base, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "no answer" in proc.stderr and "1 batches stay open" in proc.stderr
+    assert time.monotonic() - started < 30

@@ -250,3 +250,36 @@ def test_a_batch_api_answer_that_never_ends_is_cut_off_not_held(
     assert proc.returncode == 0, proc.stderr
     assert "no answer" in proc.stderr and "1 batches stay open" in proc.stderr
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        {"event": "prepare", "id": "x1", "items": ["not-an-item-id"], "reserved_usd": 0.1},
+        {"event": "prepare", "id": "x2", "items": [], "reserved_usd": "abc"},
+        {"event": "prepare", "id": "x3", "items": ["ab"], "reserved_usd": 1e400},
+        {"event": "state", "id": "FIRST", "state": "RUNNING", "stats": [1, 2]},
+        {"event": "created", "id": "FIRST", "name": 7},
+        {"event": "ref", "sha256": "ab", "file": "files/1", "uri": 5},
+    ],
+)
+def test_a_ledger_line_of_the_wrong_types_is_set_aside_not_a_crash(
+    tmp_path: Path, gateway: StartGateway, line: dict[str, object]
+) -> None:
+    """batches.jsonl changed by hand or by a bad disk: a line whose fields have the wrong types is
+    damaged (as one that is not JSON is), never an internal error or an infinite commitment."""
+    gw = gateway(flavor="gemini", batch_latency_s=60)
+    path = batch_spec(tmp_path, gw.base_url, prompts=["knot", "ruff"], max_requests=2)
+    assert run_cli("run", str(path), "--no-progress", "--no-wait").returncode == 0
+    out = tmp_path / "out"
+    first = ledger(out)[0]["id"]
+    with (out / "batches.jsonl").open("a") as f:
+        f.write(json.dumps(line).replace('"FIRST"', json.dumps(first)) + "\n")
+    report = run_cli("report", str(out), "--json")
+    assert report.returncode == 0, report.stderr
+    batches = json.loads(report.stdout)["batches"]
+    assert batches["committed_usd"] == pytest.approx(0.134, abs=0.11)
+    assert any(b["name"] and b["name"].startswith("batches/") for b in batches["open"])
+    proc = run_cli("run", str(path), "--no-progress", "--no-wait")
+    assert proc.returncode == 0, proc.stderr
+    assert google(gw)["batches_created"] == 1

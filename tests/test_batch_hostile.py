@@ -283,3 +283,31 @@ def test_a_ledger_line_of_the_wrong_types_is_set_aside_not_a_crash(
     proc = run_cli("run", str(path), "--no-progress", "--no-wait")
     assert proc.returncode == 0, proc.stderr
     assert google(gw)["batches_created"] == 1
+
+
+def test_a_succeeded_batch_whose_answer_names_no_results_file_is_looked_at_again(
+    tmp_path: Path, gateway: StartGateway, tamper: StartTamper
+) -> None:
+    """SUCCEEDED is paid for: an answer that leaves out `responsesFile` once gave the batch up ("not
+    the items' fault") and bought its items again, up to max_attempts times."""
+    gw = gateway(**FAST)
+    stripped = Counter[str]()
+
+    def no_file(method: str, path: str, status: int, body: bytes) -> tuple[int, bytes] | None:
+        if method != "GET" or not path.startswith("/v1beta/batches/"):
+            return None
+        op = json.loads(body)
+        if not op.get("done") or stripped[path] >= 2:
+            return None
+        stripped[path] += 1
+        op.pop("response", None)
+        op.get("metadata", {}).pop("output", None)
+        return status, json.dumps(op).encode()
+
+    proxy = tamper(gw, no_file)
+    path = batch_spec(tmp_path, proxy.base_url, prompts=["shag", "gannet"], max_requests=2)
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "no results file named" in proc.stderr
+    assert google(gw)["batches_created"] == 1 and google(gw)["paid"] == 2
+    assert_all_ok_and_intact(tmp_path / "out", 2)

@@ -41,6 +41,7 @@ class OpenBatch:
     entry: BatchEntry
     submitted: float = field(default_factory=time.monotonic)
     state: str = ""
+    no_results_said: bool = False
 
     @property
     def ids(self) -> list[str]:
@@ -116,6 +117,15 @@ class Collecting:
                 batch.state = info.state
                 self._event("state", batch.entry.id, state=info.state, stats=info.stats, results_file=info.results_file)
                 self.log(self._status(batch, info))
+            if info.state in WITH_RESULTS and not info.results_file:
+                # Paid for, and its results not named (yet): looked at again, never given up and bought twice.
+                info.results_file = batch.entry.results_file
+                if not info.results_file:
+                    if not batch.no_results_said:
+                        batch.no_results_said = True
+                        self.log(f"batch {info.name}: {info.state} but no results file named; looking again "
+                                 f"every {self.poll_s:g}s (it stays open)")  # fmt: skip
+                    continue
             if info.done:
                 ended.append((batch, info))
         if unknown and not await self._gone(unknown, ended):

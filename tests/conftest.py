@@ -27,7 +27,7 @@ from runner.mock import MockConfig, MockGateway
 from runner.record import ErrorRec, ImageFile, Record, make_record
 
 from .hostile import HostileServer
-from .tamper import Tamper, TamperProxy
+from .tamper import Refuse, Tamper, TamperProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 StartGateway = Callable[..., MockGateway]
@@ -297,12 +297,12 @@ def hostile() -> Iterator[HostileServer]:
 
 
 @pytest.fixture
-def tamper() -> Iterator[Callable[[MockGateway, Tamper], TamperProxy]]:
+def tamper() -> Iterator[Callable[..., TamperProxy]]:
     """Put a TamperProxy in front of a gemini-flavoured mock; all are stopped after the test."""
     started: list[TamperProxy] = []
 
-    def start(gw: MockGateway, rewrite: Tamper) -> TamperProxy:
-        proxy = TamperProxy(gw.base_url.removesuffix("/v1beta"), rewrite)
+    def start(gw: MockGateway, rewrite: Tamper, refuse: Refuse | None = None) -> TamperProxy:
+        proxy = TamperProxy(gw.base_url.removesuffix("/v1beta"), rewrite, refuse)
         proxy.start()
         started.append(proxy)
         return proxy

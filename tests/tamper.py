@@ -2,7 +2,8 @@
 misbehaving Google of the batch tests (a lost name, a 404 for a live batch, a list that loops).
 
 `tamper(method, path, status, body)` sees every answer (path with its query) and returns
-(status, body) to send instead, or None to pass it on as it came.
+(status, body) to send instead, or None to pass it on as it came; `refuse(method, path)` answers
+(status, body) in the mock's place, the request never reaching it, or None to forward it.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import aiohttp
 from aiohttp import web
 
 Tamper = Callable[[str, str, int, bytes], tuple[int, bytes] | None]
+Refuse = Callable[[str, str], tuple[int, bytes] | None]
 _HOP = {"host", "content-length", "transfer-encoding", "content-encoding", "connection", "date", "server"}
 
 
 class TamperProxy:
-    def __init__(self, upstream_root: str, tamper: Tamper) -> None:
+    def __init__(self, upstream_root: str, tamper: Tamper, refuse: Refuse | None = None) -> None:
         self.upstream = upstream_root.rstrip("/")
         self.tamper = tamper
+        self.refuse = refuse
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -49,6 +52,9 @@ class TamperProxy:
         async with aiohttp.ClientSession(auto_decompress=False) as session:
 
             async def handle(request: web.Request) -> web.Response:
+                refused = self.refuse(request.method, request.path_qs) if self.refuse else None
+                if refused is not None:
+                    return web.Response(status=refused[0], body=refused[1])
                 headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
                 async with session.request(
                     request.method, self.upstream + request.path_qs, data=await request.read(), headers=headers,

@@ -13,15 +13,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from runner.mock import MockGateway
-
-from .conftest import StartGateway, run_cli
+from .conftest import StartGateway, read_manifest, run_cli
 from .hostile import HostileServer
-from .tamper import Tamper, TamperProxy
+from .tamper import TamperProxy
 from .test_batch import FAST, batch_spec, google, ledger
 from .test_resume import assert_all_ok_and_intact
 
-StartTamper = Callable[[MockGateway, Tamper], TamperProxy]
+StartTamper = Callable[..., TamperProxy]
 
 
 def listing(path: str) -> bool:
@@ -311,3 +309,25 @@ def test_a_succeeded_batch_whose_answer_names_no_results_file_is_looked_at_again
     assert "no results file named" in proc.stderr
     assert google(gw)["batches_created"] == 1 and google(gw)["paid"] == 2
     assert_all_ok_and_intact(tmp_path / "out", 2)
+
+
+def test_an_open_batch_whose_items_are_all_recorded_is_closed_by_the_next_run(
+    tmp_path: Path, gateway: StartGateway, tamper: StartTamper
+) -> None:
+    """A kill after a batch's lines are committed and before its `collected` event: the rerun found
+    "nothing to do" and left the batch open for ever (the report's "1 open, $0.201 committed", the
+    budget counting it on top of what its lines cost). It is collected again, nothing recorded twice."""
+    gw = gateway(**FAST)
+    keep_files = (500, b'{"error": {"code": 500, "message": "later"}}')  # the kill came before the files went
+    proxy = tamper(gw, lambda *answer: None, lambda method, path: keep_files if method == "DELETE" else None)
+    path = batch_spec(tmp_path, proxy.base_url, prompts=["scaup", "smew", "teal"], max_requests=3)
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    out = tmp_path / "out"
+    events = [e for e in ledger(out) if e["event"] not in ("collected", "cleaned")]
+    (out / "batches.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(run_cli("report", str(out), "--json").stdout)
+    assert report["batches"]["open"] == [] and report["batches"]["committed_usd"] == 0
+    assert report["batches"]["collected"] == 1
+    assert len(read_manifest(out)) == 3 and google(gw)["batches_created"] == 1 and google(gw)["paid"] == 3

@@ -331,3 +331,32 @@ def test_an_open_batch_whose_items_are_all_recorded_is_closed_by_the_next_run(
     assert report["batches"]["open"] == [] and report["batches"]["committed_usd"] == 0
     assert report["batches"]["collected"] == 1
     assert len(read_manifest(out)) == 3 and google(gw)["batches_created"] == 1 and google(gw)["paid"] == 3
+
+
+def test_a_results_file_that_is_gone_gives_the_items_back_instead_of_waiting_for_ever(
+    tmp_path: Path, gateway: StartGateway, tamper: StartTamper
+) -> None:
+    """Collected days after a --no-wait, a batch's results file may be gone from the Files API (it
+    keeps files 48 h): the download is refused every time. A waiting run tried again at every poll,
+    for ever; now, refused GONE_AFTER times in a row, the items go back and are submitted again."""
+    gw = gateway(**FAST)
+    gone: list[str] = []
+
+    def expired(method: str, path: str) -> tuple[int, bytes] | None:
+        if ":download" not in path:
+            return None
+        gone[:] = gone or [path.split("?")[0]]  # the first batch's results file only
+        if path.split("?")[0] != gone[0]:
+            return None
+        return (
+            403,
+            b'{"error": {"code": 403, "message": "You do not have permission to access the File or it may not exist.", "status": "PERMISSION_DENIED"}}',
+        )
+
+    proxy = tamper(gw, lambda *answer: None, expired)
+    path = batch_spec(tmp_path, proxy.base_url, prompts=["pochard", "eider"], max_requests=2)
+    proc = run_cli("run", str(path), "--no-progress", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "is gone" in proc.stderr and proc.stderr.count("download failed") == 2
+    assert google(gw)["batches_created"] == 2
+    assert_all_ok_and_intact(tmp_path / "out", 2)

@@ -31,6 +31,7 @@ from .files import ResultsReader
 
 LOOKUP_CHUNK = 10_000  # items of finished batches looked up in one pass over the spec (bounds memory)
 SUMMARY_EVERY_S = 60.0  # a line on all open batches while waiting, at most this often
+GONE_AFTER = 3  # a results file refused this many times in a row (403/404) is gone (the Files API keeps 48 h)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class OpenBatch:
     submitted: float = field(default_factory=time.monotonic)
     state: str = ""
     no_results_said: bool = False
+    results_gone: int = 0  # downloads refused as not there (403/404) in a row
 
     @property
     def ids(self) -> list[str]:
@@ -211,8 +213,17 @@ class Collecting:
         try:
             await self.api.download(info.results_file, path)
         except (Unknown, ApiError) as e:
-            self.log(f"batch {info.name}: download failed ({error_text(e)}); trying again in {self.poll_s:g}s")
             path.unlink(missing_ok=True)
+            gone = isinstance(e, ApiError) and e.failure.status in (403, 404)
+            batch.results_gone = batch.results_gone + 1 if gone else 0
+            if batch.results_gone >= GONE_AFTER:  # tried again for ever, a waiting run would never end
+                why = f"its results file {info.results_file} is gone ({error_text(e)})"
+                self.log(f"batch {info.name}: {why}; its {plural(len(items), 'item')} go back to the to-do list")
+                self.session.budget.settle(batch.entry.reserved_usd, 0.0, 0)
+                await self._back(items.values(), Failure("server_error", None, f"the results of {info.name}: {why}"))
+                self._end(batch, "abandoned", why=why, state=info.state)
+                return
+            self.log(f"batch {info.name}: download failed ({error_text(e)}); trying again in {self.poll_s:g}s")
             return
         except OSError as e:  # the output dir's disk (full): the results stay on the server for the next run
             path.unlink(missing_ok=True)

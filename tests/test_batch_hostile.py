@@ -13,11 +13,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from .conftest import StartGateway, read_manifest, run_cli
+from .conftest import StartGateway, latest, read_manifest, run_cli, start_cli
 from .hostile import HostileServer
 from .tamper import TamperProxy
 from .test_batch import FAST, batch_spec, google, ledger
-from .test_resume import assert_all_ok_and_intact
+from .test_resume import assert_all_ok_and_intact, wait_for
 
 StartTamper = Callable[..., TamperProxy]
 
@@ -360,3 +360,24 @@ def test_a_results_file_that_is_gone_gives_the_items_back_instead_of_waiting_for
     assert "is gone" in proc.stderr and proc.stderr.count("download failed") == 2
     assert google(gw)["batches_created"] == 2
     assert_all_ok_and_intact(tmp_path / "out", 2)
+
+
+def test_shards_running_at_once_each_collect_their_own_batches(tmp_path: Path, gateway: StartGateway) -> None:
+    """Every shard read every shard's ledger and took over all open batches: two shards at once
+    raced to each other's results files (the first deletes it), and the loser gave the items back
+    (bought twice) or tried the gone file for ever. A shard collects the batches of its own ledger."""
+    gw = gateway(flavor="gemini", batch_latency_s=1.0)
+    path = batch_spec(tmp_path, gw.base_url, prompts=[f"grebe {i}" for i in range(8)], max_requests=2)
+    out = tmp_path / "out"
+    first = start_cli("run", str(path), "--no-progress", "--shard", "0/2")
+    try:
+        wait_for(lambda: any(e["event"] == "created" for e in ledger(out, "batches.shard-0-of-2.jsonl")))
+        second = run_cli("run", str(path), "--no-progress", "--shard", "1/2", timeout=60)
+        _, err = first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert first.returncode == 0 and second.returncode == 0, err + second.stderr
+    mine = {e["name"] for e in ledger(out, "batches.shard-0-of-2.jsonl") if e["event"] == "created"}
+    assert not any(name in second.stderr for name in mine)  # shard 1 never touched shard 0's batches
+    assert set(google(gw)["paid_keys"].values()) == {1} and google(gw)["double_submits"] == 0
+    assert len(latest(out)) == 8 and all(r["status"] == "ok" for r in latest(out).values())

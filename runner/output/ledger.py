@@ -32,10 +32,17 @@ from typing import Any
 LEDGER = "batches.jsonl"
 TERMINAL = ("collected", "abandoned")
 _ITEM_ID = re.compile(r"[0-9a-f]{1,64}")
+_BASE = re.compile(r"batches(?:\.shard-\d+-of-\d+)?")
 
 
 def ledger_name(shard_label: str | None) -> str:
     return LEDGER if shard_label is None else f"batches.shard-{shard_label}.jsonl"
+
+
+def ledger_base(name: str) -> str:
+    """Which ledger a file holds events of: `batches` or `batches.shard-K-of-N` (its remote parts too)."""
+    m = _BASE.match(name)
+    return m.group(0) if m else name
 
 
 @dataclass
@@ -59,6 +66,7 @@ class BatchEntry:
     ended: str | None = None  # collected | abandoned
     cleaned: bool = False
     outcome: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # the ledger its prepare is in (ledger_base): the run of that shard collects it
 
     @property
     def open(self) -> bool:
@@ -85,7 +93,7 @@ class Ledger:
         """What open batches may still cost: counted by the budget from submission on."""
         return sum(b.reserved_usd for b in self.batches.values() if b.open)
 
-    def apply(self, event: dict[str, Any]) -> None:
+    def apply(self, event: dict[str, Any], source: str = "") -> None:
         kind = event.get("event")
         if kind == "ref":
             if not all(isinstance(event.get(k), str) for k in ("sha256", "file", "uri")):
@@ -112,7 +120,7 @@ class Ledger:
                 id=bid, display_name=str(event.get("display_name", "")), model=str(event.get("model", "")),
                 model_id=str(event.get("model_id", "")), items=ids,
                 reserved_usd=float(reserved), prepared_at=str(event.get("at", "")),
-                base_url=str(event.get("base_url", "")), key_env=str(event.get("key_env", "")),
+                base_url=str(event.get("base_url", "")), key_env=str(event.get("key_env", "")), source=source,
             )  # fmt: skip
             for later in self.early.pop(bid, []):
                 self.apply(later)
@@ -148,11 +156,12 @@ def read_ledger(paths: Iterable[Path]) -> Ledger:
     """Every batch the ledgers of an output dir know (all shards), folded from their events."""
     ledger = Ledger()
     for path in paths:
+        source = ledger_base(path.name)
         for event in _events(path):
             if event is None:
                 ledger.damaged += 1
             else:
-                ledger.apply(event)
+                ledger.apply(event, source)
     ledger.damaged += sum(len(events) for events in ledger.early.values())  # their `prepare` never came
     ledger.early.clear()
     return ledger

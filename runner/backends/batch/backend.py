@@ -35,7 +35,7 @@ from ...errors import RunAborted, RunnerError
 from ...gateway.gemini import GeminiFormat
 from ...output import Store
 from ...output.files import output_error
-from ...output.ledger import BatchEntry
+from ...output.ledger import LEDGER, BatchEntry, ledger_base
 from ...policy import POLICY, Action, Failure
 from ...pricing import PriceTable, usd
 from ...safety import clean_message, printable
@@ -127,7 +127,7 @@ class BatchBackend(Collecting):
             self.refs = {
                 sha: str(r.get("uri")) for sha, r in ledger.refs.items() if now - _epoch(r.get("at")) < REF_REUSE_S
             }
-            await self._adopt(ledger.open_batches())
+            await self._adopt(self._mine(ledger.open_batches()))
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._poll_loop, tg.cancel_scope)
                 await self._submit()
@@ -141,6 +141,13 @@ class BatchBackend(Collecting):
         self._say_open()
 
     # -- what earlier runs left -----------------------------------------------------------------
+    def _mine(self, entries: list[BatchEntry]) -> list[BatchEntry]:
+        """The open batches this run collects: a shard's own (shards run at once, and two runs
+        collecting one batch race to its results file); an unsharded run, which no shard runs
+        beside, collects every shard's."""
+        own = ledger_base(self.store.ledger_name)
+        return entries if own == ledger_base(LEDGER) else [e for e in entries if e.source == own]
+
     async def _adopt(self, entries: list[BatchEntry]) -> None:
         """Take over the open batches of the ledger: find those whose create never said yes (a
         kill, a timeout) on the server by display name, and give up those it never got."""

@@ -251,8 +251,10 @@ class BatchBackend(Collecting):
         """Submit one batch; False when submitting must stop (budget, quota without waiting, a stop)."""
         try:
             items = await self._upload_refs(items)
-        except (ApiError, Unknown) as e:
+        except (ApiError, Unknown) as e:  # as an input file that cannot be uploaded: the run stops, said (exit 3)
             self.log(f"could not upload reference images ({error_text(e)}): {plural(len(items), 'item')} stay to do")
+            kind = e.failure.kind if isinstance(e, ApiError) else "server_error"
+            self.session.stop(f"could not upload reference images: {error_text(e)}", "abort", True, failure=kind)
             return False
         if not items:
             return True

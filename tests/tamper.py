@@ -3,7 +3,8 @@ misbehaving Google of the batch tests (a lost name, a 404 for a live batch, a li
 
 `tamper(method, path, status, body)` sees every answer (path with its query) and returns
 (status, body) to send instead, or None to pass it on as it came; `refuse(method, path)` answers
-(status, body) in the mock's place, the request never reaching it, or None to forward it.
+(status, body) in the mock's place, the request never reaching it (status 0: the connection is
+dropped, no answer at all), or None to forward it.
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ class TamperProxy:
 
             async def handle(request: web.Request) -> web.Response:
                 refused = self.refuse(request.method, request.path_qs) if self.refuse else None
+                if refused is not None and refused[0] == 0 and request.transport is not None:
+                    request.transport.abort()
                 if refused is not None:
-                    return web.Response(status=refused[0], body=refused[1])
+                    return web.Response(status=refused[0] or 500, body=refused[1])
                 headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
                 async with session.request(
                     request.method, self.upstream + request.path_qs, data=await request.read(), headers=headers,

@@ -381,3 +381,28 @@ def test_shards_running_at_once_each_collect_their_own_batches(tmp_path: Path, g
     assert not any(name in second.stderr for name in mine)  # shard 1 never touched shard 0's batches
     assert set(google(gw)["paid_keys"].values()) == {1} and google(gw)["double_submits"] == 0
     assert len(latest(out)) == 8 and all(r["status"] == "ok" for r in latest(out).values())
+
+
+def test_an_upload_with_no_answer_stops_the_run_not_a_quiet_exit_0(
+    tmp_path: Path, gateway: StartGateway, tamper: StartTamper
+) -> None:
+    """The second batch's upload gets no answer (the connection dropped): the run exited 0, "every
+    item ok", with none of 6 items made and without waiting for the batch already submitted."""
+    gw = gateway(**FAST)
+    starts = Counter[str]()
+
+    def drop_second(method: str, path: str) -> tuple[int, bytes] | None:
+        if method != "POST" or not path.startswith("/upload/v1beta/files") or "upload_id" in path:
+            return None
+        starts["upload"] += 1
+        return (0, b"") if starts["upload"] == 2 else None
+
+    proxy = tamper(gw, lambda *answer: None, drop_second)
+    path = batch_spec(tmp_path, proxy.base_url, prompts=[f"murre {i}" for i in range(6)], max_requests=2)
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 3, proc.stderr
+    assert "batch not submitted" in proc.stderr and "Server disconnected" in proc.stderr
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert google(gw)["batches_created"] == 3 and google(gw)["double_submits"] == 0
+    assert_all_ok_and_intact(tmp_path / "out", 6)

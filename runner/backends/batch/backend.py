@@ -302,6 +302,8 @@ class BatchBackend(Collecting):
                 )
             elif isinstance(e, ApiError):
                 self.session.stop(f"batch create refused: {e.failure.message}", "abort", True, failure=e.failure.kind)
+            else:  # no answer (a dropped upload): the run stops saying so, never ends as if all were done
+                self.session.stop(f"batch not submitted: {e}", "abort", True, failure="server_error")
             return False
         if info is None:  # quota, and no waiting: the rest is for the next run
             self._give_back(entry, items, "not submitted: the batch quota is full")

@@ -406,3 +406,26 @@ def test_an_upload_with_no_answer_stops_the_run_not_a_quiet_exit_0(
     assert proc.returncode == 0, proc.stderr
     assert google(gw)["batches_created"] == 3 and google(gw)["double_submits"] == 0
     assert_all_ok_and_intact(tmp_path / "out", 6)
+
+
+def test_a_batch_found_after_an_unanswered_create_is_kept_when_its_get_fails(
+    tmp_path: Path, gateway: StartGateway, tamper: StartTamper
+) -> None:
+    """Found by listing after a create with no answer, then a get with no answer either: the batch
+    was given up as "could not be submitted" though it runs on the server, and bought again."""
+    gw = gateway(**FAST, batch_faults=(("create_503", 1.0),))
+    gets = Counter[str]()
+
+    def drop_first_get(method: str, path: str) -> tuple[int, bytes] | None:
+        if method != "GET" or not path.startswith("/v1beta/batches/"):
+            return None
+        gets["get"] += 1
+        return (0, b"") if gets["get"] == 1 else None
+
+    proxy = tamper(gw, lambda *answer: None, drop_first_get)
+    path = batch_spec(tmp_path, proxy.base_url, prompts=["razorbill", "puffin"], max_requests=2)
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert not any(e["event"] == "abandoned" for e in ledger(tmp_path / "out"))
+    assert google(gw)["creates"] == 1 and google(gw)["batches_created"] == 1
+    assert_all_ok_and_intact(tmp_path / "out", 2)

@@ -351,7 +351,10 @@ class BatchBackend(Collecting):
             names = found.get(entry.display_name, [])
             if names:
                 await self._cancel_extras(entry, names[1:])
-                return await self.api.get(names[0])
+                try:
+                    return await self.api.get(names[0])
+                except (ApiError, Unknown):  # it exists, whatever its state: the poller looks again
+                    return BatchInfo(name=names[0], display_name=entry.display_name, state="")
             if attempt == 0:
                 with anyio.move_on_after(self.unknown_grace_s):
                     await self.session.stopping.wait()

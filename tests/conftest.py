@@ -27,6 +27,7 @@ from runner.mock import MockConfig, MockGateway
 from runner.record import ErrorRec, ImageFile, Record, make_record
 
 from .hostile import HostileServer
+from .tamper import Refuse, Tamper, TamperProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 StartGateway = Callable[..., MockGateway]
@@ -293,3 +294,19 @@ def hostile() -> Iterator[HostileServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def tamper() -> Iterator[Callable[..., TamperProxy]]:
+    """Put a TamperProxy in front of a gemini-flavoured mock; all are stopped after the test."""
+    started: list[TamperProxy] = []
+
+    def start(gw: MockGateway, rewrite: Tamper, refuse: Refuse | None = None) -> TamperProxy:
+        proxy = TamperProxy(gw.base_url.removesuffix("/v1beta"), rewrite, refuse)
+        proxy.start()
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()

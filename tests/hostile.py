@@ -295,6 +295,7 @@ class HostileServer:
         self.held: dict[str, list[float]] = {}
         self.in_flight = 0
         self.auth: set[str] = set()
+        self.every: str | None = None  # a scenario for every request, whatever its body (a GET has none)
 
     @property
     def base_url(self) -> str:
@@ -363,7 +364,7 @@ class HostileServer:
             body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
             prompt, auth = _prompt(body), headers.get("authorization", "")
             match = MARKER.search(prompt)
-            scenario = SCENARIOS.get(match.group(1) if match else "default", default)
+            scenario = SCENARIOS.get(self.every or (match.group(1) if match else "default"), default)
             self._bump(self.requests, prompt)
             with self._lock:
                 self.in_flight += 1

@@ -26,8 +26,8 @@ def batch_spec(tmp_path: Path, base_url: str, *, max_requests: int = 3, **fields
     )  # fmt: skip
 
 
-def ledger(out: Path) -> list[dict[str, Any]]:
-    path = out / "batches.jsonl"
+def ledger(out: Path, name: str = "batches.jsonl") -> list[dict[str, Any]]:
+    path = out / name
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
 

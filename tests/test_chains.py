@@ -8,6 +8,7 @@ import random
 import signal
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -310,3 +311,31 @@ def test_a_chain_exports_as_pairs_that_load_as_images(tmp_path: Path, gateway: S
         assert link["item_id"] in recs and s["input0.png"].size[0] > 0
     card = (tmp_path / "if" / "README.md").read_text()
     assert "## Edit chain" in card and "| room | base | 6 |" in card
+
+
+def test_a_reference_upload_that_fails_in_batch_mode_stops_the_run_saying_so(
+    tmp_path: Path, gateway: StartGateway, tamper: Callable[..., Any]
+) -> None:
+    """A parent image whose upload to the Files API fails (a 503) ended the submitting quietly: the
+    run exited 0, "every item ok", with 3 of 21 items made and the edits never sent. It is a stop
+    (exit 3) that says why, and the next run makes the rest."""
+    gw = gateway(flavor="gemini", batch_latency_s=0.15)
+    starts = Counter[str]()
+
+    def second_upload_fails(method: str, path: str) -> tuple[int, bytes] | None:
+        if method != "POST" or not path.startswith("/upload/v1beta/files") or "upload_id" in path:
+            return None
+        starts["upload"] += 1  # the first is the base batch's requests file, the second a parent image
+        return (503, b'{"error": {"code": 503, "message": "try later"}}') if starts["upload"] == 2 else None
+
+    proxy = tamper(gw, lambda *answer: None, second_upload_fails)
+    path = chain_spec(
+        tmp_path, proxy.base_url, api_format="gemini", mode="batch", batch={"max_requests": 4, "poll_s": 0.05}
+    )
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 3, proc.stderr
+    assert "could not upload reference images: try later" in proc.stderr
+    proc = run_cli("run", str(path), "--no-progress", "--base-url", gw.base_url)
+    assert proc.returncode == 0, proc.stderr
+    assert len(latest(tmp_path / "out")) == 21
+    assert set(gw.stats()["google"]["paid_keys"].values()) == {1}

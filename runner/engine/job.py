@@ -214,7 +214,10 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
     log(f"{spec.name}: " + "; ".join(parts))
     for warning in plan.warnings():
         log(f"warning: {warning}")
-    if plan.to_run == 0 and not plan.in_batch and plan.expected == plan.blocked:
+    # An open batch whose items are all recorded (a kill between its lines and its `collected` event) is
+    # still to be closed: its commitment would stay in the report and the budget for ever.
+    unclosed = spec.mode == "batch" and bool(state.in_batch)
+    if plan.to_run == 0 and not plan.in_batch and not unclosed and plan.expected == plan.blocked:
         log(
             f"nothing to do: all {plan.items} items are done in {store.display}"
             if not plan.skipped_failed

@@ -30,6 +30,7 @@ class Store(Protocol):
     path: Path  # where the manifests can be read locally (a temporary copy for a remote dir)
     display: str  # how messages name it
     manifest_name: str
+    ledger_name: str
     repaired_bytes: int
     damaged_lines: int
     removed_temps: int

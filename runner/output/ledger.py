@@ -22,6 +22,8 @@ counts as never prepared only if the `prepare` itself was cut, and nothing was s
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +31,18 @@ from typing import Any
 
 LEDGER = "batches.jsonl"
 TERMINAL = ("collected", "abandoned")
+_ITEM_ID = re.compile(r"[0-9a-f]{1,64}")
+_BASE = re.compile(r"batches(?:\.shard-\d+-of-\d+)?")
 
 
 def ledger_name(shard_label: str | None) -> str:
     return LEDGER if shard_label is None else f"batches.shard-{shard_label}.jsonl"
+
+
+def ledger_base(name: str) -> str:
+    """Which ledger a file holds events of: `batches` or `batches.shard-K-of-N` (its remote parts too)."""
+    m = _BASE.match(name)
+    return m.group(0) if m else name
 
 
 @dataclass
@@ -56,6 +66,7 @@ class BatchEntry:
     ended: str | None = None  # collected | abandoned
     cleaned: bool = False
     outcome: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # the ledger its prepare is in (ledger_base): the run of that shard collects it
 
     @property
     def open(self) -> bool:
@@ -82,10 +93,13 @@ class Ledger:
         """What open batches may still cost: counted by the budget from submission on."""
         return sum(b.reserved_usd for b in self.batches.values() if b.open)
 
-    def apply(self, event: dict[str, Any]) -> None:
+    def apply(self, event: dict[str, Any], source: str = "") -> None:
         kind = event.get("event")
         if kind == "ref":
-            self.refs[str(event.get("sha256"))] = event
+            if not all(isinstance(event.get(k), str) for k in ("sha256", "file", "uri")):
+                self.damaged += 1
+                return
+            self.refs[event["sha256"]] = event
             return
         if kind == "ref_deleted":
             self.refs = {k: v for k, v in self.refs.items() if v.get("file") != event.get("file")}
@@ -96,11 +110,17 @@ class Ledger:
             if not isinstance(bid, str) or not isinstance(items, list) or not all(isinstance(i, str) for i in items):
                 self.damaged += 1
                 return
+            ids = [i for i in items if _ITEM_ID.fullmatch(i)]  # a line changed by hand or by a bad disk: ids only
+            reserved = event.get("reserved_usd")
+            if not isinstance(reserved, int | float) or isinstance(reserved, bool) or not 0 <= reserved < math.inf:
+                reserved = 0.0
+                self.damaged += 1
+            self.damaged += len(ids) < len(items)
             self.batches[bid] = BatchEntry(
                 id=bid, display_name=str(event.get("display_name", "")), model=str(event.get("model", "")),
-                model_id=str(event.get("model_id", "")), items=items,
-                reserved_usd=float(event.get("reserved_usd") or 0.0), prepared_at=str(event.get("at", "")),
-                base_url=str(event.get("base_url", "")), key_env=str(event.get("key_env", "")),
+                model_id=str(event.get("model_id", "")), items=ids,
+                reserved_usd=float(reserved), prepared_at=str(event.get("at", "")),
+                base_url=str(event.get("base_url", "")), key_env=str(event.get("key_env", "")), source=source,
             )  # fmt: skip
             for later in self.early.pop(bid, []):
                 self.apply(later)
@@ -112,13 +132,16 @@ class Ledger:
         if entry is None:
             self.early.setdefault(bid, []).append(event)
             return
+        if any(k in event and not isinstance(event[k], str | None) for k in ("file", "name", "state", "results_file")):
+            self.damaged += 1  # what names a file or a batch must be text: a damaged line says nothing
+            return
         if kind == "uploaded":
             entry.file = event.get("file")
         elif kind == "created":
             entry.name = event.get("name")
         elif kind == "state":
             entry.state = event.get("state")
-            entry.stats = event.get("stats") or {}
+            entry.stats = event["stats"] if isinstance(event.get("stats"), dict) else {}
             entry.results_file = event.get("results_file") or entry.results_file
         elif kind in TERMINAL:
             entry.ended = kind
@@ -133,11 +156,12 @@ def read_ledger(paths: Iterable[Path]) -> Ledger:
     """Every batch the ledgers of an output dir know (all shards), folded from their events."""
     ledger = Ledger()
     for path in paths:
+        source = ledger_base(path.name)
         for event in _events(path):
             if event is None:
                 ledger.damaged += 1
             else:
-                ledger.apply(event)
+                ledger.apply(event, source)
     ledger.damaged += sum(len(events) for events in ledger.early.values())  # their `prepare` never came
     ledger.early.clear()
     return ledger

@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 
 from ...gateway.gemini import classify
 from ...policy import Failure
 from ...safety import clean_message
 
+MAX_BODY = 16 << 20  # an answer of the Files or Batch API past this is not one: read no further
 UPLOAD_CHUNK = 8 << 20  # bytes per resumable-upload request (a multiple of 256 KiB, as Google asks)
 TERMINAL_STATES = ("SUCCEEDED", "PARTIALLY_SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
 WITH_RESULTS = ("SUCCEEDED", "PARTIALLY_SUCCEEDED")
@@ -91,6 +93,7 @@ class GoogleBatchApi:
         root, _, version = self.base.rpartition("/")
         self.root, self.version = root, version or "v1beta"
         self._key = api_key
+        self._timeout_s = timeout_s
         loopback = httpx.URL(self.base).host in ("127.0.0.1", "localhost", "::1")
         self._client = httpx.AsyncClient(
             headers={"x-goog-api-key": api_key, "User-Agent": "runner"},  # never ?key= in a URL: URLs get logged
@@ -186,7 +189,13 @@ class GoogleBatchApi:
         resp = await self._send(
             "POST", f"{self.base}/models/{model_id}:batchGenerateContent", json=body, unknown_5xx=True
         )
-        return BatchInfo.parse(_json(resp))
+        try:
+            info = BatchInfo.parse(_json(resp))
+        except ApiError:  # a 200 that is not JSON: the batch may well exist
+            info = None
+        if info is None or not info.name.startswith("batches/"):  # it cannot be polled by that name: look it up
+            raise Unknown(f"POST {_path(str(resp.url))}: the answer names no batch")
+        return info
 
     async def get(self, name: str) -> BatchInfo:
         return BatchInfo.parse(_json(await self._send("GET", f"{self.base}/{name}")))
@@ -194,14 +203,20 @@ class GoogleBatchApi:
     async def list(self) -> AsyncIterator[BatchInfo]:
         """Every batch of the project, page by page (the Developer API has no filter: match client-side)."""
         token: str | None = None
-        for _ in range(10_000):  # a bound, not a limit anyone meets: a server looping on one token stops here
+        seen: set[str] = set()
+        for _ in range(10_000):  # a bound, not a limit anyone meets
             params = {"pageSize": "100", **({"pageToken": token} if token else {})}
-            body = _json(await self._send("GET", f"{self.base}/batches", params=params))
+            resp = await self._send("GET", f"{self.base}/batches", params=params)
+            body = _json(resp)
             for op in body.get("operations") or []:
                 yield BatchInfo.parse(op)
             token = body.get("nextPageToken") if isinstance(body.get("nextPageToken"), str) else None
             if not token:
                 return
+            if token in seen:  # a server paging in a loop: stop now, not after 10,000 requests
+                raise ApiError(Failure("invalid_response", resp.status_code, "the list of batches pages in a loop "
+                                       "(a page token came back twice)"))  # fmt: skip
+            seen.add(token)
 
     async def cancel(self, name: str) -> None:
         await self._send("POST", f"{self.base}/{name}:cancel", ok=(200, 204))
@@ -211,7 +226,17 @@ class GoogleBatchApi:
         self, method: str, url: str, *, ok: tuple[int, ...] = (200,), unknown_5xx: bool = False, **kwargs: Any
     ) -> httpx.Response:
         try:
-            resp = await self._client.request(method, url, **kwargs)
+            with anyio.fail_after(self._timeout_s):  # the whole request, its body included (a trickle too)
+                async with self._client.stream(method, url, **kwargs) as streamed:
+                    body = bytearray()
+                    async for chunk in streamed.aiter_bytes():
+                        body += chunk
+                        if len(body) > MAX_BODY:
+                            raise Unknown(f"{method} {_path(url)}: an answer past {MAX_BODY >> 20} MiB, cut off")
+            resp = httpx.Response(streamed.status_code, headers=streamed.headers, content=bytes(body),
+                                  request=streamed.request)  # fmt: skip
+        except TimeoutError:
+            raise Unknown(f"{method} {_path(url)}: no whole answer within {self._timeout_s:g}s") from None
         except httpx.HTTPError as e:
             raise Unknown(f"{method} {_path(url)}: {type(e).__name__}: {e}") from None
         if resp.status_code in ok:

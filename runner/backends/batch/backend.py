@@ -31,10 +31,11 @@ import anyio
 from ...engine.feed import Feed
 from ...engine.progress import plural
 from ...engine.session import SAVE_THREADS, Session
-from ...errors import RunnerError
+from ...errors import RunAborted, RunnerError
 from ...gateway.gemini import GeminiFormat
 from ...output import Store
-from ...output.ledger import BatchEntry
+from ...output.files import output_error
+from ...output.ledger import LEDGER, BatchEntry, ledger_base
 from ...policy import POLICY, Action, Failure
 from ...pricing import PriceTable, usd
 from ...safety import clean_message, printable
@@ -126,7 +127,7 @@ class BatchBackend(Collecting):
             self.refs = {
                 sha: str(r.get("uri")) for sha, r in ledger.refs.items() if now - _epoch(r.get("at")) < REF_REUSE_S
             }
-            await self._adopt(ledger.open_batches())
+            await self._adopt(self._mine(ledger.open_batches()))
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._poll_loop, tg.cancel_scope)
                 await self._submit()
@@ -140,6 +141,13 @@ class BatchBackend(Collecting):
         self._say_open()
 
     # -- what earlier runs left -----------------------------------------------------------------
+    def _mine(self, entries: list[BatchEntry]) -> list[BatchEntry]:
+        """The open batches this run collects: a shard's own (shards run at once, and two runs
+        collecting one batch race to its results file); an unsharded run, which no shard runs
+        beside, collects every shard's."""
+        own = ledger_base(self.store.ledger_name)
+        return entries if own == ledger_base(LEDGER) else [e for e in entries if e.source == own]
+
     async def _adopt(self, entries: list[BatchEntry]) -> None:
         """Take over the open batches of the ledger: find those whose create never said yes (a
         kill, a timeout) on the server by display name, and give up those it never got."""
@@ -168,18 +176,19 @@ class BatchBackend(Collecting):
 
     async def _find(self, display_names: list[str]) -> dict[str, list[str]]:
         """Display name -> the server's names of batches with it (oldest first), by paging through
-        every batch (the Developer API's list has no filter)."""
+        every batch (the Developer API's list has no filter). A batch on two pages (the pages shift
+        as batches are created meanwhile) is one batch, not a second create to cancel."""
         wanted = set(display_names)
-        found: dict[str, list[tuple[str, str]]] = {}
+        found: dict[str, dict[str, str]] = {}
         try:
             async for info in self.api.list():
                 if info.display_name in wanted:
-                    found.setdefault(info.display_name, []).append((info.created or "", info.name))
+                    found.setdefault(info.display_name, {})[info.name] = info.created or ""
         except (Unknown, ApiError) as e:
-            raise RunnerError(
+            raise RunAborted(
                 f"cannot list batches to find the ones an earlier run may have created: {error_text(e)}; try again later"
             ) from None
-        return {name: [n for _, n in sorted(pairs)] for name, pairs in found.items()}
+        return {name: sorted(names, key=lambda n: (names[n], n)) for name, names in found.items()}
 
     async def _cancel_extras(self, entry: BatchEntry, names: list[str]) -> None:
         """Two batches of one display name: a create that was sent twice. Keep the oldest, cancel the rest."""
@@ -242,8 +251,10 @@ class BatchBackend(Collecting):
         """Submit one batch; False when submitting must stop (budget, quota without waiting, a stop)."""
         try:
             items = await self._upload_refs(items)
-        except (ApiError, Unknown) as e:
+        except (ApiError, Unknown) as e:  # as an input file that cannot be uploaded: the run stops, said (exit 3)
             self.log(f"could not upload reference images ({error_text(e)}): {plural(len(items), 'item')} stay to do")
+            kind = e.failure.kind if isinstance(e, ApiError) else "server_error"
+            self.session.stop(f"could not upload reference images: {error_text(e)}", "abort", True, failure=kind)
             return False
         if not items:
             return True
@@ -266,7 +277,13 @@ class BatchBackend(Collecting):
                                   "at": entry.prepared_at, "run_id": self.run_id})  # fmt: skip
         try:
             path = self.work_dir / f"{entry.id}.requests.jsonl"
-            await self.session.sink.save(write_requests, path, items, self.format, self.inputs, self.refs)
+            try:
+                await self.session.sink.save(write_requests, path, items, self.format, self.inputs, self.refs)
+            except OSError as e:  # the output dir's disk (full): nothing was sent
+                path.unlink(missing_ok=True)
+                self._give_back(entry, items, "its requests file could not be written")
+                self.session.output_failed(output_error(e, self.store.display))
+                return False
             try:
                 uploaded = await self.api.upload(path, entry.display_name)
             finally:
@@ -285,6 +302,8 @@ class BatchBackend(Collecting):
                 )
             elif isinstance(e, ApiError):
                 self.session.stop(f"batch create refused: {e.failure.message}", "abort", True, failure=e.failure.kind)
+            else:  # no answer (a dropped upload): the run stops saying so, never ends as if all were done
+                self.session.stop(f"batch not submitted: {e}", "abort", True, failure="server_error")
             return False
         if info is None:  # quota, and no waiting: the rest is for the next run
             self._give_back(entry, items, "not submitted: the batch quota is full")
@@ -332,7 +351,10 @@ class BatchBackend(Collecting):
             names = found.get(entry.display_name, [])
             if names:
                 await self._cancel_extras(entry, names[1:])
-                return await self.api.get(names[0])
+                try:
+                    return await self.api.get(names[0])
+                except (ApiError, Unknown):  # it exists, whatever its state: the poller looks again
+                    return BatchInfo(name=names[0], display_name=entry.display_name, state="")
             if attempt == 0:
                 with anyio.move_on_after(self.unknown_grace_s):
                     await self.session.stopping.wait()

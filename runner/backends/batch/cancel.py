@@ -60,12 +60,20 @@ async def _cancel(out: str | Path, mock: bool, base_url: str | None) -> Cancelle
         done = Cancelled()
         unnamed = {e.display_name: e for e in entries if e.name is None}
         found: dict[str, str] = {}
+        unlisted = ""  # why the unnamed ones could not be looked up
         if unnamed:  # prepared by a run that stopped before it heard back: look them up by display name
-            async for info in api.list():
-                if info.display_name in unnamed and not info.done:
-                    found[info.display_name] = info.name
+            try:
+                async for info in api.list():
+                    if info.display_name in unnamed and not info.done:
+                        found[info.display_name] = info.name
+            except (ApiError, Unknown) as e:
+                unlisted = error_text(e)
         for entry in entries:
             name = entry.name or found.get(entry.display_name)
+            if name is None and unlisted:
+                done.failed += 1
+                done.lines.append(f"{entry.display_name}: could not look it up on the server: {unlisted}")
+                continue
             if name is None:
                 done.lines.append(f"{entry.display_name}: not on the server (never created); nothing to cancel")
                 continue

@@ -20,6 +20,7 @@ from ...engine.writer import Finished
 from ...errors import OutputError
 from ...gateway.answer import Outcome, Success
 from ...output import Store
+from ...output.files import output_error
 from ...output.ledger import BatchEntry
 from ...policy import POLICY, Action, Failure
 from ...pricing import PriceTable, usd
@@ -30,6 +31,7 @@ from .files import ResultsReader
 
 LOOKUP_CHUNK = 10_000  # items of finished batches looked up in one pass over the spec (bounds memory)
 SUMMARY_EVERY_S = 60.0  # a line on all open batches while waiting, at most this often
+GONE_AFTER = 3  # a results file refused this many times in a row (403/404) is gone (the Files API keeps 48 h)
 
 
 @dataclass
@@ -41,6 +43,8 @@ class OpenBatch:
     submitted: float = field(default_factory=time.monotonic)
     state: str = ""  # as this run last saw it ("": adopted from an earlier run, not yet looked at)
     cancelled_before: bool = False  # found cancelled (`runner cancel`) before this run first looked
+    no_results_said: bool = False
+    results_gone: int = 0  # downloads refused as not there (403/404) in a row
 
     @property
     def ids(self) -> list[str]:
@@ -93,6 +97,7 @@ class Collecting:
 
     async def _poll_once(self) -> None:
         ended: list[tuple[OpenBatch, BatchInfo | None]] = []  # None: the server no longer knows it
+        unknown: list[OpenBatch] = []  # a get answered 404: gone only if the list says so too
         for batch in list(self.open.values()):
             if self.session.is_stopping:
                 return
@@ -104,7 +109,7 @@ class Collecting:
                 continue
             except ApiError as e:
                 if e.failure.status == 404:
-                    ended.append((batch, None))
+                    unknown.append(batch)
                     continue
                 if e.failure.action is Action.ABORT:
                     self.session.stop(f"{e.failure.kind}: {e.failure.message}", "abort", True, failure=e.failure.kind)
@@ -117,8 +122,19 @@ class Collecting:
                 batch.state = info.state
                 self._event("state", batch.entry.id, state=info.state, stats=info.stats, results_file=info.results_file)
                 self.log(self._status(batch, info))
+            if info.state in WITH_RESULTS and not info.results_file:
+                # Paid for, and its results not named (yet): looked at again, never given up and bought twice.
+                info.results_file = batch.entry.results_file
+                if not info.results_file:
+                    if not batch.no_results_said:
+                        batch.no_results_said = True
+                        self.log(f"batch {info.name}: {info.state} but no results file named; looking again "
+                                 f"every {self.poll_s:g}s (it stays open)")  # fmt: skip
+                    continue
             if info.done:
                 ended.append((batch, info))
+        if unknown and not await self._gone(unknown, ended):
+            return
         # The ended batches' Items are looked up a chunk at a time: one pass over the spec per chunk.
         while ended and not self.session.is_stopping:
             chunk: list[tuple[OpenBatch, BatchInfo | None]] = []
@@ -136,6 +152,27 @@ class Collecting:
             self.log(f"batches: {len(self.open)} open ({', '.join(f'{n} {s}' for s, n in sorted(states.items()))}); "
                      f"items done {self.stats.done}/{self.stats.total}; {usd(self.stats.spent_usd)} collected, "
                      f"{usd(self.session.budget.in_flight)} committed")  # fmt: skip
+
+    async def _gone(self, unknown: list[OpenBatch], ended: list[tuple[OpenBatch, BatchInfo | None]]) -> bool:
+        """Batches a get answered 404 for go to `ended` as gone only if the list of batches works and
+        does not show them either: a flaky 404, or a wrong base URL (where the list is 404 too), must
+        not give the items of a batch that runs on the server back to be bought again. False: stop."""
+        try:
+            listed = {info.name async for info in self.api.list()}
+        except (Unknown, ApiError) as e:
+            if isinstance(e, ApiError) and e.failure.action is Action.ABORT:
+                self.session.stop(f"{e.failure.kind}: {e.failure.message} (batches not found: "
+                                  f"{POLICY[e.failure.kind].what})", "abort", True, failure=e.failure.kind)  # fmt: skip
+                return False
+            self.log(f"{plural(len(unknown), 'batch', 'batches')} not found, and the list of batches failed ({error_text(e)}); "
+                     f"trying again in {self.poll_s:g}s")  # fmt: skip
+            return True
+        for batch in unknown:
+            if batch.entry.name in listed:
+                self.log(f"batch {batch.entry.name}: not found, yet listed; trying again in {self.poll_s:g}s")
+            else:
+                ended.append((batch, None))
+        return True
 
     def _status(self, batch: OpenBatch, info: BatchInfo) -> str:
         s = info.stats
@@ -185,8 +222,21 @@ class Collecting:
         try:
             await self.api.download(info.results_file, path)
         except (Unknown, ApiError) as e:
-            self.log(f"batch {info.name}: download failed ({error_text(e)}); trying again in {self.poll_s:g}s")
             path.unlink(missing_ok=True)
+            gone = isinstance(e, ApiError) and e.failure.status in (403, 404)
+            batch.results_gone = batch.results_gone + 1 if gone else 0
+            if batch.results_gone >= GONE_AFTER:  # tried again for ever, a waiting run would never end
+                why = f"its results file {info.results_file} is gone ({error_text(e)})"
+                self.log(f"batch {info.name}: {why}; its {plural(len(items), 'item')} go back to the to-do list")
+                self.session.budget.settle(batch.entry.reserved_usd, 0.0, 0)
+                await self._back(items.values(), Failure("server_error", None, f"the results of {info.name}: {why}"))
+                self._end(batch, "abandoned", why=why, state=info.state)
+                return
+            self.log(f"batch {info.name}: download failed ({error_text(e)}); trying again in {self.poll_s:g}s")
+            return
+        except OSError as e:  # the output dir's disk (full): the results stay on the server for the next run
+            path.unlink(missing_ok=True)
+            self.session.output_failed(output_error(e, self.store.display))
             return
         reader = ResultsReader(path, self.api_key)
         records: list[Record] = []

@@ -246,7 +246,7 @@ def test_a_batch_api_answer_that_never_ends_is_cut_off_not_held(
     started = time.monotonic()
     proc = run_cli("run", str(path), "--no-progress", "--no-wait", "--base-url", base, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "no answer" in proc.stderr and "1 batches stay open" in proc.stderr
+    assert "no answer" in proc.stderr and "1 batch stays open" in proc.stderr
     assert time.monotonic() - started < 30
 
 

@@ -28,7 +28,7 @@ from .current import ids_digest
 from .feed import Feed
 from .notify import notify
 from .plan import Plan, budget_share, find_items, make_plan, pending
-from .progress import Bar, Quiet, RunStats, status_line
+from .progress import Bar, Quiet, RunStats, plural, status_line
 from .session import Session
 from .summary import describe, summary_dict
 from .writer import Writer
@@ -341,7 +341,7 @@ def _sources(previous: dict[str, Any], base_url: str, api_format: str, sends: bo
 
 
 def _plan_parts(plan: Plan, state: ResumeState) -> list[str]:
-    parts = [f"{plan.items} items"]
+    parts = [plural(plan.items, "item")]
     if plan.done:
         parts.append(f"{plan.done} already done (skipped)")
     if plan.on_disk:
@@ -357,7 +357,7 @@ def _plan_parts(plan: Plan, state: ResumeState) -> list[str]:
     if state.bad_lines:
         parts.append(f"{state.bad_lines} damaged manifest lines ignored")
     if plan.in_batch:
-        parts.append(f"{plan.in_batch} in batches still open (collected, never submitted again)")
+        parts.append(f"{plan.in_batch} in batches still open (to collect, never submitted again)")
     parts.append(f"{plan.to_run} to run")
     if plan.expected:
         parts.append(f"{plan.expected - plan.blocked} more as their parents' images are made (edit chains)")

@@ -2,7 +2,8 @@
 misbehaving Google of the batch tests (a lost name, a 404 for a live batch, a list that loops).
 
 `tamper(method, path, status, body)` sees every answer (path with its query) and returns
-(status, body) to send instead, or None to pass it on as it came; `refuse(method, path)` answers
+(status, body) to send instead (or (status, body, headers): headers set over the answer's), or
+None to pass it on as it came; `refuse(method, path)` answers
 (status, body) in the mock's place, the request never reaching it (status 0: the connection is
 dropped, no answer at all), or None to forward it.
 """
@@ -16,7 +17,7 @@ from collections.abc import Callable
 import aiohttp
 from aiohttp import web
 
-Tamper = Callable[[str, str, int, bytes], tuple[int, bytes] | None]
+Tamper = Callable[[str, str, int, bytes], tuple[int, bytes] | tuple[int, bytes, dict[str, str]] | None]
 Refuse = Callable[[str, str], tuple[int, bytes] | None]
 _HOP = {"host", "content-length", "transfer-encoding", "content-encoding", "connection", "date", "server"}
 
@@ -66,9 +67,13 @@ class TamperProxy:
                     body = await resp.read()
                     status = resp.status
                     out = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP}
+                    if "X-Goog-Upload-URL" in out:  # as a proxy in front of Google would: the upload comes here too
+                        root = self.base_url.removesuffix("/v1beta")
+                        out["X-Goog-Upload-URL"] = out["X-Goog-Upload-URL"].replace(self.upstream, root)
                 changed = self.tamper(request.method, request.path_qs, status, body)
                 if changed is not None:
-                    status, body = changed
+                    status, body = changed[0], changed[1]
+                    out.update(changed[2] if len(changed) == 3 else {})  # type: ignore[misc]
                 return web.Response(status=status, body=body, headers=out)
 
             app = web.Application(client_max_size=1 << 30)

@@ -429,3 +429,58 @@ def test_a_batch_found_after_an_unanswered_create_is_kept_when_its_get_fails(
     assert not any(e["event"] == "abandoned" for e in ledger(tmp_path / "out"))
     assert google(gw)["creates"] == 1 and google(gw)["batches_created"] == 1
     assert_all_ok_and_intact(tmp_path / "out", 2)
+
+
+def test_an_upload_url_on_another_host_never_gets_the_key(
+    tmp_path: Path, gateway: StartGateway, tamper: Callable[..., TamperProxy], hostile: HostileServer
+) -> None:
+    gw = gateway(**FAST)
+    elsewhere = hostile.base_url.removesuffix("/v1") + "/upload?upload_id=1"
+
+    def redirect_upload(method: str, path: str, status: int, body: bytes) -> tuple[int, bytes, dict[str, str]] | None:
+        return (status, body, {"X-Goog-Upload-URL": elsewhere}) if path.endswith("/upload/v1beta/files") else None
+
+    proxy = tamper(gw, redirect_upload)
+    path = batch_spec(tmp_path, proxy.base_url, prompts=["a stork"])
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 3, proc.stderr
+    assert "the upload URL is on another host (127.0.0.1): the key is not sent there" in proc.stderr
+    assert hostile.stats()["requests"] == {} and hostile.stats()["auth"] == []  # nothing reached it
+    assert google(gw)["batches_created"] == 0
+
+
+def test_a_results_line_over_max_response_mb_fails_its_item_and_is_not_bought_again(
+    tmp_path: Path, gateway: StartGateway
+) -> None:
+    gw = gateway(pad_bytes=100_000, **FAST)  # each image ~100 KB: a results line of ~135 KB of base64
+    path = batch_spec(tmp_path, gw.base_url, prompts=["a crane", "a rail"], max_response_mb=0.05)
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 1, proc.stderr
+    recs = latest(tmp_path / "out")
+    assert len(recs) == 2 and all(r["status"] == "failed" for r in recs.values())
+    assert all("larger than max_response_mb" in r["error"]["message"] for r in recs.values())
+    assert google(gw)["batches_created"] == 1  # as an interactive answer over the cap: not bought again this run
+
+
+def test_a_results_file_too_big_for_its_lines_is_not_read_to_the_end(
+    tmp_path: Path, gateway: StartGateway, tamper: StartTamper
+) -> None:
+    """A results file of the first batch that is far bigger than its lines could be (a server that
+    streams without end): the download stops at 2 x lines x max_response_mb, not at a full disk;
+    refused three times, its items go back and are bought again (as a results file that is gone)."""
+    gw = gateway(**FAST)
+    first: list[str] = []
+
+    def endless(method: str, path: str) -> tuple[int, bytes] | None:
+        if ":download" not in path:
+            return None
+        first[:] = first or [path.split("?")[0]]
+        return (200, b'{"key": "' + b"0" * (4 << 20) + b'"}\n') if path.split("?")[0] == first[0] else None
+
+    proxy = tamper(gw, lambda *answer: None, endless)
+    path = batch_spec(tmp_path, proxy.base_url, prompts=["smew", "teal"], max_requests=2, max_response_mb=0.5)
+    proc = run_cli("run", str(path), "--no-progress", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "cannot be read (the results file" in proc.stderr and "passes 3 MiB" in proc.stderr, proc.stderr
+    assert google(gw)["batches_created"] == 2
+    assert_all_ok_and_intact(tmp_path / "out", 2)

@@ -76,7 +76,7 @@ def make_backend(
 
         assert isinstance(request_format, GeminiFormat)
         return BatchBackend(
-            session, store, GoogleBatchApi(base_url, api_key, spec.timeout_s, transport), request_format, prices,
+            session, store, GoogleBatchApi(base_url, api_key, spec.timeout_s, transport, int(spec.max_response_mb * 2**20)), request_format, prices,
             spec.inputs, lookup=lookup or (lambda ids: {}), job_name=spec.name, api_key=api_key,
             base_url=base_url, key_env=spec.api_key_env, max_requests=spec.batch_max_requests,
             max_attempts=spec.max_attempts, poll_s=poll_s or spec.batch_poll_s, wait=wait, run_id=run_id,

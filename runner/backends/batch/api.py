@@ -24,6 +24,7 @@ from ...policy import Failure
 from ...safety import clean_message
 
 MAX_BODY = 16 << 20  # an answer of the Files or Batch API past this is not one: read no further
+GOOGLE_API_HOST = "generativelanguage.googleapis.com"
 UPLOAD_CHUNK = 8 << 20  # bytes per resumable-upload request (a multiple of 256 KiB, as Google asks)
 TERMINAL_STATES = ("SUCCEEDED", "PARTIALLY_SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
 WITH_RESULTS = ("SUCCEEDED", "PARTIALLY_SUCCEEDED")
@@ -87,9 +88,15 @@ class GoogleBatchApi:
     """The REST calls the batch backend makes, under one `base_url` ({root}/v1beta)."""
 
     def __init__(
-        self, base_url: str, api_key: str, timeout_s: float = 120.0, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        base_url: str,
+        api_key: str,
+        timeout_s: float = 120.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_line_bytes: int = 64 << 20,
     ) -> None:
         self.base = base_url.rstrip("/")
+        self.max_line_bytes = max_line_bytes  # a results line (one answer) past this is not read: max_response_mb
         root, _, version = self.base.rpartition("/")
         self.root, self.version = root, version or "v1beta"
         self._key = api_key
@@ -124,6 +131,12 @@ class GoogleBatchApi:
         url = start.headers.get("x-goog-upload-url")
         if not url:
             raise ApiError(Failure("invalid_response", start.status_code, "the upload was not given a URL"))
+        there, here = httpx.URL(url), httpx.URL(self.base)
+        google = there.scheme == "https" and there.host == GOOGLE_API_HOST  # a proxy may hand on Google's own URL
+        if (there.scheme, there.host, there.port) != (here.scheme, here.host, here.port) and not google:
+            # The key goes with every request of this client: never to a host the answer chose.
+            raise ApiError(Failure("invalid_response", start.status_code,
+                                   f"the upload URL is on another host ({there.host}): the key is not sent there"))  # fmt: skip
         offset = 0
         with path.open("rb") as f:
             while True:
@@ -163,8 +176,9 @@ class GoogleBatchApi:
         resp = await self._send("DELETE", f"{self.base}/{name}", ok=(200, 204, 404))
         del resp
 
-    async def download(self, name: str, dest: Path) -> int:
-        """Stream a file's bytes to `dest` (a results file can be gigabytes); returns how many."""
+    async def download(self, name: str, dest: Path, max_bytes: int | None = None) -> int:
+        """Stream a file's bytes to `dest` (a results file can be gigabytes); returns how many. Past
+        `max_bytes` it stops: ApiError (a results file no batch of its size could make)."""
         url = f"{self.root}/download/{self.version}/{name}:download"
         size = 0
         try:
@@ -176,6 +190,9 @@ class GoogleBatchApi:
                     async for chunk in resp.aiter_bytes(1 << 20):
                         out.write(chunk)
                         size += len(chunk)
+                        if max_bytes is not None and size > max_bytes:
+                            raise ApiError(Failure("invalid_response", 200, f"the results file {name} passes "
+                                                   f"{max_bytes / 2**20:,.0f} MiB, more than its lines can hold"))  # fmt: skip
                     out.flush()
                     os.fsync(out.fileno())
         except httpx.HTTPError as e:

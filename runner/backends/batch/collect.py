@@ -220,13 +220,17 @@ class Collecting:
         assert info.results_file is not None
         path = self.work_dir / f"{batch.entry.id}.results.jsonl"
         try:
-            await self.api.download(info.results_file, path)
+            # A line a key, each at most max_response_mb (twice: a key's line may come twice): more is no results file.
+            cap = 2 * len(batch.ids) * self.api.max_line_bytes + (1 << 20)
+            await self.api.download(info.results_file, path, max_bytes=cap)
         except (Unknown, ApiError) as e:
             path.unlink(missing_ok=True)
+            too_big = isinstance(e, ApiError) and e.failure.kind == "invalid_response"
             gone = isinstance(e, ApiError) and e.failure.status in (403, 404)
-            batch.results_gone = batch.results_gone + 1 if gone else 0
+            batch.results_gone = batch.results_gone + 1 if gone or too_big else 0
             if batch.results_gone >= GONE_AFTER:  # tried again for ever, a waiting run would never end
-                why = f"its results file {info.results_file} is gone ({error_text(e)})"
+                why = f"its results file {info.results_file} " + ("cannot be read" if too_big else "is gone")
+                why += f" ({error_text(e)})"
                 self.log(f"batch {info.name}: {why}; its {plural(len(items), 'item')} go back to the to-do list")
                 self.session.budget.settle(batch.entry.reserved_usd, 0.0, 0)
                 await self._back(items.values(), Failure("server_error", None, f"the results of {info.name}: {why}"))
@@ -238,7 +242,7 @@ class Collecting:
             path.unlink(missing_ok=True)
             self.session.output_failed(output_error(e, self.store.display))
             return
-        reader = ResultsReader(path, self.api_key)
+        reader = ResultsReader(path, self.api_key, self.api.max_line_bytes)
         records: list[Record] = []
         finished: list[tuple[Item, Record]] = []
         seen: set[str] = set()

@@ -14,6 +14,7 @@ from typing import BinaryIO
 
 from ...gateway.answer import Outcome
 from ...gateway.gemini import GeminiFormat, read_results_line
+from ...policy import Failure
 from ...spec.inputs import Inputs
 from ...spec.items import Item
 
@@ -42,9 +43,10 @@ def write_requests(
 class ResultsReader:
     """The lines of a downloaded results file, one at a time (a thread calls `next`)."""
 
-    def __init__(self, path: Path, api_key: str | None) -> None:
+    def __init__(self, path: Path, api_key: str | None, max_line: int = MAX_LINE) -> None:
         self._f: BinaryIO = path.open("rb")
         self._key = api_key
+        self._max = min(max_line + 4096, MAX_LINE)  # an answer of max_response_mb, and its key and framing
 
     def close(self) -> None:
         self._f.close()
@@ -52,16 +54,31 @@ class ResultsReader:
     def next(self) -> tuple[str | None, Outcome | None] | None:
         """(key, outcome) of the next line; (key or None, None) for a line that is cut off or not a
         results line (its key, where it can be read, is then not done); None at the end."""
-        line = self._f.readline(MAX_LINE)
+        line = self._f.readline(self._max)
         while line and not line.strip():
-            line = self._f.readline(MAX_LINE)
+            line = self._f.readline(self._max)
         if not line:
             return None
-        if not line.endswith(b"\n") and len(line) >= MAX_LINE:
-            while (rest := self._f.readline(MAX_LINE)) and not rest.endswith(b"\n"):
-                pass  # skip the rest of a line too long to be an answer
-            return _key_of(line), None
+        if not line.endswith(b"\n") and len(line) >= self._max:
+            tail = line
+            while rest := self._f.readline(self._max):  # skip the rest of a line too long to be an answer
+                tail = rest
+                if rest.endswith(b"\n"):
+                    break
+            key = _key_of(line) or _key_of(tail[-200:])
+            if key is None:
+                return None, None
+            # As an interactive answer over max_response_mb: failed, not bought again in this run.
+            return key, too_big_line(self._max)
         return parse_line(line, self._key)
+
+
+def too_big_line(cap: int) -> Failure:
+    return Failure(
+        "invalid_response", None,
+        f"answer larger than max_response_mb ({cap / 2**20:.0f} MB) in the results file; raise max_response_mb "
+        "if images are that big", final=True,  # it would come back as big: not bought again in this run
+    )  # fmt: skip
 
 
 def parse_line(line: bytes, api_key: str | None) -> tuple[str | None, Outcome | None]:

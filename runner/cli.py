@@ -193,6 +193,11 @@ def _estimate_text(est: dict[str, Any]) -> str:
             if est["mode"] == "batch"
             else "to finish sooner: raise concurrency (or --concurrency), within your key's rate limit"
         )
+    if est.get("in_open_batches"):
+        rows.append(
+            f"of the remaining, {est['in_open_batches']} are in batches still open on the server "
+            f"({usd(est['committed_usd'])} committed: submitted, not yet collected; `runner run` collects them)"
+        )
     if est["spent_usd"]:
         rows.append(f"already spent in {est['output_dir']}: {usd(est['spent_usd'])}")
     rows.extend(f"warning: {w}" for w in est["warnings"])

@@ -191,6 +191,8 @@ def test_no_wait_submits_and_a_later_run_collects(tmp_path: Path, gateway: Start
     proc = run_cli("run", str(path), "--no-progress", "--no-wait")
     assert proc.returncode == 0 and "5 in batches still open" in proc.stderr
     assert google(gw)["batches_created"] == 3
+    est = run_cli("estimate", str(path)).stdout
+    assert "of the remaining, 5 are in batches still open on the server ($0.335 committed" in est, est
     said = run_cli("report", str(out)).stdout  # 5 items as 2 + 2 + 1
     assert "3 open (5 items," in said and said.count(", 2 items,") == 2 and said.count(", 1 item,") == 1, said
     wait_for(lambda: all(s == "SUCCEEDED" for s in _states(gw)), timeout=30)

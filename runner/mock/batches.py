@@ -19,11 +19,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..models import MODELS
+from .batchstate import MockBatch, MockFile, Upload
 from .faults import MARKER
 from .google import RPC_CODES, GoogleError, invalid, line_error, model_of, now_iso, parse_generate
 from .google import field as get
@@ -43,69 +44,6 @@ LINE_OUTCOMES = {
 }  # fmt: skip
 BATCH_FAULTS = ("failed", "expired", "create_drop", "create_503", "create_429", "missing", "truncate", "duplicate")
 _PAID = ("ok", "duplicate", "two_images", "same_image", "wrong_shape", "uniform", "unicode")
-
-
-@dataclass
-class MockFile:
-    name: str  # files/<id>
-    display_name: str
-    mime: str
-    size: int
-    sha256: str
-    created: float
-    batch: str | None = None  # the results file of this batch (generated as it is downloaded)
-
-    def resource(self, base: str) -> dict[str, Any]:
-        return {
-            "name": self.name, "displayName": self.display_name, "mimeType": self.mime, "sizeBytes": str(self.size),
-            "createTime": now_iso(self.created), "updateTime": now_iso(self.created),
-            "expirationTime": now_iso(self.created + 48 * 3600), "sha256Hash": self.sha256, "uri": f"{base}/{self.name}",
-            "state": "ACTIVE", "source": "GENERATED" if self.batch else "UPLOADED",
-            **({"downloadUri": f"{base.rsplit('/', 1)[0]}/download/v1beta/{self.name}:download?alt=media"} if self.batch else {}),
-        }  # fmt: skip
-
-
-@dataclass
-class MockBatch:
-    id: str
-    display_name: str
-    model: str
-    model_id: str
-    input_file: str
-    created: float
-    latency_s: float
-    keys: list[str]
-    offsets: list[int]  # of each input line in the input file
-    tokens: int
-    planned: str  # the state it ends in: SUCCEEDED, FAILED or EXPIRED
-    seed: int
-    cancelled: float | None = None
-    lines: list[str] | None = None  # each line's outcome, decided once when it ends
-    results_file: str | None = None
-
-    def state(self, now: float) -> str:
-        if self.cancelled is not None:
-            return "CANCELLED"
-        if now < self.created + self.latency_s * 0.25:
-            return "PENDING"
-        if now < self.created + self.latency_s:
-            return "RUNNING"
-        if self.planned != "SUCCEEDED":
-            return self.planned
-        errors = any(o.startswith("error:") for o in self.lines or [])
-        return "PARTIALLY_SUCCEEDED" if errors else "SUCCEEDED"
-
-    def live(self, now: float) -> bool:
-        return self.state(now) in ("PENDING", "RUNNING")
-
-
-@dataclass
-class _Upload:
-    display_name: str
-    mime: str
-    size: int
-    path: Path
-    received: int = 0
 
 
 class BatchService:
@@ -138,7 +76,7 @@ class BatchService:
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         self.files: dict[str, MockFile] = {}
         self.batches: dict[str, MockBatch] = {}
-        self.uploads: dict[str, _Upload] = {}
+        self.uploads: dict[str, Upload] = {}
         self._batch_uses: dict[tuple[str, int], int] = {}
         self.stats: dict[str, Any] = {}
         self.reset_stats()
@@ -204,7 +142,7 @@ class BatchService:
         mime = headers.get("x-goog-upload-header-content-type") or (
             get(file, "mimeType") if isinstance(file, dict) else None
         )
-        self.uploads[upload_id] = _Upload(
+        self.uploads[upload_id] = Upload(
             display, str(mime or "application/octet-stream"), size, self.dir / "uploads" / upload_id
         )
         self.uploads[upload_id].path.write_bytes(b"")
@@ -488,11 +426,3 @@ class BatchService:
                 except GoogleError as e:
                     gen = line_error(RPC_CODES.get(e.status, 3), e.status, e.message)
                 yield gen, batch.keys[i], outcome
-
-
-def results_line(key: str, position: int, response: bytes | None = None, error: dict[str, Any] | None = None) -> bytes:
-    """One results line, without its newline: the key first on even positions, last on odd ones
-    (Google promises neither, so the reader must not depend on it)."""
-    body = json.dumps({"error": error}).encode()[1:-1] if error is not None else b'"response": ' + (response or b"{}")
-    keyed = b'"key": ' + json.dumps(key).encode()
-    return b"{" + (keyed + b", " + body if position % 2 == 0 else body + b", " + keyed) + b"}"

@@ -18,7 +18,8 @@ from typing import Any
 from aiohttp import web
 
 from . import bodies
-from .batches import BatchService, results_line
+from .batches import BatchService
+from .batchstate import results_line
 from .config import MockConfig
 from .gateway import Gateway, Reply, json_reply
 from .google import GOOGLE_FAULTS, GoogleError, invalid, line_error, model_of, parse_generate, response_body, retry_info

@@ -6,6 +6,7 @@ import base64
 import json
 import zlib
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -121,3 +122,46 @@ def test_a_whole_run_through_an_injected_transport(tmp_path: Path) -> None:
     assert (result.ok, result.failed, result.requests) == (2, 2, 6)
     assert result.failures_by_kind == {"server_error": 1, "invalid_response": 1}
     assert dict(result.stats.retries_by_kind) == {"server_error": 1, "invalid_response": 1}
+
+
+def _mutations(rng: Any, doc: Any, count: int) -> Any:
+    """`doc` with `count` of its values (at any depth) replaced by values of other types."""
+    odd = [{}, [], 0, -1, 10**30, 1e308, None, True, "", "STOP", "SAFETY", [{}], {"a": 1}, [None], "\u202e"]
+    doc = json.loads(json.dumps(doc))
+    for _ in range(count):
+        node, key = None, None
+        here: Any = doc
+        while isinstance(here, (dict, list)) and here and rng.random() < 0.8:
+            key = rng.choice(list(here)) if isinstance(here, dict) else rng.randrange(len(here))
+            node, here = here, here[key]
+        value = json.loads(json.dumps(rng.choice(odd)))  # a copy: never one object in two places
+        if node is None:
+            return value
+        node[key] = value
+    return doc
+
+
+def test_no_answer_google_could_send_makes_the_reader_raise() -> None:
+    """A results line or answer of any shape is an Outcome or "not a line", never an exception: in
+    batch mode one line that raised stopped the collection of its whole batch, run after run."""
+    import random
+
+    from runner.gateway.gemini import read_response, read_results_line
+
+    image = base64.b64encode(render_image(4, 3, b"a gull")).decode()
+    answer = {
+        "candidates": [{"content": {"parts": [{"text": "here"}, {"inlineData": {"mimeType": "image/png", "data": image}}]},
+                        "finishReason": "STOP", "safetyRatings": [{"category": "x", "probability": "LOW"}]}],
+        "promptFeedback": {"blockReason": "OTHER"}, "modelVersion": "gemini-3-pro-image-preview",
+        "usageMetadata": {"promptTokenCount": 10, "candidatesTokenCount": 1290}, "responseId": "r1",
+    }  # fmt: skip
+    rng = random.Random(7)
+    for _ in range(4000):
+        mutated = _mutations(rng, {"key": "00ab", "response": answer}, rng.randint(1, 3))
+        found = read_results_line(json.dumps(mutated).encode(), "k")
+        assert found is None or isinstance(found[1], (Success, Failure))
+        if isinstance(mutated, dict):
+            assert isinstance(read_response(mutated.get("response"), "k"), (Success, Failure))
+    # the shape that raised: finishReason an object, beside a good image
+    odd = {**answer, "candidates": [{**answer["candidates"][0], "finishReason": {"reason": "STOP"}}]}
+    assert isinstance(read_response(odd, "k"), Success)

@@ -172,6 +172,7 @@ def read_response(obj: Any, api_key: str | None, cut: list[bytes] | None = None)
     if not isinstance(candidate, dict):
         return Failure("invalid_response", 200, "answer has no candidates[0]", request_id=request_id)
     finish = candidate.get("finishReason")
+    finish = finish if isinstance(finish, str) else None  # an enum name; anything else says nothing
     content = candidate.get("content")
     parts = content.get("parts") if isinstance(content, dict) else None
     if parts is None:

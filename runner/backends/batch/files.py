@@ -70,7 +70,11 @@ class ResultsReader:
                 return None, None
             # As an interactive answer over max_response_mb: failed, not bought again in this run.
             return key, too_big_line(self._max)
-        return parse_line(line, self._key)
+        try:
+            return parse_line(line, self._key)
+        except Exception as e:  # a reader's bug costs its line, never the batch (nor every later run)
+            why = f"the results line could not be read: {type(e).__name__} (a bug in runner; the line was left out)"
+            return _key_of(line), Failure("internal", None, why)
 
 
 def too_big_line(cap: int) -> Failure:

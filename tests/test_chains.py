@@ -250,6 +250,23 @@ def test_a_chain_in_batch_mode_submits_each_step_as_its_parents_are_collected(
     assert stats["uploads"] == stats["batches_created"] + 3 + 6
 
 
+def test_cancelling_the_batch_of_a_chains_parents_ends_the_waiting_run(tmp_path: Path, gateway: StartGateway) -> None:
+    """The parents' batch cancelled while the run waits: their edits will not come in this run, so
+    the run ends (it waited for ever for children of parents it had given up)."""
+    gw = gateway(flavor="gemini", batch_latency_s=120)
+    path = chain_spec(
+        tmp_path, gw.base_url, api_format="gemini", mode="batch", batch={"max_requests": 4, "poll_s": 0.05}
+    )
+    out = tmp_path / "out"
+    proc = start_cli("run", str(path), "--no-progress")
+    ledger = out / "batches.jsonl"
+    wait_for(lambda: ledger.exists() and '"event": "created"' in ledger.read_text(), timeout=60)
+    assert run_cli("cancel", str(out)).returncode == 0
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "was cancelled: its 3 items go back" in err, err
+    assert not latest(out)  # nothing was made, nothing recorded: a later run submits the parents
+
+
 @pytest.mark.parametrize("mode", ["interactive", "batch"])
 def test_the_example_job_runs_on_the_mock(tmp_path: Path, mode: str) -> None:
     from .conftest import ROOT

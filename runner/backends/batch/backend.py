@@ -372,6 +372,8 @@ class BatchBackend(Collecting):
         self._event("abandoned", entry.id, why=why)
         self.session.budget.settle(entry.reserved_usd, 0.0, 0)
         self.log(f"batch {entry.display_name}: {why.rstrip('. ')}; its {plural(len(items), 'item')} stay to do")
+        for item in items:  # left for a later run: an edit chain's parent among them adds no child now
+            self.feed.finished(item, None)
 
     async def _upload_refs(self, items: list[Item]) -> list[Item]:
         """Reference images (an edit chain's parent images too) go to the Files API once each, and

@@ -206,6 +206,8 @@ class Collecting:
             self.log(
                 f"batch {info.name} was cancelled: its {plural(len(mine), 'item')} go back to the to-do list for a later run"
             )
+            for item in mine:  # left for a later run: an edit chain's parent among them adds no child now
+                self.feed.finished(item, None)
         else:
             self.log(
                 f"batch {info.name} ended {state}, not the items' fault: its {plural(len(mine), 'item')} go back to the to-do list"

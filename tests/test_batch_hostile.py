@@ -5,11 +5,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -484,3 +486,54 @@ def test_a_results_file_too_big_for_its_lines_is_not_read_to_the_end(
     assert "cannot be read (the results file" in proc.stderr and "passes 3 MiB" in proc.stderr, proc.stderr
     assert google(gw)["batches_created"] == 2
     assert_all_ok_and_intact(tmp_path / "out", 2)
+
+
+def _images(out: Path) -> list[Path]:
+    return [p for p in (out / "images").rglob("*") if p.is_file() and not p.name.startswith(".")]
+
+
+def test_ctrl_c_while_collecting_finishes_the_batch_and_records_what_it_saved(
+    tmp_path: Path, gateway: StartGateway
+) -> None:
+    gw = gateway(**FAST)
+    path = batch_spec(tmp_path, gw.base_url, prompts=[f"gull {i}" for i in range(300)], max_requests=300)
+    out = tmp_path / "out"
+    proc = start_cli("run", str(path), "--no-progress")
+    wait_for(lambda: (out / "images").exists() and len(_images(out)) >= 20, timeout=60)
+    proc.send_signal(signal.SIGINT)  # once: what is in hand is finished and recorded
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode in (0, 130), err
+    recs = latest(out)
+    # every image saved has its line (the collection was cancelled mid-way and dropped them all)
+    assert sum(r["status"] == "ok" for r in recs.values()) == len(_images(out)) > 0, err
+    assert google(gw)["batches_created"] == 1
+
+
+def test_a_kill_while_collecting_then_a_results_file_gone_buys_no_saved_image_again(
+    tmp_path: Path, gateway: StartGateway, tamper: StartTamper
+) -> None:
+    gw = gateway(**FAST)
+    gone: dict[str, Any] = {"on": False, "first": None}
+
+    def refuse(method: str, path: str) -> tuple[int, bytes] | None:
+        if ":download" not in path:
+            return None
+        gone["first"] = gone["first"] or path.split("?")[0]
+        if gone["on"] and path.split("?")[0] == gone["first"]:
+            return 403, b'{"error": {"code": 403, "message": "gone", "status": "PERMISSION_DENIED"}}'
+        return None
+
+    proxy = tamper(gw, lambda *answer: None, refuse)
+    path = batch_spec(tmp_path, proxy.base_url, prompts=[f"tern {i}" for i in range(300)], max_requests=300)
+    out = tmp_path / "out"
+    proc = start_cli("run", str(path), "--no-progress")
+    wait_for(lambda: (out / "images").exists() and len(_images(out)) >= 20, timeout=60)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    on_disk = {p.stem for p in _images(out)}
+    gone["on"] = True  # the next run comes days later: the Files API no longer has the results
+    proc2 = run_cli("run", str(path), "--no-progress", timeout=120)
+    assert proc2.returncode == 0, proc2.stderr
+    assert_all_ok_and_intact(out, 300)
+    paid = google(gw)["paid_keys"]
+    assert not [k for k in on_disk if paid.get(k, 0) > 1], "an image already on disk was bought again"

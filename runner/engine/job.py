@@ -194,7 +194,9 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
     plan = await anyio.to_thread.run_sync(lambda: make_plan(spec, state, prices, options.shard, options.retry_failed))
     # Image files without records (a kill between an image and its line) matter only when there
     # is something to run; listing a million files to find none would slow every finished resume.
-    orphans = await anyio.to_thread.run_sync(store.orphans, state) if plan.to_run else {}
+    # (Items in open batches count: a collection cut short leaves their images, and a results file
+    # gone by the next run sends them again.)
+    orphans = await anyio.to_thread.run_sync(store.orphans, state) if plan.to_run or plan.in_batch else {}
     if options.shard is not None:  # another shard's images are its own business (and maybe being written now)
         orphans = {k: paths for k, paths in orphans.items() if options.shard.owns(k)}
     plan.on_disk = len(orphans)

@@ -103,6 +103,7 @@ class BatchBackend(Collecting):
         self._changed = anyio.Event()  # a batch ended, or items came back: the submitter looks again
         self._said = -SUMMARY_EVERY_S
         self._saving = anyio.Semaphore(SAVE_THREADS)  # results lines being saved at once
+        self._scope: anyio.CancelScope | None = None  # the submitter's and the poller's
 
     # -- Backend ------------------------------------------------------------------------------
     def interrupt(self) -> None:
@@ -111,6 +112,8 @@ class BatchBackend(Collecting):
 
     def cancel_requests(self) -> None:
         self.session.stop("interrupted", "interrupt")
+        if self._scope is not None:  # a collection under way stops now; what it recorded is committed
+            self._scope.cancel()
         self._wake()
 
     async def run(self, feed: Feed, on_disk: dict[int, list[str]] | None = None) -> None:
@@ -129,9 +132,12 @@ class BatchBackend(Collecting):
             }
             await self._adopt(self._mine(ledger.open_batches()))
             async with anyio.create_task_group() as tg:
+                self._scope = tg.cancel_scope
                 tg.start_soon(self._poll_loop, tg.cancel_scope)
                 await self._submit()
-                if self.wait:  # nothing is open or to do any more (or the run stops): the poller is done too
+                # Nothing open or to do any more: the poller is done too. A stop (Ctrl+C) lets it
+                # finish the batch it is collecting (it returns by itself; a second Ctrl+C cancels).
+                if self.wait and not self.session.is_stopping:
                     tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):

@@ -268,6 +268,7 @@ class Collecting:
                 assert isinstance(outcome, Failure)
                 retry.append((item, outcome))
 
+        held = set(batch.entry.items)
         try:
             # Lines are read one at a time; their images are saved by up to SAVE_THREADS tasks at once
             # (each holds one line's images), as the interactive pool saves answers side by side.
@@ -275,7 +276,7 @@ class Collecting:
                 while (line := await self.session.sink.save(reader.next)) is not None:
                     key, outcome = line
                     item = items.get(key or "")
-                    if key is not None and key not in batch.entry.items:
+                    if key is not None and key not in held:
                         unknown += 1
                         continue
                     if outcome is None or item is None or key in seen:
@@ -284,6 +285,10 @@ class Collecting:
                     seen.add(item.item_id)
                     await self._saving.acquire()
                     tg.start_soon(self._released, record(item, outcome))
+        except BaseException:  # cut short (a second Ctrl+C, the grace over): what was saved is recorded
+            with anyio.CancelScope(shield=True):  # (the batch stays open: the next run records the rest)
+                await self.session.sink.commit_now(records)
+            raise
         finally:
             reader.close()
             path.unlink(missing_ok=True)

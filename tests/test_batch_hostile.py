@@ -446,7 +446,7 @@ def test_an_upload_url_on_another_host_never_gets_the_key(
     path = batch_spec(tmp_path, proxy.base_url, prompts=["a stork"])
     proc = run_cli("run", str(path), "--no-progress")
     assert proc.returncode == 3, proc.stderr
-    assert "the upload URL is on another host (127.0.0.1): the key is not sent there" in proc.stderr
+    assert "a URL on another host (127.0.0.1): the key is not sent there" in proc.stderr
     assert hostile.stats()["requests"] == {} and hostile.stats()["auth"] == []  # nothing reached it
     assert google(gw)["batches_created"] == 0
 
@@ -537,3 +537,22 @@ def test_a_kill_while_collecting_then_a_results_file_gone_buys_no_saved_image_ag
     assert_all_ok_and_intact(out, 300)
     paid = google(gw)["paid_keys"]
     assert not [k for k in on_disk if paid.get(k, 0) > 1], "an image already on disk was bought again"
+
+
+@pytest.mark.parametrize(
+    ("base_url", "root"),
+    [
+        ("https://generativelanguage.googleapis.com/v1beta", "https://generativelanguage.googleapis.com"),
+        ("https://gw.example.com", "https://gw.example.com"),  # was "https:/": uploads went to host "upload"
+        ("http://localhost:4000/", "http://localhost:4000"),
+        ("https://gw.example.com/google/v1beta/", "https://gw.example.com/google"),
+    ],
+)
+def test_uploads_and_downloads_stay_on_the_host_of_base_url(base_url: str, root: str) -> None:
+    from runner.backends.batch.api import ApiError, GoogleBatchApi
+
+    api = GoogleBatchApi(base_url, "k")
+    assert api.root == root and api.version == "v1beta"
+    with pytest.raises(ApiError, match="another host"):
+        api._own("https://elsewhere.example/upload/v1beta/files")
+    api._own(f"{root}/download/v1beta/files/x:download")

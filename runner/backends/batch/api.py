@@ -11,6 +11,7 @@ sending again blindly.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,8 +98,13 @@ class GoogleBatchApi:
     ) -> None:
         self.base = base_url.rstrip("/")
         self.max_line_bytes = max_line_bytes  # a results line (one answer) past this is not read: max_response_mb
-        root, _, version = self.base.rpartition("/")
-        self.root, self.version = root, version or "v1beta"
+        # Uploads and downloads live beside the version ({root}/upload/{version}/files): split the
+        # path, never the URL's text (a base_url with no path would put "upload" in the host).
+        url = httpx.URL(self.base)
+        prefix, _, version = url.path.rstrip("/").rpartition("/")
+        if not re.fullmatch(r"v\d+\w*", version):  # no version in the path: Google's, after it
+            prefix, version = url.path.rstrip("/"), "v1beta"
+        self.root, self.version = str(url.copy_with(path=prefix or "/", query=None)).rstrip("/"), version
         self._key = api_key
         self._timeout_s = timeout_s
         loopback = httpx.URL(self.base).host in ("127.0.0.1", "localhost", "::1")
@@ -131,12 +137,6 @@ class GoogleBatchApi:
         url = start.headers.get("x-goog-upload-url")
         if not url:
             raise ApiError(Failure("invalid_response", start.status_code, "the upload was not given a URL"))
-        there, here = httpx.URL(url), httpx.URL(self.base)
-        google = there.scheme == "https" and there.host == GOOGLE_API_HOST  # a proxy may hand on Google's own URL
-        if (there.scheme, there.host, there.port) != (here.scheme, here.host, here.port) and not google:
-            # The key goes with every request of this client: never to a host the answer chose.
-            raise ApiError(Failure("invalid_response", start.status_code,
-                                   f"the upload URL is on another host ({there.host}): the key is not sent there"))  # fmt: skip
         offset = 0
         with path.open("rb") as f:
             while True:
@@ -180,6 +180,7 @@ class GoogleBatchApi:
         """Stream a file's bytes to `dest` (a results file can be gigabytes); returns how many. Past
         `max_bytes` it stops: ApiError (a results file no batch of its size could make)."""
         url = f"{self.root}/download/{self.version}/{name}:download"
+        self._own(url)
         size = 0
         try:
             async with self._client.stream("GET", url, params={"alt": "media"}) as resp:
@@ -239,9 +240,22 @@ class GoogleBatchApi:
         await self._send("POST", f"{self.base}/{name}:cancel", ok=(200, 204))
 
     # -- one request ------------------------------------------------------------------------
+    def _own(self, url: str) -> None:
+        """The key goes with every request of this client: only to base_url's host (or Google's own,
+        whose upload URL a proxy may hand on), never to a host an answer chose."""
+        there, here = httpx.URL(url), httpx.URL(self.base)
+        if (there.scheme, there.host, there.port) == (here.scheme, here.host, here.port):
+            return
+        if there.scheme == "https" and there.host == GOOGLE_API_HOST:
+            return
+        raise ApiError(
+            Failure("invalid_response", None, f"a URL on another host ({there.host}): the key is not sent there")
+        )
+
     async def _send(
         self, method: str, url: str, *, ok: tuple[int, ...] = (200,), unknown_5xx: bool = False, **kwargs: Any
     ) -> httpx.Response:
+        self._own(url)
         try:
             with anyio.fail_after(self._timeout_s):  # the whole request, its body included (a trickle too)
                 async with self._client.stream(method, url, **kwargs) as streamed:

@@ -297,7 +297,7 @@ def cmd_mock_server(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     from .backends.batch.cancel import cancel_batches
 
-    done = cancel_batches(args.out, mock=args.mock, base_url=args.base_url)
+    done = cancel_batches(args.out, mock=args.mock, base_url=args.base_url, key_env=args.key_env)
     for line in done.lines:
         _say(line)
     return 1 if done.failed else 0

@@ -174,13 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_formatter,
         description="Cancel every batch of OUT_DIR that is still open on Google's Batch API (the ledger in "
         "OUT_DIR/batches*.jsonl says which). Their items go back to the to-do list: a later `runner run` submits "
-        "them again. A batch that already ended is left for `runner run` to collect. The key is read from the variable "
-        "the job's api_key_env named. Exit 1 if a batch could not be cancelled.",
-        epilog="examples:\n  runner cancel out/big\n  runner cancel out/big --mock   # batches of a --mock run",
+        "them again. A batch that already ended is left for `runner run` to collect. The key is read from "
+        "$GEMINI_API_KEY and sent to Google's API; batches made elsewhere, or with another variable, need --base-url "
+        "and --key-env (an output dir's ledger is data: it never chooses where a key goes). Exit 1 if a batch could "
+        "not be cancelled.",
+        epilog="examples:\n  runner cancel out/big\n  runner cancel out/big --mock   # batches of a --mock run\n"
+        "  runner cancel out/big --base-url http://127.0.0.1:8765/v1beta --key-env MY_KEY",
     )
     cancel.add_argument("out", metavar="OUT_DIR")
     cancel.add_argument("--mock", action="store_true", help="the batches were made by a --mock run")
-    cancel.add_argument("--base-url", help="Google's API (default: the one the batches were created at)")
+    cancel.add_argument(
+        "--base-url", help="where the batches were created (needed unless it is Google's own API: the key goes there)"
+    )
+    cancel.add_argument(
+        "--key-env", metavar="NAME", help="the variable holding the key (needed unless it is GEMINI_API_KEY)"
+    )
 
     mock = sub.add_parser(
         "mock-server",

@@ -179,7 +179,7 @@ def test_cancel_with_a_list_that_fails_says_so_per_batch_and_cancels_the_rest(
     (out / "batches.jsonl").write_text("".join(json.dumps(e) + "\n" for e in kept))
     broken = (503, b'{"error": {"code": 503, "message": "list is down", "status": "UNAVAILABLE"}}')
     proxy = tamper(gw, lambda method, path, status, body: broken if listing(path) else None)
-    proc = run_cli("cancel", str(out), "--base-url", proxy.base_url)
+    proc = run_cli("cancel", str(out), "--base-url", proxy.base_url, "--key-env", "RUNNER_TEST_KEY")
     assert proc.returncode == 1, proc.stderr  # one batch it could not cancel: run it again
     assert f"{first['display_name']}: could not look it up on the server: " in proc.stderr
     assert proc.stderr.count(": cancelled (2 items") == 1 and google(gw)["cancels"] == 1
@@ -556,3 +556,24 @@ def test_uploads_and_downloads_stay_on_the_host_of_base_url(base_url: str, root:
     with pytest.raises(ApiError, match="another host"):
         api._own("https://elsewhere.example/upload/v1beta/files")
     api._own(f"{root}/download/v1beta/files/x:download")
+
+
+def test_cancel_never_sends_a_variable_or_to_a_host_that_only_the_ledger_names(
+    tmp_path: Path, gateway: StartGateway, hostile: HostileServer
+) -> None:
+    """An output dir is data (a bucket many machines write): a ledger line naming another variable
+    and another host must not make `runner cancel` send that variable's value there."""
+    gw = gateway(flavor="gemini", batch_latency_s=60)
+    path = batch_spec(tmp_path, gw.base_url, prompts=["a bittern"], max_requests=2)
+    out = tmp_path / "out"
+    assert run_cli("run", str(path), "--no-progress", "--no-wait").returncode == 0
+    ledger_file = out / "batches.jsonl"
+    text = ledger_file.read_text().replace(gw.base_url, hostile.base_url.replace("/v1", "/v1beta"))
+    ledger_file.write_text(text.replace('"RUNNER_TEST_KEY"', '"MY_CLOUD_SECRET"'))
+    env = {"MY_CLOUD_SECRET": "hunter2-cloud"}
+    proc = run_cli("cancel", str(out), env=env)
+    assert proc.returncode == 2 and "give --base-url" in proc.stderr, proc.stderr
+    proc = run_cli("cancel", str(out), "--base-url", gw.base_url, env=env)
+    assert proc.returncode == 2 and "give --key-env MY_CLOUD_SECRET to send it" in proc.stderr, proc.stderr
+    assert hostile.stats()["requests"] == {} and hostile.stats()["auth"] == []
+    assert google(gw)["cancels"] == 0

@@ -261,9 +261,9 @@ def test_cancelling_the_batch_of_a_chains_parents_ends_the_waiting_run(tmp_path:
     proc = start_cli("run", str(path), "--no-progress")
     ledger = out / "batches.jsonl"
     wait_for(lambda: ledger.exists() and '"event": "created"' in ledger.read_text(), timeout=60)
-    assert run_cli("cancel", str(out)).returncode == 0
+    assert run_cli("cancel", str(out), "--base-url", gw.base_url, "--key-env", "RUNNER_TEST_KEY").returncode == 0
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and "was cancelled: its 3 items go back" in err, err
+    assert proc.returncode == 0 and "was cancelled: 3 items back to the to-do list" in err, err
     assert not latest(out)  # nothing was made, nothing recorded: a later run submits the parents
 
 

@@ -174,8 +174,8 @@ class BatchBackend(Collecting):
             items = await self._items({i for e in lost for i in e.items})
             for entry in lost:
                 self._event("abandoned", entry.id, why="never created (not on the server)")
-                self.log(f"batch {entry.display_name}: never created before the last run stopped; its "
-                         f"{plural(len(entry.items), 'item')} go back to the to-do list")  # fmt: skip
+                self.log(f"batch {entry.display_name}: never created before the last run stopped: "
+                         f"{plural(len(entry.items), 'item')} back to the to-do list")  # fmt: skip
                 self.session.budget.settle(entry.reserved_usd, 0.0, 0)
                 self.requeue.extend(items[i] for i in entry.items if i in items)  # never sent: not an attempt
                 await self._delete_files(entry.file)
@@ -258,7 +258,7 @@ class BatchBackend(Collecting):
         try:
             items = await self._upload_refs(items)
         except (ApiError, Unknown) as e:  # as an input file that cannot be uploaded: the run stops, said (exit 3)
-            self.log(f"could not upload reference images ({error_text(e)}): {plural(len(items), 'item')} stay to do")
+            self.log(f"could not upload reference images ({error_text(e)}): {plural(len(items), 'item')} left to do")
             kind = e.failure.kind if isinstance(e, ApiError) else "server_error"
             self.session.stop(f"could not upload reference images: {error_text(e)}", "abort", True, failure=kind)
             return False
@@ -377,7 +377,7 @@ class BatchBackend(Collecting):
     def _give_back(self, entry: BatchEntry, items: list[Item], why: str) -> None:
         self._event("abandoned", entry.id, why=why)
         self.session.budget.settle(entry.reserved_usd, 0.0, 0)
-        self.log(f"batch {entry.display_name}: {why.rstrip('. ')}; its {plural(len(items), 'item')} stay to do")
+        self.log(f"batch {entry.display_name}: {why.rstrip('. ')}; {plural(len(items), 'item')} left to do")
         for item in items:  # left for a later run: an edit chain's parent among them adds no child now
             self.feed.finished(item, None)
 

@@ -13,12 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+import httpx
 
 from ...engine.progress import plural
 from ...errors import UsageError
 from ...output import is_remote, open_view
+from ...output.ledger import BatchEntry
 from ...safety import printable
-from .api import ApiError, GoogleBatchApi, Unknown, error_text
+from ...spec.parse import GEMINI_BASE_URL
+from .api import GOOGLE_API_HOST, ApiError, GoogleBatchApi, Unknown, error_text
 
 
 @dataclass
@@ -29,12 +32,45 @@ class Cancelled:
     failed: int = 0
 
 
-def cancel_batches(out: str | Path, *, mock: bool = False, base_url: str | None = None) -> Cancelled:
-    """Cancel the open batches of `out` (a batch that already ended is left for `runner run` to collect)."""
-    return anyio.run(_cancel, out, mock, base_url)
+def cancel_batches(
+    out: str | Path, *, mock: bool = False, base_url: str | None = None, key_env: str | None = None
+) -> Cancelled:
+    """Cancel the open batches of `out` (a batch that already ended is left for `runner run` to collect).
+
+    The output dir says where its batches were created and which variable held the key, but an
+    output dir is data (a bucket many can write): the key is read from a variable and sent to a
+    host the ledger names only when it is Google's own and GEMINI_API_KEY, else when `base_url` /
+    `key_env` say so."""
+    return anyio.run(_cancel, out, mock, base_url, key_env)
 
 
-async def _cancel(out: str | Path, mock: bool, base_url: str | None) -> Cancelled:
+def _where(entries: list[BatchEntry], base_url: str | None, key_env: str | None) -> tuple[str, str]:
+    """(base URL, key variable) to cancel with: given, or the ledger's where it is Google's own."""
+    bases = {e.base_url for e in entries if e.base_url}
+    envs = {e.key_env for e in entries if e.key_env}
+    if base_url is None:
+        if len(bases) > 1:
+            raise UsageError(
+                f"the open batches were created at several base URLs ({', '.join(sorted(bases))}): give --base-url"
+            )
+        base_url = bases.pop() if bases else GEMINI_BASE_URL
+        if httpx.URL(base_url).host != GOOGLE_API_HOST:
+            raise UsageError(
+                f"the open batches were created at {base_url} (the output dir's ledger says so): give --base-url "
+                f"{base_url} to send the key there"
+            )
+    if key_env is None:
+        named = envs.pop() if len(envs) == 1 else "GEMINI_API_KEY"
+        if named != "GEMINI_API_KEY":
+            raise UsageError(
+                f"the open batches were created with the key in ${named} (the output dir's ledger says so): give "
+                f"--key-env {named} to send it"
+            )
+        key_env = named
+    return base_url, key_env
+
+
+async def _cancel(out: str | Path, mock: bool, base_url: str | None, key_env: str | None) -> Cancelled:
     with open_view(out) as view:
         entries = view.ledger().open_batches()
     if not entries:
@@ -47,14 +83,10 @@ async def _cancel(out: str | Path, mock: bool, base_url: str | None) -> Cancelle
             gateway = stack.enter_context(MockGateway(MockConfig(flavor="gemini", state_dir=state)))
             base, key = gateway.base_url, "mock-key"
         else:
-            key_env = entries[0].key_env or "GEMINI_API_KEY"
+            base, key_env = _where(entries, base_url, key_env)
             key = os.environ.get(key_env, "").strip()
             if not key:
-                raise UsageError(f"no API key: set {key_env} (the variable the job's api_key_env named)")
-            bases = {e.base_url for e in entries if e.base_url}
-            base = base_url or (bases.pop() if len(bases) == 1 else "")
-            if not base:
-                raise UsageError("the open batches were created at several base URLs: give --base-url")
+                raise UsageError(f"no API key: set {key_env}")
         api = GoogleBatchApi(base, key)
         stack.push_async_callback(api.aclose)
         done = Cancelled()
@@ -89,6 +121,6 @@ async def _cancel(out: str | Path, mock: bool, base_url: str | None) -> Cancelle
                 done.failed += 1
                 done.lines.append(f"{name}: could not cancel it: {error_text(e)}")
                 continue
-            done.lines.append(f"{name}: cancelled ({plural(len(entry.items), 'item')} go back to the to-do list)")
+            done.lines.append(f"{name}: cancelled ({plural(len(entry.items), 'item')} back to the to-do list)")
         done.lines = [printable(line) for line in done.lines]
         return done

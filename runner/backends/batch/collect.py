@@ -184,7 +184,7 @@ class Collecting:
         mine = [items[i] for i in batch.ids if i in items]
         if info is None:
             self.log(
-                f"batch {batch.entry.name}: the server no longer knows it; its {plural(len(mine), 'item')} go back to the to-do list"
+                f"batch {batch.entry.name}: the server no longer knows it; {plural(len(mine), 'item')} back to the to-do list"
             )
             self.session.budget.settle(batch.entry.reserved_usd, 0.0, 0)
             await self._back(mine, Failure("server_error", 404, "its batch is gone from the server"))
@@ -197,20 +197,18 @@ class Collecting:
         why = f"ended {state}" + (f": {info.error}" if info.error else "")
         self.session.budget.settle(batch.entry.reserved_usd, 0.0, 0)
         if state == "CANCELLED" and batch.cancelled_before:  # a run started after the cancel: it wants them done
-            self.log(
-                f"batch {info.name} was cancelled before this run: its {plural(len(mine), 'item')} are submitted again"
-            )
+            self.log(f"batch {info.name} was cancelled before this run: {plural(len(mine), 'item')} to submit again")
             self.requeue.extend(mine)  # not an attempt: the cancel was the user's
             self._wake()
         elif state == "CANCELLED":  # cancelled while this run waited: stop spending on these; a later run submits them
             self.log(
-                f"batch {info.name} was cancelled: its {plural(len(mine), 'item')} go back to the to-do list for a later run"
+                f"batch {info.name} was cancelled: {plural(len(mine), 'item')} back to the to-do list for a later run"
             )
             for item in mine:  # left for a later run: an edit chain's parent among them adds no child now
                 self.feed.finished(item, None)
         else:
             self.log(
-                f"batch {info.name} ended {state}, not the items' fault: its {plural(len(mine), 'item')} go back to the to-do list"
+                f"batch {info.name} ended {state}, not the items' fault: {plural(len(mine), 'item')} back to the to-do list"
             )
             kind = "timeout" if state == "EXPIRED" else "server_error"
             await self._back(mine, Failure(kind, None, f"its batch {info.name} {why}"))
@@ -233,7 +231,7 @@ class Collecting:
             if batch.results_gone >= GONE_AFTER:  # tried again for ever, a waiting run would never end
                 why = f"its results file {info.results_file} " + ("cannot be read" if too_big else "is gone")
                 why += f" ({error_text(e)})"
-                self.log(f"batch {info.name}: {why}; its {plural(len(items), 'item')} go back to the to-do list")
+                self.log(f"batch {info.name}: {why}; {plural(len(items), 'item')} back to the to-do list")
                 self.session.budget.settle(batch.entry.reserved_usd, 0.0, 0)
                 await self._back(items.values(), Failure("server_error", None, f"the results of {info.name}: {why}"))
                 self._end(batch, "abandoned", why=why, state=info.state)

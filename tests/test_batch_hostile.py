@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import StartGateway, latest, read_manifest, run_cli, start_cli
+from .conftest import StartGateway, latest, read_manifest, run_cli, start_cli, write_spec
 from .hostile import HostileServer
 from .tamper import TamperProxy
 from .test_batch import FAST, batch_spec, google, ledger
@@ -577,3 +577,40 @@ def test_cancel_never_sends_a_variable_or_to_a_host_that_only_the_ledger_names(
     assert proc.returncode == 2 and "give --key-env MY_CLOUD_SECRET to send it" in proc.stderr, proc.stderr
     assert hostile.stats()["requests"] == {} and hostile.stats()["auth"] == []
     assert google(gw)["cancels"] == 0
+
+
+def test_a_restart_right_after_a_kill_in_create_waits_for_the_late_batch_not_buying_it_twice(
+    tmp_path: Path, gateway: StartGateway, tamper: StartTamper
+) -> None:
+    """Killed while its create is in flight, restarted at once (a supervisor): the batch Google made
+    may not be in the list yet. The restart waits out the grace from the upload and lists again."""
+    import threading
+
+    gw = gateway(**FAST)
+    created, release = threading.Event(), threading.Event()
+    hide = {"lists": 1}  # the restart's first list does not show it yet
+
+    def slow_google(method: str, path: str, status: int, body: bytes) -> tuple[int, bytes] | None:
+        if method == "POST" and ":batchGenerateContent" in path and not release.is_set():
+            created.set()
+            release.wait(30)  # made on the server; its answer never reaches the killed run
+        if method == "GET" and listing(path) and created.is_set() and release.is_set() and hide["lists"]:
+            hide["lists"] -= 1
+            return status, json.dumps({"operations": []}).encode()
+        return None
+
+    proxy = tamper(gw, slow_google)
+    # poll_s 1: the grace (ten polls, at most 30 s) leaves the restart time to come
+    path = write_spec(tmp_path, proxy.base_url, api_format="gemini", mode="batch", prompts=["a shag", "a gannet"],
+                      batch={"max_requests": 2, "poll_s": 1})  # fmt: skip
+    proc = start_cli("run", str(path), "--no-progress")
+    assert created.wait(60)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    release.set()
+    again = run_cli("run", str(path), "--no-progress", timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "may not be listed yet: looking again" in again.stderr, again.stderr
+    assert_all_ok_and_intact(tmp_path / "out", 2)
+    stats = google(gw)
+    assert stats["batches_created"] == 1 and set(stats["paid_keys"].values()) == {1}

@@ -75,11 +75,14 @@ def make_backend(
         from .batch.backend import BatchBackend
 
         assert isinstance(request_format, GeminiFormat)
+        api = GoogleBatchApi(base_url, api_key, spec.timeout_s, transport, int(spec.max_response_mb * 2**20))
         return BatchBackend(
-            session, store, GoogleBatchApi(base_url, api_key, spec.timeout_s, transport, int(spec.max_response_mb * 2**20)), request_format, prices,
+            session, store, api, request_format, prices,
             spec.inputs, lookup=lookup or (lambda ids: {}), job_name=spec.name, api_key=api_key,
             base_url=base_url, key_env=spec.api_key_env, max_requests=spec.batch_max_requests,
             max_attempts=spec.max_attempts, poll_s=poll_s or spec.batch_poll_s, wait=wait, run_id=run_id,
+            # how long a create with no answer may take to show in the list: 30 s, fewer on a fast clock
+            unknown_grace_s=min(30.0, 10 * (poll_s or spec.batch_poll_s)),
             work_dir=store.scratch_dir(),
         )  # fmt: skip
     http = make_http(base_url, request_format.auth_headers(api_key), spec.timeout_s, concurrency, transport)

@@ -59,6 +59,7 @@ class BatchEntry:
     base_url: str = ""
     key_env: str = ""
     file: str | None = None  # the uploaded input file
+    uploaded_at: str = ""  # when (a create may have been sent since)
     name: str | None = None  # batches/... once created (or found)
     state: str | None = None
     stats: dict[str, Any] = field(default_factory=dict)
@@ -137,6 +138,7 @@ class Ledger:
             return
         if kind == "uploaded":
             entry.file = event.get("file")
+            entry.uploaded_at = str(event.get("at", ""))
         elif kind == "created":
             entry.name = event.get("name")
         elif kind == "state":

@@ -159,6 +159,17 @@ class BatchBackend(Collecting):
         kill, a timeout) on the server by display name, and give up those it never got."""
         unnamed = [e for e in entries if e.name is None]
         found = await self._find([e.display_name for e in unnamed]) if unnamed else {}
+        # A create sent just before a kill may land after this list (a restart within seconds): as
+        # after a create with no answer in a run, wait out the grace from its upload, then list again.
+        now = time.time()
+        waits = [self.unknown_grace_s - (now - _epoch(e.uploaded_at)) for e in unnamed
+                 if e.file is not None and e.display_name not in found]  # fmt: skip
+        if max(waits, default=0.0) > 0:
+            self.log(f"batches created just before the last run stopped may not be listed yet: looking again "
+                     f"in {max(waits):.0f}s")  # fmt: skip
+            with anyio.move_on_after(min(max(waits), self.unknown_grace_s)):
+                await self.session.stopping.wait()
+            found.update(await self._find([e.display_name for e in unnamed if e.display_name not in found]))
         lost: list[BatchEntry] = []
         for entry in entries:
             if entry.name is None:

@@ -508,3 +508,19 @@ def test_nul_bytes_and_megabyte_prompts_are_warned_once_with_the_count(tmp_path:
     assert mock.stats()["requests"] == 6, "warned, still sent"
     est = json.loads(run_cli("estimate", str(path), "--json").stdout)
     assert not any("NUL" in w for w in est["warnings"]), "only what remains to be sent is warned about"
+
+
+def test_batch_answers_the_disk_could_not_hold_are_downloaded_again_not_bought(
+    tmp_path: Path, gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw = gateway(flavor="gemini", batch_latency_s=0.15)
+    _failing_saves(monkeypatch, errno.ENOSPC, lambda n: n >= 2)  # the disk fills after two images
+    path = write_spec(tmp_path, gw.base_url, prompts=[f"p{i}" for i in range(4)], api_format="gemini", mode="batch",
+                      batch={"max_requests": 4, "poll_s": 0.05})  # fmt: skip
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 3, proc.stderr
+    assert "answers paid but not saved: disk full" in proc.stderr and "a rerun downloads them again" in proc.stderr
+    assert "a rerun buys them again" not in proc.stderr
+    monkeypatch.undo()
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    assert len(latest(tmp_path / "out")) == 4 and gw.stats()["google"]["batches_created"] == 1

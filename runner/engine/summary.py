@@ -57,7 +57,11 @@ def describe(result: RunResult, command: str = "runner run JOB.yaml", *, absolut
     if s.unsaved:
         lines.append(
             f"{s.unsaved} answers paid but not saved: {s.output_problem} ({usd(s.unsaved_usd)}, counted in the spend; "
-            "a rerun buys them again)"
+            + (
+                "their batches' results stay on the server: a rerun downloads them again)"
+                if result.batch
+                else "a rerun buys them again)"
+            )
         )
     if s.unrecorded:
         lines.append(

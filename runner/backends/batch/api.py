@@ -226,7 +226,8 @@ class GoogleBatchApi:
             params = {"pageSize": "100", **({"pageToken": token} if token else {})}
             resp = await self._send("GET", f"{self.base}/batches", params=params)
             body = _json(resp)
-            for op in body.get("operations") or []:
+            operations = body.get("operations")
+            for op in operations if isinstance(operations, list) else []:
                 yield BatchInfo.parse(op)
             token = body.get("nextPageToken") if isinstance(body.get("nextPageToken"), str) else None
             if not token:

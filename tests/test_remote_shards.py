@@ -445,3 +445,24 @@ def test_the_batch_ledgers_parts_are_merged_like_the_manifests(s3: Any) -> None:
         ledger = view.ledger()
         assert [b.name for b in ledger.open_batches()] == ["batches/123"] and ledger.damaged == 0
         assert view.scan().in_batch == {int(i, 16) for i in items}
+
+
+def test_a_holder_that_cannot_renew_stops_while_its_lease_still_holds(s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"s3://{BUCKET}/unreachable"
+    clock = Clock()
+    ttl, renew = lease_mod.TTL_S, lease_mod.RENEW_S
+    a = RemoteStore(url, (1, 2), clock=clock)
+    a.open()
+
+    def unreachable() -> dict[str, list[int]]:
+        raise OSError("the bucket cannot be reached")
+
+    monkeypatch.setattr(a.lease.leases, "generations", unreachable)
+    clock.now += renew + 1
+    assert a.upkeep() is None  # a moment without the store: tried again next time
+    clock.now = a.lease.expires - 2 * renew  # two renewals from the end: stop now, before another may take over
+    reason = a.upkeep()
+    assert reason is not None and "could not renew the lease" in reason and clock.now < a.lease.expires
+    assert ttl > 2 * renew
+    monkeypatch.undo()
+    a.close()

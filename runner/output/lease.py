@@ -293,7 +293,8 @@ class Lease:
             self.leases.fs.pipe_file(self.leases.path(self.key, self.gen), self._body())
             self.expires = now + self.ttl_s
         except Exception as e:  # the store is unreachable for a moment: try again next time, while the lease holds
-            if now >= self.expires:
+            # Stop while the lease still holds (two renewals early), not at the instant another may take over.
+            if now >= self.expires - 2 * self.renew_s:
                 self.lost = True
                 return f"could not renew the lease of {describe_key(self.key)} of {self.display} before it expired: {e}"
         return None

@@ -45,7 +45,9 @@ from .api import ApiError, BatchInfo, GoogleBatchApi, Unknown, error_text
 from .collect import SUMMARY_EVERY_S, Collecting, OpenBatch, stamp
 from .files import write_requests
 
-REF_REUSE_S = 40 * 3600  # an uploaded reference image is used again for this long (the Files API keeps it 48 h)
+# An uploaded reference image is named by new batches for this long: the Files API keeps it 48 h, and a
+# batch named it then may take its 24 h (a batch past 48 h expires and is sent again, with a new upload).
+REF_REUSE_S = 24 * 3600
 
 
 class BatchBackend(Collecting):

@@ -168,12 +168,9 @@ class Pool:
         """One item from start to record (None: nothing to record). A function of its own so
         that its answer and images are let go as it returns, not held through the next item."""
         price = self.prices.item(item)
-        files = self._on_disk.pop(int(item.item_id, 16), None)
-        if files is not None:
-            found = await self.sink.save(self.writer.recovered, item, files)
-            if found is not None:
-                self.budget.settle(0.0, found["cost_usd"], 0)  # paid for before the crash
-                return found
+        found = await self.session.adopt(item, self._on_disk)
+        if found is not None:
+            return found
         reserved = self.budget.reserve(price)
         if reserved is None:
             self.session.budget_reached()

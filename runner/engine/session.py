@@ -18,6 +18,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ..errors import OutputError
 from ..output.files import FD_LIMIT
 from ..record import Record
+from ..spec.items import Item
 from .budget import Budget
 from .progress import Progress, RunStats
 from .writer import OnBug, Writer
@@ -92,6 +93,17 @@ class Session:
             self.stats.unsaved += 1
             self.stats.unsaved_usd += cost
             self.stats.spent_usd += cost
+
+    async def adopt(self, item: Item, on_disk: dict[int, list[str]]) -> Record | None:
+        """An item whose whole image an earlier run saved but did not record (a kill between the
+        two): its record, made from the files, paid for by that run. None: nothing whole on disk."""
+        files = on_disk.pop(int(item.item_id, 16), None)
+        if files is None:
+            return None
+        found = await self.sink.save(self.writer.recovered, item, files)
+        if found is not None:
+            self.budget.settle(0.0, found["cost_usd"], 0)  # paid for before the crash
+        return found
 
     def budget_reached(self) -> None:
         spent = f"${self.budget.spent:.2f} spent of max_cost_usd {self.budget.max_usd:g}"

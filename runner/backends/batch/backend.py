@@ -246,14 +246,10 @@ class BatchBackend(Collecting):
 
     async def _adopted(self, item: Item) -> bool:
         """An item whose whole image an earlier run saved but did not record: recorded from it."""
-        files = self.on_disk.pop(int(item.item_id, 16), None)
-        if files is None:
-            return False
-        found = await self.session.sink.save(self.session.writer.recovered, item, files)
+        found = await self.session.adopt(item, self.on_disk)
         if found is None:
             return False
         await self.session.sink.commit_now([found])
-        self.session.budget.settle(0.0, found["cost_usd"], 0)  # paid for before the crash
         self.feed.finished(item, found)
         return True
 

@@ -172,6 +172,7 @@ def read_response(obj: Any, api_key: str | None, cut: list[bytes] | None = None)
     if not isinstance(candidate, dict):
         return Failure("invalid_response", 200, "answer has no candidates[0]", request_id=request_id)
     finish = candidate.get("finishReason")
+    finish = finish if isinstance(finish, str) else None  # an enum name; anything else says nothing
     content = candidate.get("content")
     parts = content.get("parts") if isinstance(content, dict) else None
     if parts is None:
@@ -204,7 +205,7 @@ def read_response(obj: Any, api_key: str | None, cut: list[bytes] | None = None)
         why = clean_message(f"image blocked ({finish}){said}", api_key)
         return Failure("content_filter", 200, why, request_id=request_id)
     if not images:
-        why = f" ({finish})" if isinstance(finish, str) and finish not in ("STOP", "") else ""
+        why = f" ({finish})" if finish not in (None, "STOP", "") else ""
         message = clean_message(f"answer has no image{why}{said or ' (empty content)'}", api_key)
         return Failure("no_image", 200, message, request_id=request_id)
     return Success(images, text, usage, request_id, served_model(obj.get("modelVersion"), api_key))

@@ -39,3 +39,23 @@ def test_a_finish_reason_that_is_not_a_string_is_no_bug(
     proc = run_cli("run", str(path), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert [r["status"] for r in latest(tmp_path / "out").values()] == ["ok", "ok"]
+
+
+@pytest.mark.parametrize("fmt", ["imagefolder", "webdataset"])
+def test_an_image_damaged_after_the_run_is_not_exported(tmp_path: Path, gateway: StartGateway, fmt: str) -> None:
+    """An ok item whose image was overwritten after the run (its size and sha256 no longer the
+    record's) is what a rerun makes again: the export leaves it out and says so, as for a missing one."""
+    gw = gateway()
+    path = write_spec(tmp_path, gw.base_url, prompts=["a stork", "a crane", "an ibis"])
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    out = tmp_path / "out"
+    damaged, missing, *_ = latest(out).values()
+    (out / damaged["image_path"]).write_bytes(b"junk")
+    (out / missing["image_path"]).unlink()
+    proc = run_cli("export", str(out), "--format", fmt, "--to", str(tmp_path / "dist"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["written"] == 1
+    assert result["skipped"] == {"corrupt_image": 1, "missing_image": 1}
+    card = (tmp_path / "dist" / "README.md").read_text()
+    assert "corrupt image: 1" in card and "missing image: 1" in card

@@ -4,12 +4,16 @@ sets up the hostile case; each failed before its fix."""
 from __future__ import annotations
 
 import json
+import resource
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from .conftest import StartGateway, latest, run_cli, write_spec
+from .conftest import StartGateway, cli_env, latest, run_cli, write_spec
 from .tamper import TamperProxy
 
 StartTamper = Callable[..., TamperProxy]
@@ -59,3 +63,35 @@ def test_an_image_damaged_after_the_run_is_not_exported(tmp_path: Path, gateway:
     assert result["skipped"] == {"corrupt_image": 1, "missing_image": 1}
     card = (tmp_path / "dist" / "README.md").read_text()
     assert "corrupt image: 1" in card and "missing image: 1" in card
+
+
+def test_an_export_that_cannot_be_written_is_a_clear_error_not_a_bug(tmp_path: Path, gateway: StartGateway) -> None:
+    """`--to` naming a file (or a folder under one) is a usage error (2) naming it; a disk that fills
+    while the export is written stops it with exit 3 saying so; neither is an internal error (70)."""
+    gw = gateway()
+    path = write_spec(tmp_path, gw.base_url, prompts=["a stork", "a crane", "an ibis"])
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    out = tmp_path / "out"
+    (tmp_path / "afile").write_text("mine")
+    for to in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        for fmt in ("imagefolder", "webdataset"):
+            proc = run_cli("export", str(out), "--format", fmt, "--to", str(to))
+            assert proc.returncode == 2, proc.stderr
+            assert "--to" in proc.stderr and str(tmp_path / "afile") in proc.stderr and "internal" not in proc.stderr
+    assert (tmp_path / "afile").read_text() == "mine"
+
+    def small_disk() -> None:  # files cannot grow past 2 kB: the export fills up as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2_000, 2_000))
+
+    env = {k: v for k, v in cli_env().items() if not k.startswith("COVERAGE_PROCESS")}
+    for fmt in ("imagefolder", "webdataset"):
+        dest = tmp_path / f"dist-{fmt}"
+        proc = subprocess.run(
+            [sys.executable, "-m", "runner", "export", str(out), "--format", fmt, "--to", str(dest)],
+            capture_output=True, text=True, env=env, timeout=60, preexec_fn=small_disk, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 3, proc.stderr
+        assert "disk full" in proc.stderr and str(dest) in proc.stderr and "internal" not in proc.stderr
+        assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+        assert not dest.exists(), "a refused export leaves nothing behind"

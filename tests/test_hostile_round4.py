@@ -95,3 +95,27 @@ def test_an_export_that_cannot_be_written_is_a_clear_error_not_a_bug(tmp_path: P
         assert "disk full" in proc.stderr and str(dest) in proc.stderr and "internal" not in proc.stderr
         assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
         assert not dest.exists(), "a refused export leaves nothing behind"
+
+
+def test_a_gallery_that_cannot_be_written_is_a_clear_error_not_a_bug(tmp_path: Path, gateway: StartGateway) -> None:
+    """`--html` naming a folder, or a file under a file, is a usage error (2); a full disk is exit 3."""
+    gw = gateway()
+    path = write_spec(tmp_path, gw.base_url, prompts=["a stork", "a crane"])
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    out = tmp_path / "out"
+    (tmp_path / "afile").write_text("mine")
+    for html in (tmp_path / "afile" / "g.html", tmp_path):
+        proc = run_cli("report", str(out), "--html", str(html))
+        assert proc.returncode == 2 and "--html" in proc.stderr and "internal" not in proc.stderr, proc.stderr
+
+    def small_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2_000, 2_000))
+
+    env = {k: v for k, v in cli_env().items() if not k.startswith("COVERAGE_PROCESS")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner", "report", str(out), "--html", str(tmp_path / "g.html"), "--no-quality"],
+        capture_output=True, text=True, env=env, timeout=60, preexec_fn=small_disk, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 3 and "disk full" in proc.stderr and "internal" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "g.html").exists()

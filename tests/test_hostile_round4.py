@@ -119,3 +119,23 @@ def test_a_gallery_that_cannot_be_written_is_a_clear_error_not_a_bug(tmp_path: P
     )  # fmt: skip
     assert proc.returncode == 3 and "disk full" in proc.stderr and "internal" not in proc.stderr, proc.stderr
     assert not (tmp_path / "g.html").exists()
+
+
+def test_the_fingerprint_of_a_chained_spec_is_the_same_in_every_process(tmp_path: Path, gateway: StartGateway) -> None:
+    """A child that inherits two labels: the spec's fingerprint did not depend on the process's hash
+    seed (the order of a set), so the second shard of a job said the spec had changed."""
+    gw = gateway()
+    path = write_spec(
+        tmp_path, gw.base_url, concurrency=2,
+        prompts=[
+            {"id": "base", "template": "a {thing} number {n}", "vars": {"thing": ["mug", "fox", "owl"], "n": [1, 2, 3, 4]}},
+            {"id": "edit", "template": "make the {thing} {color}", "images": ["@base"], "vars": {"color": ["red", "blue"]}},
+        ],
+    )  # fmt: skip
+    said = []
+    for shard, seed in (("0/2", "0"), ("1/2", "1"), ("0/2", "1")):
+        proc = run_cli("run", str(path), "--no-progress", "--shard", shard, timeout=60, env={"PYTHONHASHSEED": seed})
+        assert proc.returncode == 0, proc.stderr
+        said.append(proc.stderr)
+    assert not [s for s in said if "spec changed" in s], said
+    assert len(latest(tmp_path / "out")) == 36

@@ -3,6 +3,7 @@ sets up the hostile case; each failed before its fix."""
 
 from __future__ import annotations
 
+import base64
 import json
 import resource
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import StartGateway, cli_env, latest, run_cli, write_spec
+from .hostile import png
 from .tamper import TamperProxy
 
 StartTamper = Callable[..., TamperProxy]
@@ -139,3 +141,32 @@ def test_the_fingerprint_of_a_chained_spec_is_the_same_in_every_process(tmp_path
         said.append(proc.stderr)
     assert not [s for s in said if "spec changed" in s], said
     assert len(latest(tmp_path / "out")) == 36
+
+
+@pytest.mark.parametrize("encode", [base64.b64encode, base64.urlsafe_b64encode])
+def test_image_data_without_base64_padding_is_read(
+    tmp_path: Path, gateway: StartGateway, tamper: StartTamper, encode: Callable[[bytes], bytes]
+) -> None:
+    """proto3 JSON bytes may come without their `=` padding, in either alphabet: a whole image so sent
+    is the paid answer it is, not invalid_response (retried: bought again)."""
+    image = png(b"b")
+    assert len(image) % 3 and b"=" in base64.b64encode(image)
+    gw = gateway(flavor="gemini")
+
+    def unpadded(method: str, path: str, status: int, body: bytes) -> tuple[int, bytes] | None:
+        if not generate(path) or status != 200:
+            return None
+        answer = json.loads(body)
+        for part in answer["candidates"][0]["content"]["parts"]:
+            if "inlineData" in part:
+                part["inlineData"] = {"mimeType": "image/png", "data": encode(image).decode().rstrip("=")}
+        return status, json.dumps(answer).encode()
+
+    proxy = tamper(gw, unpadded)
+    path = write_spec(tmp_path, proxy.base_url, api_format="gemini", prompts=["a stork"])
+    proc = run_cli("run", str(path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    (rec,) = latest(tmp_path / "out").values()
+    assert (
+        rec["status"] == "ok" and rec["attempts"] == 1 and (tmp_path / "out" / rec["image_path"]).read_bytes() == image
+    )

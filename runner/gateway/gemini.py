@@ -217,8 +217,9 @@ def _image(inline: dict[str, Any], data: bytes | None, api_key: str | None, requ
         raw = inline.get("data")
         if not isinstance(raw, str):
             return Failure("invalid_response", 200, "inlineData has no data", request_id=request_id)
-        try:  # proto3 JSON bytes: the standard alphabet, or the URL-safe one
+        try:  # proto3 JSON bytes: the standard alphabet, or the URL-safe one, padded or not
             encoded = raw.encode("ascii")
+            encoded += b"=" * (-len(encoded) % 4)
             data = (binascii.a2b_base64(encoded, strict_mode=True) if b"-" not in encoded and b"_" not in encoded
                     else base64.urlsafe_b64decode(encoded))  # fmt: skip
         except (binascii.Error, ValueError):

@@ -170,3 +170,28 @@ def test_image_data_without_base64_padding_is_read(
     assert (
         rec["status"] == "ok" and rec["attempts"] == 1 and (tmp_path / "out" / rec["image_path"]).read_bytes() == image
     )
+
+
+def test_a_sharded_chain_whose_spec_grew_says_no_record_is_gone(tmp_path: Path, gateway: StartGateway) -> None:
+    """An edit's shard is its root's, not its own id's: the drift note of a shard counted the records
+    "no longer in the spec" by the wrong shard (6 said gone, none was; or a negative number)."""
+    gw = gateway()
+
+    def spec(things: list[str]) -> Path:
+        return write_spec(
+            tmp_path, gw.base_url, model="nanobanana", concurrency=8,
+            prompts=[
+                {"id": "base", "template": "photo of {thing} number {n}", "vars": {"thing": things, "n": [1, 2, 3, 4, 5, 6]}},
+                {"id": "edit", "template": "make the {thing} {color}", "images": ["@base"], "vars": {"color": ["red", "blue"]}},
+            ],
+        )  # fmt: skip
+
+    path = spec(["mug", "lamp", "chair", "fox"])
+    for shard in ("0/2", "1/2"):
+        assert run_cli("run", str(path), "--no-progress", "--shard", shard).returncode == 0
+    path = spec(["mug", "lamp", "chair", "fox", "owl"])
+    for shard in ("0/2", "1/2"):
+        proc = run_cli("run", str(path), "--no-progress", "--shard", shard)
+        assert proc.returncode == 0, proc.stderr
+        assert "spec changed" not in proc.stderr or " 0 recorded items are no longer" in proc.stderr, proc.stderr
+    assert len(latest(tmp_path / "out")) == 90

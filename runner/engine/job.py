@@ -323,7 +323,7 @@ def _drift(
         changed = not same
     if previous and changed:
         added = plan.items - plan.expected - plan.known_seen  # expected children: not known yet
-        gone = state.known_count(options.shard.owns if options.shard else None) - plan.known_seen
+        gone = state.known_count() - plan.job_known  # the whole dir's: which shard an old child was is unknown
         if added or gone:
             log(
                 f"the spec changed since the last run in {store.display}: {added} new items, "

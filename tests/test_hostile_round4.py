@@ -195,3 +195,32 @@ def test_a_sharded_chain_whose_spec_grew_says_no_record_is_gone(tmp_path: Path, 
         assert proc.returncode == 0, proc.stderr
         assert "spec changed" not in proc.stderr or " 0 recorded items are no longer" in proc.stderr, proc.stderr
     assert len(latest(tmp_path / "out")) == 90
+
+
+def test_a_sharded_chain_adopts_every_edit_image_whose_line_was_lost(tmp_path: Path, gateway: StartGateway) -> None:
+    """A kill between an edit's image and its manifest line: the next run of its shard records it from
+    the image. An edit is its root's shard's, so its own id says nothing of whose it is: those whose
+    id fell in another shard were bought again."""
+    gw = gateway()
+    path = write_spec(
+        tmp_path, gw.base_url, model="nanobanana", concurrency=8,
+        prompts=[
+            {"id": "base", "template": "photo of {thing} number {n}", "vars": {"thing": ["mug", "fox"], "n": [1, 2, 3, 4]}},
+            {"id": "edit", "template": "make the {thing} {color}", "images": ["@base"], "vars": {"color": ["red", "blue"]}},
+        ],
+    )  # fmt: skip
+    assert run_cli("run", str(path), "--no-progress", "--shard", "0/2").returncode == 0
+    out = tmp_path / "out"
+    manifest = out / "manifest.shard-0-of-2.jsonl"
+    lines = manifest.read_text().splitlines(keepends=True)
+    edits = [json.loads(line) for line in lines if json.loads(line)["prompt_id"] == "edit"]
+    assert {int(r["item_id"], 16) % 2 for r in edits} == {0, 1}, "edits whose own ids fall in either shard"
+    manifest.write_text("".join(line for line in lines if json.loads(line)["prompt_id"] != "edit"))
+    for index in out.glob(".manifest*.idx"):
+        index.unlink()
+    before = gw.stats()["requests"]
+    proc = run_cli("run", str(path), "--no-progress", "--shard", "0/2")
+    assert proc.returncode == 0, proc.stderr
+    assert gw.stats()["requests"] == before, "nothing bought twice"
+    recs = latest(out)
+    assert all(recs[r["item_id"]].get("recovered") for r in edits)

@@ -195,7 +195,10 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
     # Image files without records (a kill between an image and its line) matter only when there
     # is something to run; listing a million files to find none would slow every finished resume.
     orphans = await anyio.to_thread.run_sync(store.orphans, state) if plan.to_run else {}
-    if options.shard is not None:  # another shard's images are its own business (and maybe being written now)
+    # Another shard's images are its own business (and maybe being written now). An edit is its root's
+    # shard's, which its own id does not tell: with chains every image is kept, and adopted only if
+    # this shard plans its item.
+    if options.shard is not None and not spec.chained:
         orphans = {k: paths for k, paths in orphans.items() if options.shard.owns(k)}
     plan.on_disk = len(orphans)
     result.items, result.skipped_done, result.skipped_failed = plan.items, plan.done, plan.skipped_failed

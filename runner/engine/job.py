@@ -200,7 +200,10 @@ async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str,
     # (Items in open batches count: a collection cut short leaves their images, and a results file
     # gone by the next run sends them again.)
     orphans = await anyio.to_thread.run_sync(store.orphans, state) if plan.to_run or plan.in_batch else {}
-    if options.shard is not None:  # another shard's images are its own business (and maybe being written now)
+    # Another shard's images are its own business (and maybe being written now). An edit is its root's
+    # shard's, which its own id does not tell: with chains every image is kept, and adopted only if
+    # this shard plans its item.
+    if options.shard is not None and not spec.chained:
         orphans = {k: paths for k, paths in orphans.items() if options.shard.owns(k)}
     plan.on_disk = len(orphans)
     result.items, result.skipped_done, result.skipped_failed = plan.items, plan.done, plan.skipped_failed
@@ -328,7 +331,7 @@ def _drift(
         changed = not same
     if previous and changed:
         added = plan.items - plan.expected - plan.known_seen  # expected children: not known yet
-        gone = state.known_count(options.shard.owns if options.shard else None) - plan.known_seen
+        gone = state.known_count() - plan.job_known  # the whole dir's: which shard an old child was is unknown
         if added or gone:
             log(
                 f"the spec changed since the last run in {store.display}: {added} new items, "

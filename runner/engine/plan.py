@@ -47,6 +47,7 @@ class Plan:
     skipped_failed: int = 0  # failed permanently before and not retried (pending for estimate's cost)
     to_run: int = 0
     known_seen: int = 0  # items of the spec that have records
+    job_known: int = 0  # ...of every shard's (a chain's child is its root's shard's, not its own id's)
     input_images: int = 0  # reference images the remaining requests carry
     input_bytes: int = 0
     input_cost: float = 0.0
@@ -111,6 +112,7 @@ def make_plan(
         if fields.prompt_id in parents and key not in state.done:  # its children, as if it succeeds
             job += sum(expected_children(spec, fields.prompt_id, fields.vars, memo).values())
         plan.job_items += job
+        plan.job_known += state.known(key)
         if shard is not None:
             plan.shard_items[root % shard.count] += job
             if not shard.owns(root):

@@ -99,7 +99,7 @@ class Selection:
 def select(records: Iterable[Record], source: ImageSource, filters: Filters, result: ExportResult) -> Selection:
     """The latest ok record of each item that passes the filters and whose image is there.
 
-    Order of the cuts: failed, `where`, missing image, wrong shape, then duplicates, so that the
+    Order of the cuts: failed, `where`, missing or corrupt image, wrong shape, then duplicates, so that the
     copy a duplicate group keeps is one that is exported."""
     kept: list[Record] = []
     labels: set[str] = set()
@@ -121,6 +121,8 @@ def select(records: Iterable[Record], source: ImageSource, filters: Filters, res
             result.skip("where", rec["item_id"])
         elif not source.exists(rec.get("image_path", "")):
             result.skip("missing_image", rec["item_id"])
+        elif not source.intact(rec):  # changed since it was recorded: a rerun makes it again
+            result.skip("corrupt_image", rec["item_id"])
         else:
             kept.append(rec)
     unknown = sorted(named - labels)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
 
+from ..errors import OutputError, RunnerError, UsageError
 from ..output import open_view
 from ..output.bucket import upload_dir
 from ..output.files import Jail, output_error
@@ -49,22 +51,37 @@ def export_dataset(
             ):  # inside the output dir: a link planted there must not send shards elsewhere
                 _real_folder(Path(out), sub)
         records = list(manifests.latest.values())
-        if format == "imagefolder":
-            # In the output dir itself the images are where they belong: nothing to place.
-            in_place = (view.remote and to is None) or dest.resolve() == Path(out).resolve()
-            result = export_imagefolder(
-                records, view.source, dest, filters=filters, summary=summary, copy_files=not in_place
-            )
-        else:
-            result = export_webdataset(
-                records, view.source, dest, shard_size=shard_size, filters=filters, summary=summary
-            )
+        try:
+            if format == "imagefolder":
+                # In the output dir itself the images are where they belong: nothing to place.
+                in_place = (view.remote and to is None) or dest.resolve() == Path(out).resolve()
+                result = export_imagefolder(
+                    records, view.source, dest, filters=filters, summary=summary, copy_files=not in_place
+                )
+            else:
+                result = export_webdataset(
+                    records, view.source, dest, shard_size=shard_size, filters=filters, summary=summary
+                )
+        except OSError as e:
+            raise _write_error(e, dest, to is not None) from None
         result.older = summary.get("older_records", 0)
         result.records_note = summary.get("records_note")
         result.location = str(dest)
         if view.remote and to is None:
             result.location = upload_dir(str(out), dest, sub)
     return result
+
+
+def _write_error(e: OSError, dest: Path, given: bool) -> RunnerError:
+    """An OSError while the export is written: `--to` naming a file (or a folder under one) is a
+    usage error; anything else (a full disk, no permission) stops the export, saying so (exit 3)."""
+    if given and e.errno in (errno.EEXIST, errno.ENOTDIR):
+        return UsageError(f"--to {dest}: {e.filename or dest} is not a folder; name a folder (new or existing)")
+    why = output_error(e, str(dest)).why
+    name = getattr(e, "filename", None) or dest
+    error = OutputError(f"cannot write the export to {dest}: {why} ({name}); the export stopped")
+    error.errno, error.why = e.errno, why
+    return error
 
 
 def _real_folder(out: Path, name: str) -> None:

@@ -372,7 +372,8 @@ class _Shards:
                 if stale.name not in {shard_name(i) for i in range(self.count)}:
                     stale.unlink()
         elif self._tar is not None and self._file is not None:
-            self._tar.close()
+            with contextlib.suppress(OSError):  # a full disk: the archive's end cannot be written either
+                self._tar.close()
             self._file.__exit__(*exc)  # type: ignore[arg-type]  # the temp file goes, the shard stays as it was
 
     def add(self, key: str, members: list[tuple[str, IO[bytes], int]], mtime: int) -> None:
@@ -400,7 +401,12 @@ class _Shards:
     def _finish(self) -> None:
         if self._tar is None or self._file is None:
             return
-        self._tar.close()
-        self._file.__exit__(None, None, None)  # fsynced and renamed into place
+        tar, file = self._tar, self._file
         self._tar, self._file = None, None
         self._samples = self._bytes = 0
+        try:
+            tar.close()
+        except BaseException as e:
+            file.__exit__(type(e), e, e.__traceback__)  # the temp file goes
+            raise
+        file.__exit__(None, None, None)  # fsynced and renamed into place

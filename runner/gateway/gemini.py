@@ -205,7 +205,7 @@ def read_response(obj: Any, api_key: str | None, cut: list[bytes] | None = None)
         why = clean_message(f"image blocked ({finish}){said}", api_key)
         return Failure("content_filter", 200, why, request_id=request_id)
     if not images:
-        why = f" ({finish})" if isinstance(finish, str) and finish not in ("STOP", "") else ""
+        why = f" ({finish})" if finish not in (None, "STOP", "") else ""
         message = clean_message(f"answer has no image{why}{said or ' (empty content)'}", api_key)
         return Failure("no_image", 200, message, request_id=request_id)
     return Success(images, text, usage, request_id, served_model(obj.get("modelVersion"), api_key))
@@ -217,8 +217,9 @@ def _image(inline: dict[str, Any], data: bytes | None, api_key: str | None, requ
         raw = inline.get("data")
         if not isinstance(raw, str):
             return Failure("invalid_response", 200, "inlineData has no data", request_id=request_id)
-        try:  # proto3 JSON bytes: the standard alphabet, or the URL-safe one
+        try:  # proto3 JSON bytes: the standard alphabet, or the URL-safe one, padded or not
             encoded = raw.encode("ascii")
+            encoded += b"=" * (-len(encoded) % 4)
             data = (binascii.a2b_base64(encoded, strict_mode=True) if b"-" not in encoded and b"_" not in encoded
                     else base64.urlsafe_b64decode(encoded))  # fmt: skip
         except (binascii.Error, ValueError):

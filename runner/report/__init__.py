@@ -9,9 +9,10 @@ saying how many older records they leave out; `all_records=True` counts every re
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import OutputError, UsageError
 from ..output import View, is_remote, open_view
 from ..pricing import money
 from ..quality import DEFAULT_NEAR_THRESHOLD
@@ -79,6 +80,15 @@ def report(
 
         title = summary.get("name") or Path(out).name
         records = list(manifests.latest.values())
-        shown = write_html(Path(html), Path(out), records, summary, title=title, quality=quality)
+        try:
+            shown = write_html(Path(html), Path(out), records, summary, title=title, quality=quality)
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise UsageError(f"--html {html}: {e.filename or html} is not a file in a folder") from None
+            from ..output.files import output_error
+
+            error = OutputError(f"cannot write the gallery to {html}: {output_error(e, str(html)).why}")
+            error.errno = e.errno
+            raise error from None
         summary["gallery"] = {"path": str(html), "images": shown}
     return summary

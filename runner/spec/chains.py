@@ -30,6 +30,9 @@ class Link:
     slot: int  # where the parent's image goes in this prompt's `images`
     inherited: frozenset[str]  # label names its ancestors carry (placeholders it may use, vars that join)
 
+    def __repr__(self) -> str:  # sorted: the spec's fingerprint hashes it, and a set's order changes per process
+        return f"Link(parent={self.parent!r}, slot={self.slot!r}, inherited={sorted(self.inherited)!r})"
+
 
 def chain_ref(ref: str) -> str | None:
     """The parent prompt id of an `@ID` image reference, else None."""

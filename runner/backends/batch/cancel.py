@@ -54,7 +54,7 @@ def _where(entries: list[BatchEntry], base_url: str | None, key_env: str | None)
                 f"the open batches were created at several base URLs ({', '.join(sorted(bases))}): give --base-url"
             )
         base_url = bases.pop() if bases else GEMINI_BASE_URL
-        if httpx.URL(base_url).host != GOOGLE_API_HOST:
+        if (httpx.URL(base_url).scheme, httpx.URL(base_url).host) != ("https", GOOGLE_API_HOST):
             raise UsageError(
                 f"the open batches were created at {base_url} (the output dir's ledger says so): give --base-url "
                 f"{base_url} to send the key there"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shlex
 import signal
 from collections import Counter
 from pathlib import Path
@@ -220,8 +221,12 @@ def test_cancel_gives_the_items_back(tmp_path: Path, gateway: StartGateway) -> N
     gw = gateway(flavor="gemini", batch_latency_s=60)
     path = batch_spec(tmp_path, gw.base_url, prompts=[f"kite {i}" for i in range(4)], max_requests=2)
     out = tmp_path / "out"
-    assert run_cli("run", str(path), "--no-progress", "--no-wait").returncode == 0
-    proc = run_cli("cancel", str(out), *_where(gw))
+    submitted = run_cli("run", str(path), "--no-progress", "--no-wait")
+    assert submitted.returncode == 0, submitted.stderr
+    # the cancel command the run suggests works as written (where the batches are, the key's variable)
+    said = re.search(r"`(runner cancel [^`]+)` cancels them", submitted.stderr)
+    assert said and said.group(1) == shlex.join(["runner", "cancel", str(out), *_where(gw)]), submitted.stderr
+    proc = run_cli(*shlex.split(said.group(1))[1:])
     assert proc.returncode == 0 and proc.stderr.count(": cancelled (2 items") == 2, proc.stderr
     assert google(gw)["cancels"] == 2
     # the next run sees them cancelled, says so, and submits the items again

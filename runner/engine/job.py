@@ -68,6 +68,7 @@ class RunResult:
     key_env: str = "NANOBANANA_API_KEY"
     mock: bool = False  # made on the built-in mock: the hints say --mock
     batch: bool = False  # batch mode: unsaved answers stay on the server (a rerun downloads them again)
+    base_url: str = ""  # where the requests went (`runner cancel` is told, unless it is Google's)
     items: int = 0
     skipped_done: int = 0
     skipped_failed: int = 0
@@ -181,8 +182,9 @@ async def _run(spec: JobSpec, options: RunOptions, log: Log, base_url: str, key:
 
 async def _run_open(spec: JobSpec, options: RunOptions, log: Log, base_url: str, key: str, store: Store) -> RunResult:
     result = RunResult(
-        store.display, name=spec.name, key_env=spec.api_key_env, mock=options.mock, batch=spec.mode == "batch"
-    )
+        store.display, name=spec.name, key_env=spec.api_key_env, mock=options.mock, batch=spec.mode == "batch",
+        base_url=base_url,
+    )  # fmt: skip
     _say_repairs(store, log)
     previous = store.read_snapshot()  # what the dir remembers of its last run ({} if nothing)
     state = await anyio.to_thread.run_sync(store.scan, options.verify, spec.chained)

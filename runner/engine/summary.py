@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ..policy import PERMANENT
 from ..pricing import usd
 from ..safety import printable
+from ..spec.parse import GEMINI_BASE_URL
 from .progress import duration, plural
 
 if TYPE_CHECKING:
@@ -78,11 +79,21 @@ def describe(result: RunResult, command: str = "runner run JOB.yaml", *, absolut
     return lines
 
 
+def _cancel_flags(result: RunResult) -> str:
+    """What `runner cancel` must be told: where the batches are, and the key's variable, unless Google's defaults."""
+    flags = []
+    if not result.base_url.startswith(GEMINI_BASE_URL.rsplit("/", 1)[0] + "/"):  # Google's own host
+        flags += ["--base-url", result.base_url]
+    if result.key_env != "GEMINI_API_KEY":
+        flags += ["--key-env", result.key_env]
+    return "".join(f" {shlex.quote(f)}" for f in flags)
+
+
 def _next_steps(result: RunResult, command: str) -> list[str]:
     s = result.stats
     if s.open_batches:
         out = shlex.quote(result.out_dir)
-        cancel = f"runner cancel {out}" + (" --mock" if result.mock else "")
+        cancel = f"runner cancel {out}" + (" --mock" if result.mock else _cancel_flags(result))
         return [
             f"{plural(s.open_batches, 'batch', 'batches')} {'stays' if s.open_batches == 1 else 'stay'} open on Google's Batch API (results within 24 h): "
             f"`{command}` collects them and submits what is left; `runner report {out}` shows them; `{cancel}` "

@@ -106,6 +106,7 @@ class BatchBackend(Collecting):
         self._said = -SUMMARY_EVERY_S
         self._saving = anyio.Semaphore(SAVE_THREADS)  # results lines being saved at once
         self._scope: anyio.CancelScope | None = None  # the submitter's and the poller's
+        self.collecting = False
 
     # -- Backend ------------------------------------------------------------------------------
     def interrupt(self) -> None:
@@ -139,7 +140,7 @@ class BatchBackend(Collecting):
                 await self._submit()
                 # Nothing open or to do any more: the poller is done too. A stop (Ctrl+C) lets it
                 # finish the batch it is collecting (it returns by itself; a second Ctrl+C cancels).
-                if self.wait and not self.session.is_stopping:
+                if self.wait and not (self.session.is_stopping and self.collecting):
                     tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):

@@ -64,6 +64,7 @@ class Collecting:
     poll_s: float
     wait: bool
     max_attempts: int
+    collecting: bool  # a batch's results are being saved (a stop lets that finish)
     work_dir: Path
     stats: RunStats
     log: Callable[[str], None]
@@ -191,7 +192,11 @@ class Collecting:
             self._end(batch, "abandoned", why="the server no longer knows it (deleted, or another project's key)")
             return
         if info.state in WITH_RESULTS and info.results_file:
-            await self._collect(batch, info, {i.item_id: i for i in mine})
+            self.collecting = True
+            try:
+                await self._collect(batch, info, {i.item_id: i for i in mine})
+            finally:
+                self.collecting = False
             return
         state = info.state
         why = f"ended {state}" + (f": {info.error}" if info.error else "")

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 
 class Backend(Protocol):
+    in_flight: str  # what a first Ctrl+C waits for, and what a second does, in words
+
     async def run(self, feed: Feed, on_disk: dict[int, list[str]] | None = None) -> None:
         """Get answers for the feed's items (recorded through the session's sink, each given back to
         `feed.finished`) until there are no more or the run stops."""

@@ -44,6 +44,8 @@ class Pool:
     """`concurrency` workers over one Client; a rate limiter, AIMD concurrency, a circuit breaker
     and the run's budget are shared. Implements backends.Backend."""
 
+    in_flight = "requests in flight (Ctrl+C again cancels them)"
+
     def __init__(
         self,
         session: Session,

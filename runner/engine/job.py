@@ -408,9 +408,7 @@ async def _watch_signals(backend: Backend, grace_s: float, scope: anyio.CancelSc
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for _ in signals:
             break
-        write(
-            f"interrupted: no new items start; waiting up to {grace_s:g}s for requests in flight (Ctrl+C again cancels them)"
-        )
+        write(f"interrupted: no new items start; waiting up to {grace_s:g}s for {backend.in_flight}")
         backend.interrupt()
         with anyio.move_on_after(grace_s) as grace:
             async for _ in signals:

@@ -53,6 +53,8 @@ REF_REUSE_S = 24 * 3600
 class BatchBackend(Collecting):
     """Implements backends.Backend with Google's Batch API."""
 
+    in_flight = "the batch being collected (Ctrl+C again stops it, keeping what it saved; open batches stay open)"
+
     def __init__(
         self,
         session: Session,

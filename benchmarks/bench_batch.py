@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, load_average, machine, scratch, table
+from common import ROOT, load_average, machine, scratch, spawn_measured, table
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -63,19 +63,9 @@ def write_job(d: Path, base_url: str, n: int, mode: str) -> Path:
 
 
 def run(args: list[str]) -> tuple[float, int, str]:
-    """`runner ARGS` in a child: wall seconds, peak RSS bytes, stderr."""
+    """`runner ARGS` in a child: wall seconds, peak RSS bytes, output."""
     env = {**os.environ, "BENCH_KEY": "bench", "PYTHONPATH": str(ROOT)}
-    t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "runner", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)  # fmt: skip
-    assert proc.stderr is not None
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    seconds = time.monotonic() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"runner {' '.join(args)} exited {proc.returncode}:\n{err[-3000:]}")
-    return seconds, usage.ru_maxrss * 1024, err
+    return spawn_measured([sys.executable, "-m", "runner", *args], env=env)
 
 
 def stats(base_url: str) -> dict[str, Any]:

@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 import tracemalloc
@@ -39,13 +38,13 @@ from typing import Any
 
 from common import (
     KEY,
-    ROOT,
     load_spec,
     machine,
     peak_rss_bytes,
     reset_peak_rss,
     rss_bytes,
     scratch,
+    spawn_measured,
     table,
     write_prompts,
     write_spec,
@@ -132,20 +131,6 @@ def child(phase: str, d: Path) -> dict[str, Any]:
     """Run one phase in a fresh interpreter; its JSON result (with its own VmHWM as peak_rss)."""
     _, _, out = spawn_measured([sys.executable, str(Path(__file__).resolve()), "--phase", phase, "--dir", str(d)])
     return json.loads(out.strip().splitlines()[-1])
-
-
-def spawn_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS bytes (this child's own ru_maxrss, via wait4) and output of a command."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    assert proc.stdout is not None
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {out.decode()[-2000:]}")
-    return wall, usage.ru_maxrss * 1024, out.decode()
 
 
 # -- generation --------------------------------------------------------------------------------------------

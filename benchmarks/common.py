@@ -84,6 +84,20 @@ class MockServer:
                 self.proc.wait()
 
 
+def spawn_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS bytes (this child's own ru_maxrss, via wait4) and output of a command."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {out.decode()[-2000:]}")
+    return wall, usage.ru_maxrss * 1024, out.decode()
+
+
 def proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds process `pid` has used so far (all its threads)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

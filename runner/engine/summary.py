@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ..policy import PERMANENT
 from ..pricing import usd
 from ..safety import printable
-from ..spec.parse import GEMINI_BASE_URL
+from ..spec.parse import GEMINI_KEY_ENV, is_google
 from .progress import duration, plural
 
 if TYPE_CHECKING:
@@ -82,9 +82,9 @@ def describe(result: RunResult, command: str = "runner run JOB.yaml", *, absolut
 def _cancel_flags(result: RunResult) -> str:
     """What `runner cancel` must be told: where the batches are, and the key's variable, unless Google's defaults."""
     flags = []
-    if not result.base_url.startswith(GEMINI_BASE_URL.rsplit("/", 1)[0] + "/"):  # Google's own host
+    if not is_google(result.base_url):
         flags += ["--base-url", result.base_url]
-    if result.key_env != "GEMINI_API_KEY":
+    if result.key_env != GEMINI_KEY_ENV:
         flags += ["--key-env", result.key_env]
     return "".join(f" {shlex.quote(f)}" for f in flags)
 

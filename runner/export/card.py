@@ -24,6 +24,7 @@ import yaml
 
 from ..output.files import atomic_file
 from ..report.shapes import Summary
+from ..spec.parse import GOOGLE_API_HOST
 from .common import ExportResult, Selection
 
 CARD = "README.md"
@@ -32,7 +33,6 @@ REFUSALS = {"content_filter": "image blocked by the safety filter", "prompt_bloc
             "no_image": "text answer instead of an image"}  # fmt: skip
 _SIZES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
           (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"))  # fmt: skip
-GOOGLE_API_HOST = "generativelanguage.googleapis.com"
 MODEL_NAMES = {"nanobanana": "Gemini 2.5 Flash Image", "nanobanana_pro": "Gemini 3 Pro Image",
                "nanobanana_2": "Gemini 3.1 Flash Image"}  # fmt: skip
 MAX_VALUES = 30  # label values listed per label

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..errors import SpecError
 from . import chains, checks
@@ -18,7 +19,9 @@ from .values import DEFAULT_CONFIG, ImageConfig, Params
 from .yamlfile import load_yaml
 
 DEFAULT_BASE_URL = "https://api.getinfinityblue.com/v1"
-GEMINI_BASE_URL = "https://generativelanguage.googleapis.com/v1beta"  # the default for api_format gemini
+GOOGLE_API_HOST = "generativelanguage.googleapis.com"
+GEMINI_BASE_URL = f"https://{GOOGLE_API_HOST}/v1beta"  # the default for api_format gemini
+GEMINI_KEY_ENV = "GEMINI_API_KEY"  # the default api_key_env for api_format gemini
 MODES = ("interactive", "batch")
 BATCH_KEYS = {"max_requests", "poll_s"}
 API_FORMATS = ("nanobanana", "openai-compatible", "gemini")
@@ -156,7 +159,7 @@ def parse_spec(raw: Any, path: Path) -> JobSpec:
     base_url = c.string(top.get("base_url", GEMINI_BASE_URL if gemini else DEFAULT_BASE_URL), "base_url").rstrip("/")
     if (problem := check_url(base_url)) is not None:
         raise c.fail("base_url", problem)
-    key_env = c.string(top.get("api_key_env", "GEMINI_API_KEY" if gemini else "NANOBANANA_API_KEY"), "api_key_env")
+    key_env = c.string(top.get("api_key_env", GEMINI_KEY_ENV if gemini else "NANOBANANA_API_KEY"), "api_key_env")
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
         raise c.fail(
             "api_key_env", "expected the NAME of an environment variable (the key itself never goes in a spec)"
@@ -225,6 +228,12 @@ def _fingerprint(
         st = f.path.stat()
         h.update(f"{f.path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
+
+
+def is_google(url: str) -> bool:
+    """Is `url` Google's own API (https, its host)? A key may go there without being told to."""
+    parts = urlsplit(url)
+    return parts.scheme == "https" and parts.hostname == GOOGLE_API_HOST
 
 
 def spec_summary(spec: JobSpec) -> dict[str, Any]:

@@ -23,9 +23,9 @@ import httpx
 from ...gateway.gemini import classify
 from ...policy import Failure
 from ...safety import clean_message
+from ...spec.parse import is_google
 
 MAX_BODY = 16 << 20  # an answer of the Files or Batch API past this is not one: read no further
-GOOGLE_API_HOST = "generativelanguage.googleapis.com"
 UPLOAD_CHUNK = 8 << 20  # bytes per resumable-upload request (a multiple of 256 KiB, as Google asks)
 TERMINAL_STATES = ("SUCCEEDED", "PARTIALLY_SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
 WITH_RESULTS = ("SUCCEEDED", "PARTIALLY_SUCCEEDED")
@@ -247,7 +247,7 @@ class GoogleBatchApi:
         there, here = httpx.URL(url), httpx.URL(self.base)
         if (there.scheme, there.host, there.port) == (here.scheme, here.host, here.port):
             return
-        if there.scheme == "https" and there.host == GOOGLE_API_HOST:
+        if is_google(url):
             return
         raise ApiError(
             Failure("invalid_response", None, f"a URL on another host ({there.host}): the key is not sent there")

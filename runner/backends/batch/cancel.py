@@ -13,15 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
-import httpx
 
 from ...engine.progress import plural
 from ...errors import UsageError
 from ...output import is_remote, open_view
 from ...output.ledger import BatchEntry
 from ...safety import printable
-from ...spec.parse import GEMINI_BASE_URL
-from .api import GOOGLE_API_HOST, ApiError, GoogleBatchApi, Unknown, error_text
+from ...spec.parse import GEMINI_BASE_URL, GEMINI_KEY_ENV, is_google
+from .api import ApiError, GoogleBatchApi, Unknown, error_text
 
 
 @dataclass
@@ -54,14 +53,14 @@ def _where(entries: list[BatchEntry], base_url: str | None, key_env: str | None)
                 f"the open batches were created at several base URLs ({', '.join(sorted(bases))}): give --base-url"
             )
         base_url = bases.pop() if bases else GEMINI_BASE_URL
-        if (httpx.URL(base_url).scheme, httpx.URL(base_url).host) != ("https", GOOGLE_API_HOST):
+        if not is_google(base_url):
             raise UsageError(
                 f"the open batches were created at {base_url} (the output dir's ledger says so): give --base-url "
                 f"{base_url} to send the key there"
             )
     if key_env is None:
-        named = envs.pop() if len(envs) == 1 else "GEMINI_API_KEY"
-        if named != "GEMINI_API_KEY":
+        named = envs.pop() if len(envs) == 1 else GEMINI_KEY_ENV
+        if named != GEMINI_KEY_ENV:
             raise UsageError(
                 f"the open batches were created with the key in ${named} (the output dir's ledger says so): give "
                 f"--key-env {named} to send it"
